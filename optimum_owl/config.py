@@ -1,0 +1,299 @@
+"""`OWLPrunerConfig`: every knob of a pruning run, validated, serialisable, and usable as a transformers
+`quantization_config`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .utils import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "owl_config.json"
+METHODS = ("wanda", "sparsegpt", "magnitude")
+LAYERWISE = ("owl", "uniform", "owl-auto")
+PROPAGATION = ("sequential", "dense")
+WANDA_GROUPS = ("row", "layer")
+# Fields that only live for one run (data objects); never written to JSON.
+RUNTIME_FIELDS = ("dataset", "tokenizer")
+
+
+class OWLConfigError(ValueError):
+    """A field of `OWLPrunerConfig` has a value that cannot work; the message names the field and the fix."""
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """Parse `"unstructured"` (-> `None`) or an `"N:M"` string (-> `(n, m)`).
+
+    `"N:M"` follows the hardware (NVIDIA) convention: **at most `n` non-zeros are kept in every group of `m`
+    consecutive input weights**, so `"2:4"` is 50% sparse and `"1:4"` is 75% sparse. (The OWL reference code's
+    `prune_n` counts *pruned* weights instead; `"5:8"` there is `"3:8"` here.)
+    """
+    if not isinstance(pattern, str):
+        raise OWLConfigError(f"`pattern` must be a string such as 'unstructured' or '2:4', got {pattern!r}.")
+    text = pattern.strip().lower()
+    if text == "unstructured":
+        return None
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise OWLConfigError(
+            f"`pattern` must be 'unstructured' or 'N:M' with integers N < M (N non-zeros kept in every M), "
+            f"got {pattern!r}; for example pattern='2:4'."
+        )
+    n, m = (int(p) for p in parts)
+    if not 0 < n < m:
+        raise OWLConfigError(
+            f"`pattern` N:M needs 0 < N < M (N non-zeros kept in every M weights), got {n}:{m}; "
+            f"for example '2:4' keeps 2 of every 4."
+        )
+    return n, m
+
+
+@dataclass
+class OWLPrunerConfig(QuantizationConfigMixin):
+    r"""Configuration of an OWL pruning run (Yin et al. 2023, "Outlier Weighed Layerwise Sparsity",
+    [arXiv 2310.05175](https://arxiv.org/abs/2310.05175)).
+
+    OWL gives every transformer block its own sparsity from its *outlier ratio* D_i, the fraction of the block's
+    Wanda scores |W_ij|·‖X_j‖₂ that exceed `owl_m` times the block's mean score. With r̃ the min-max normalised
+    ratios, block i gets s_i = S + 2λ·(mean(r̃) − r̃_i): the mean is exactly S, the spread max−min exactly 2λ, and
+    blocks with more outliers are pruned less. A criterion (Wanda, SparseGPT or magnitude) then prunes each block
+    to s_i, one block at a time, with the inputs of block i taken from the already pruned blocks before it.
+
+    Mapping to the paper and the reference code: `owl_m` is the paper's M (`--Hyper_m`, llm-compressor
+    `owl_m`) and `owl_lambda` is λ (`--Lamda`, llm-compressor `owl_lmbda`). The reference README uses M=5,
+    λ=0.08 for unstructured 70% sparsity on LLaMA-7B, which are the defaults here.
+
+    The config doubles as a transformers `quantization_config`, so
+    `AutoModelForCausalLM.from_pretrained(path, quantization_config=OWLPrunerConfig(..., dataset=...))` prunes on
+    load once `optimum_owl` is imported.
+
+    Args:
+        sparsity (`float`, *optional*, defaults to 0.7):
+            Target mean sparsity (fraction of zeros, in [0, 1)) of the prunable weights inside the transformer
+            blocks. With an N:M `pattern` the sparsity is fixed by the pattern (1 − N/M) and this field is ignored.
+        method (`str`, *optional*, defaults to `"wanda"`):
+            Pruning criterion: `"wanda"` (|W|·‖X‖₂, no weight update), `"sparsegpt"` (OBS with weight update) or
+            `"magnitude"` (|W|, one threshold per matrix).
+        layerwise (`str`, *optional*, defaults to `"owl"`):
+            How sparsity is spread over blocks: `"owl"` (outlier-weighted), `"uniform"` (every block gets
+            `sparsity`) or `"owl-auto"` (OWL with (M, λ) chosen on held-out calibration data).
+        owl_m (`float`, *optional*, defaults to 5.0):
+            The paper's M: a score is an outlier when it exceeds `owl_m` × the block's mean score. Must be > 0.
+        owl_lambda (`float`, *optional*, defaults to 0.08):
+            The paper's λ: per-block sparsities span exactly 2λ around the target. Must be ≥ 0.
+        pattern (`str`, *optional*, defaults to `"unstructured"`):
+            `"unstructured"` or `"N:M"`: at most N non-zeros kept in every M consecutive inputs (so `"2:4"` is 50%).
+        nm_mixed (`bool`, *optional*, defaults to `False`):
+            With `layerwise="owl"` and an N:M pattern, give each block its own N (the reference's
+            `wanda_owl_structure`), renormalised so the mean sparsity stays 1 − N/M. When `False`, OWL cannot
+            change a fixed N:M pattern: a warning is logged and the outlier pass is skipped.
+        wanda_group (`str`, *optional*, defaults to `"row"`):
+            Wanda comparison group: `"row"` (each output row keeps the same count, the paper's default) or
+            `"layer"` (one ranking over the whole matrix).
+        sparsegpt_blocksize (`int`, *optional*, defaults to 128):
+            Columns processed together by SparseGPT's lazy batch update (the paper's B).
+        sparsegpt_damp (`float`, *optional*, defaults to 0.01):
+            SparseGPT dampening as a fraction of the mean Hessian diagonal.
+        propagation (`str`, *optional*, defaults to `"sequential"`):
+            `"sequential"` feeds each block the outputs of the *pruned* blocks before it (the reference protocol).
+            `"dense"` is a faster approximation: one dense pass collects all statistics and prunes from dense
+            inputs (Wanda and magnitude only).
+        num_samples (`int`, *optional*, defaults to 128):
+            Number of calibration windows.
+        seqlen (`int`, *optional*, defaults to 2048):
+            Tokens per calibration window. Never derived from `max_position_embeddings`.
+        seed (`int`, *optional*, defaults to 0):
+            Seed of the calibration sampling; the same seed gives the same windows and the same masks.
+        batch_size (`int`, *optional*, defaults to 8):
+            Calibration windows run through a block at once.
+        block_name (`str`, *optional*):
+            Dotted path of the `nn.ModuleList` of transformer blocks (e.g. `"model.layers"`) when it cannot be
+            found automatically.
+        ignore (`list[str]`, *optional*):
+            Extra module-name patterns never pruned: shell globs (`"*.self_attn.q_proj"`) or regexes prefixed
+            with `"re:"`. Embeddings and `lm_head` are never pruned anyway.
+        text_column (`str`, *optional*, defaults to `"text"`):
+            Column holding the text in a `datasets.Dataset` or `.jsonl` calibration source.
+        offload_activations (`bool`, *optional*, defaults to `False`):
+            Keep calibration activations on CPU between blocks (saves accelerator memory).
+        dataset (*optional*):
+            Calibration data for prune-on-load (`from_pretrained(..., quantization_config=...)`); any source
+            accepted by `OWLPruner.prune`. Only a string source is written to JSON.
+        tokenizer (*optional*):
+            Tokenizer (or its path) for text calibration data; not written to JSON.
+
+    Example:
+
+    ```python
+    >>> from optimum_owl import OWLPrunerConfig
+    >>> config = OWLPrunerConfig(sparsity=0.7, method="wanda", layerwise="owl", owl_m=5.0, owl_lambda=0.08)
+    >>> OWLPrunerConfig.from_dict(config.to_dict()) == config
+    True
+    ```
+    """
+
+    sparsity: float = 0.7
+    method: str = "wanda"
+    layerwise: str = "owl"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    pattern: str = "unstructured"
+    nm_mixed: bool = False
+    wanda_group: str = "row"
+    sparsegpt_blocksize: int = 128
+    sparsegpt_damp: float = 0.01
+    propagation: str = "sequential"
+    num_samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 8
+    block_name: str | None = None
+    ignore: list[str] = field(default_factory=list)
+    text_column: str = "text"
+    offload_activations: bool = False
+    dataset: Any = field(default=None, compare=False, repr=False)
+    tokenizer: Any = field(default=None, compare=False, repr=False)
+    quant_method: str = field(default="owl", init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Check every field; raise `OWLConfigError` naming the field and the fix."""
+        _check_number("sparsity", self.sparsity)
+        if not 0.0 <= self.sparsity < 1.0:
+            raise OWLConfigError(f"`sparsity` must be in [0, 1) (fraction of zeros), got {self.sparsity}; e.g. 0.7.")
+        self.method = _check_choice("method", self.method, METHODS)
+        self.layerwise = _check_choice("layerwise", self.layerwise, LAYERWISE)
+        self.propagation = _check_choice("propagation", self.propagation, PROPAGATION)
+        self.wanda_group = _check_choice("wanda_group", self.wanda_group, WANDA_GROUPS)
+        _check_number("owl_m", self.owl_m)
+        if self.owl_m <= 0:
+            raise OWLConfigError(f"`owl_m` (the paper's M) must be > 0, got {self.owl_m}; the paper uses 5.")
+        _check_number("owl_lambda", self.owl_lambda)
+        if self.owl_lambda < 0:
+            raise OWLConfigError(
+                f"`owl_lambda` (the paper's λ) must be ≥ 0, got {self.owl_lambda}; the paper uses 0.08 "
+                "(0 gives uniform sparsity)."
+            )
+        parse_pattern(self.pattern)
+        self.pattern = self.pattern.strip().lower()
+        for name in ("num_samples", "seqlen", "batch_size", "sparsegpt_blocksize"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OWLConfigError(f"`{name}` must be a positive integer, got {value!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise OWLConfigError(f"`seed` must be an integer, got {self.seed!r}.")
+        _check_number("sparsegpt_damp", self.sparsegpt_damp)
+        if self.sparsegpt_damp < 0:
+            raise OWLConfigError(f"`sparsegpt_damp` must be ≥ 0, got {self.sparsegpt_damp}; the paper uses 0.01.")
+        if self.propagation == "dense" and self.method == "sparsegpt":
+            raise OWLConfigError(
+                "`propagation='dense'` supports method 'wanda' or 'magnitude' only: SparseGPT updates weights and "
+                "needs the Hessian of every block at once. Use propagation='sequential' with method='sparsegpt'."
+            )
+        if isinstance(self.ignore, str):
+            self.ignore = [self.ignore]
+        if not isinstance(self.ignore, (list, tuple)) or not all(isinstance(p, str) for p in self.ignore):
+            raise OWLConfigError(f"`ignore` must be a list of name patterns (strings), got {self.ignore!r}.")
+        self.ignore = list(self.ignore)
+        if self.block_name is not None and not isinstance(self.block_name, str):
+            raise OWLConfigError(f"`block_name` must be a dotted module path such as 'model.layers', got {self.block_name!r}.")
+        if self.nm_pattern is not None and self.layerwise == "owl-auto" and self.nm_mixed:
+            raise OWLConfigError("`layerwise='owl-auto'` does not support `nm_mixed=True`; use layerwise='owl'.")
+
+    # ----------------------------------------------------------------------------------------------- derived
+    @property
+    def nm_pattern(self) -> tuple[int, int] | None:
+        """`(n, m)` for an N:M pattern (n non-zeros kept per m), `None` for unstructured."""
+        return parse_pattern(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        """The mean sparsity the run aims for: `sparsity`, or 1 − N/M for an N:M pattern."""
+        nm = self.nm_pattern
+        return self.sparsity if nm is None else 1.0 - nm[0] / nm[1]
+
+    # ----------------------------------------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of the config. Runtime objects (`tokenizer`, non-string `dataset`) are left out."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "tokenizer":
+                continue
+            if f.name == "dataset":
+                if isinstance(value, (str, os.PathLike)):
+                    out["dataset"] = str(value)
+                continue
+            out[f.name] = list(value) if isinstance(value, (list, tuple)) else value
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Build a config from `to_dict()` output (unknown keys are ignored with a warning)."""
+        data = {**dict(config_dict), **kwargs}
+        data.pop("quant_method", None)
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unused = {k: v for k, v in data.items() if k not in names}
+        if unused and not return_unused_kwargs:
+            logger.warning("Ignoring unknown OWLPrunerConfig keys: %s", sorted(unused))
+        config = cls(**{k: v for k, v in data.items() if k in names})
+        return (config, unused) if return_unused_kwargs else config
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> OWLPrunerConfig:
+        return cls.from_dict(json.loads(text))
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write `owl_config.json` into `save_directory` (created if needed) atomically; returns the file path."""
+        directory = Path(save_directory)
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"`save_directory` {directory} exists and is not a directory.")
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / CONFIG_NAME
+        atomic_write_text(path, self.to_json_string())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> OWLPrunerConfig:
+        """Load from a directory holding `owl_config.json` (or the JSON file itself, or a model `config.json`
+        whose `quantization_config` was written by optimum-owl)."""
+        p = Path(path)
+        file = p / CONFIG_NAME if p.is_dir() else p
+        if p.is_dir() and not file.exists() and (p / "config.json").exists():
+            file = p / "config.json"
+        if not file.exists():
+            raise FileNotFoundError(f"No {CONFIG_NAME} found at {p}; save one with `config.save_pretrained(dir)`.")
+        data = json.loads(file.read_text())
+        if "quantization_config" in data and "sparsity" not in data:
+            data = data["quantization_config"]
+        return cls.from_dict(data, **overrides)
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise OWLConfigError(f"`{name}` must be a finite number, got {value!r}.")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in choices:
+        raise OWLConfigError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}, got {value!r}.")
+    return value.strip().lower()

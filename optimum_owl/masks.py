@@ -1,0 +1,67 @@
+"""Scores -> keep-masks, and masks applied to weights. Pure tensor math: no hooks, devices or I/O.
+
+Convention: a *keep mask* is a bool tensor shaped like the `[out, in]` weight, `True` where the weight survives.
+Ties are broken by position (a stable ascending sort prunes the earlier of two equal scores first).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def num_to_prune(count: int, sparsity: float) -> int:
+    """Weights to prune out of `count` at `sparsity`: `floor(count * sparsity)`, as in the reference code."""
+    return int(count * sparsity)
+
+
+def keep_mask_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune the `floor(in * sparsity)` lowest scores of every row (Wanda's comparison group)."""
+    rows, cols = scores.shape
+    k = num_to_prune(cols, sparsity)
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if k > 0:
+        idx = torch.sort(scores, dim=1, stable=True).indices[:, :k]
+        keep.scatter_(1, idx, False)
+    return keep
+
+
+def keep_mask_per_layer(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune the `floor(numel * sparsity)` lowest scores of the whole matrix (magnitude; Wanda `group="layer"`)."""
+    k = num_to_prune(scores.numel(), sparsity)
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        idx = torch.sort(scores.reshape(-1), stable=True).indices[:k]
+        keep[idx] = False
+    return keep.view_as(scores)
+
+
+def keep_mask_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the `n` highest scores in every group of `m` consecutive inputs of each row (N:M, n non-zeros per m)."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, got {cols}; add the module to `ignore`.")
+    groups = scores.reshape(rows, cols // m, m)
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    if n < m:
+        idx = torch.sort(groups, dim=-1, stable=True).indices[..., : m - n]
+        keep.scatter_(-1, idx, False)
+    return keep.view(rows, cols)
+
+
+def apply_keep_mask_(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Zero `weight` where `keep` is False, in place; returns `weight`."""
+    weight.masked_fill_(~keep.to(weight.device), 0)
+    return weight
+
+
+def sparsity_of(weight: torch.Tensor) -> float:
+    """Fraction of exact zeros."""
+    return float((weight == 0).sum().item()) / max(weight.numel(), 1)
+
+
+def is_valid_nm(weight: torch.Tensor, n: int, m: int) -> bool:
+    """True when every group of `m` consecutive inputs of every row holds at most `n` non-zeros."""
+    rows, cols = weight.shape
+    if cols % m:
+        return False
+    return bool(((weight.reshape(rows, cols // m, m) != 0).sum(-1) <= n).all())

@@ -1,0 +1,184 @@
+"""Find a model's transformer blocks and the weight matrices inside them that can be pruned.
+
+A *unit* is one 2-D weight seen as `[out_features, in_features]`: an `nn.Linear`, a GPT-2 style `Conv1D` (stored
+transposed, exposed through a transposed view), or one expert slice of a fused MoE parameter (transformers 5
+stores experts as 3-D tensors). Pruning writes through `unit.weight()`, a view into the real parameter.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .utils import matches_any
+
+logger = logging.getLogger(__name__)
+
+# Tried in order when `_no_split_modules` does not identify the blocks.
+KNOWN_BLOCK_PATHS = (
+    "model.layers",
+    "model.decoder.layers",
+    "model.language_model.layers",
+    "transformer.h",
+    "transformer.layers",
+    "gpt_neox.layers",
+    "encoder.layer",
+    "bert.encoder.layer",
+    "roberta.encoder.layer",
+    "layers",
+    "h",
+)
+# Router and gating matrices decide where tokens go; pruning them is never intended.
+DEFAULT_IGNORE = ("*shared_expert_gate", "*.router", "*.router.*", "*.mlp.gate", "*.block_sparse_moe.gate")
+
+
+class OWLModelError(ValueError):
+    """The model's structure does not fit what the pruner needs; the message says which fix to apply."""
+
+
+@dataclass(eq=False)
+class Unit:
+    """One prunable weight matrix inside a block.
+
+    Attributes:
+        name: fully qualified name (`model.layers.3.mlp.down_proj`; experts: `...experts.down_proj.5`).
+        module: the module that owns the parameter.
+        kind: `"linear"`, `"conv1d"` or `"expert"`.
+        param_name: the parameter's attribute name on `module` (`"weight"`, `"gate_up_proj"`, ...).
+        expert: the expert index for fused experts, else `None`.
+        transposed: whether the stored tensor is `[in, out]` (Conv1D, transposed experts).
+    """
+
+    name: str
+    module: nn.Module
+    kind: str
+    param_name: str = "weight"
+    expert: int | None = None
+    transposed: bool = False
+
+    def parameter(self) -> torch.Tensor:
+        return getattr(self.module, self.param_name)
+
+    def weight(self) -> torch.Tensor:
+        """A `[out, in]` view of the stored weight; in-place changes reach the model."""
+        w = self.parameter().data
+        if self.expert is not None:
+            w = w[self.expert]
+        return w.t() if self.transposed else w
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        p = self.parameter()
+        shape = tuple(p.shape[1:]) if self.expert is not None else tuple(p.shape)
+        return (shape[1], shape[0]) if self.transposed else (shape[0], shape[1])
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+def _get_submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def find_blocks(model: nn.Module, block_name: str | None = None) -> tuple[str, nn.ModuleList]:
+    """Return `(dotted_path, module_list)` of the transformer blocks.
+
+    Order of discovery: `block_name` if given; else the largest `nn.ModuleList` whose items are instances of the
+    model's `_no_split_modules` classes; else the first existing path of `KNOWN_BLOCK_PATHS`.
+    """
+    if block_name is not None:
+        found = _get_submodule(model, block_name)
+        if not isinstance(found, nn.ModuleList) or len(found) == 0:
+            raise OWLModelError(
+                f"`block_name={block_name!r}` does not name a non-empty nn.ModuleList in {type(model).__name__}; "
+                f"candidates: {_module_lists(model)[:8]}."
+            )
+        return block_name, found
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    best: tuple[str, nn.ModuleList] | None = None
+    if no_split:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module) > 0:
+                if all(type(child).__name__ in no_split for child in module):
+                    if best is None or len(module) > len(best[1]):
+                        best = (name, module)
+    if best is not None:
+        return best
+    for path in KNOWN_BLOCK_PATHS:
+        found = _get_submodule(model, path)
+        if isinstance(found, nn.ModuleList) and len(found) > 0:
+            return path, found
+    raise OWLModelError(
+        f"Could not find the transformer blocks of {type(model).__name__}: no nn.ModuleList of its "
+        f"_no_split_modules ({sorted(no_split) or 'none declared'}) nor any of the known paths. "
+        f"Pass `block_name=` with the dotted path of the block list; candidates: {_module_lists(model)[:8]}."
+    )
+
+
+def _module_lists(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D: weight [in, out], y = x @ W + b
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """transformers 5 fused MoE experts: 3-D `gate_up_proj`/`up_proj` and `down_proj` parameters."""
+    down = getattr(module, "down_proj", None)
+    up = getattr(module, "gate_up_proj", None)
+    if up is None:
+        up = getattr(module, "up_proj", None)
+    return isinstance(down, nn.Parameter) and isinstance(up, nn.Parameter) and down.dim() == 3 and up.dim() == 3
+
+
+def expert_param_names(module: nn.Module) -> tuple[str, str]:
+    """`(input_projection, output_projection)` parameter names of a fused experts module."""
+    return ("gate_up_proj" if getattr(module, "gate_up_proj", None) is not None else "up_proj"), "down_proj"
+
+
+def find_units(block: nn.Module, prefix: str, ignore: list[str] | tuple[str, ...] = ()) -> list[Unit]:
+    """All prunable units in `block` (its fqn prefix is `prefix`), minus names matching `ignore` patterns."""
+    patterns = tuple(ignore) + DEFAULT_IGNORE
+    units: list[Unit] = []
+    for sub_name, module in block.named_modules():
+        name = f"{prefix}.{sub_name}" if sub_name else prefix
+        if isinstance(module, nn.Linear):
+            if not matches_any(name, patterns):
+                units.append(Unit(name, module, "linear"))
+        elif _is_conv1d(module):
+            if not matches_any(name, patterns):
+                units.append(Unit(name, module, "conv1d", transposed=True))
+        elif is_fused_experts(module):
+            if getattr(module, "has_post_expert_norm", False):
+                logger.warning("Skipping fused experts %s: post-expert norms are not supported.", name)
+                continue
+            transposed = bool(getattr(module, "is_transposed", False))
+            for pname in expert_param_names(module):
+                for e in range(getattr(module, pname).shape[0]):
+                    uname = f"{name}.{pname}.{e}"
+                    if not matches_any(uname, patterns):
+                        units.append(Unit(uname, module, "expert", pname, e, transposed))
+    return units
+
+
+def get_blocks_and_units(
+    model: nn.Module, block_name: str | None = None, ignore: list[str] | tuple[str, ...] = ()
+) -> tuple[str, nn.ModuleList, list[list[Unit]]]:
+    """Blocks and their units; raises `OWLModelError` when no block holds a prunable weight."""
+    path, blocks = find_blocks(model, block_name)
+    units = [find_units(block, f"{path}.{i}", ignore) for i, block in enumerate(blocks)]
+    if not any(units):
+        raise OWLModelError(
+            f"The blocks at `{path}` hold no prunable nn.Linear/Conv1D/fused-expert weights (after `ignore`). "
+            "Check `ignore` patterns or pass the right `block_name=`."
+        )
+    return path, blocks, units

@@ -1,0 +1,170 @@
+"""`PruneReport`: what a pruning run did, per block and per weight matrix, serialisable to JSON and Markdown."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .utils import atomic_write_text
+
+REPORT_NAME = "owl_report.json"
+REPORT_VERSION = 1
+
+
+@dataclass
+class ModuleReport:
+    """One pruned weight matrix (a linear, a Conv1D, or one expert of a fused MoE layer)."""
+
+    name: str
+    block: int
+    shape: list[int]
+    target_sparsity: float
+    achieved_sparsity: float
+    num_params: int
+
+
+@dataclass
+class BlockReport:
+    """One transformer block: its outlier ratio (a fraction of its weights), and its target and achieved sparsity."""
+
+    index: int
+    name: str
+    outlier_ratio: float | None
+    target_sparsity: float
+    achieved_sparsity: float
+    num_params: int
+    nm: list[int] | None = None
+
+
+@dataclass
+class Candidate:
+    """One (M, λ) setting tried by `layerwise="owl-auto"` and its held-out loss."""
+
+    layerwise: str
+    owl_m: float | None
+    owl_lambda: float | None
+    loss: float
+    chosen: bool = False
+
+
+@dataclass
+class PruneReport:
+    """Result of `OWLPruner.prune`.
+
+    Attributes:
+        config: the `OWLPrunerConfig` as a dict.
+        model: model class and name/path.
+        blocks: per-block outlier ratio, target and achieved sparsity.
+        modules: per-matrix achieved sparsity.
+        total_params / total_zeros / sparsity: totals over the prunable weights.
+        timings: seconds per phase (`calibration_data`, `capture`, `outlier_pass`, `prune_pass`, ...).
+        candidates: the (M, λ) settings tried by `owl-auto`, with their held-out losses.
+        warnings: warnings raised during the run (also logged).
+    """
+
+    config: dict[str, Any]
+    model: dict[str, Any]
+    blocks: list[BlockReport] = field(default_factory=list)
+    modules: list[ModuleReport] = field(default_factory=list)
+    total_params: int = 0
+    total_zeros: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    candidates: list[Candidate] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    version: int = REPORT_VERSION
+
+    @property
+    def sparsity(self) -> float:
+        """Achieved sparsity over all prunable weights."""
+        return self.total_zeros / self.total_params if self.total_params else 0.0
+
+    @property
+    def block_sparsities(self) -> list[float]:
+        return [b.target_sparsity for b in self.blocks]
+
+    # --------------------------------------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["sparsity"] = self.sparsity
+        return out
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruneReport:
+        data = dict(data)
+        data.pop("sparsity", None)
+        data["blocks"] = [BlockReport(**b) for b in data.get("blocks", [])]
+        data["modules"] = [ModuleReport(**m) for m in data.get("modules", [])]
+        data["candidates"] = [Candidate(**c) for c in data.get("candidates", [])]
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> PruneReport:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the report as JSON; `path` may be a directory (then `owl_report.json` inside it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / REPORT_NAME
+        atomic_write_text(path, self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PruneReport:
+        path = Path(path)
+        if path.is_dir():
+            path = path / REPORT_NAME
+        return cls.from_json(path.read_text())
+
+    # --------------------------------------------------------------------------------------------- rendering
+    def block_table(self) -> str:
+        """The per-block allocation as a Markdown table."""
+        show_nm = any(b.nm for b in self.blocks)
+        head = "| block | outlier ratio | target sparsity | achieved sparsity |" + (" N:M |" if show_nm else "")
+        sep = "|---:|---:|---:|---:|" + ("---:|" if show_nm else "")
+        rows = [head, sep]
+        for b in self.blocks:
+            ratio = "–" if b.outlier_ratio is None else f"{b.outlier_ratio:.4%}"
+            row = f"| {b.index} | {ratio} | {b.target_sparsity:.4f} | {b.achieved_sparsity:.4f} |"
+            if show_nm:
+                row += f" {b.nm[0]}:{b.nm[1]} |" if b.nm else " – |"
+            rows.append(row)
+        return "\n".join(rows)
+
+    def to_markdown(self) -> str:
+        cfg = self.config
+        lines = [
+            "## OWL pruning report",
+            "",
+            f"- model: `{self.model.get('name_or_path') or self.model.get('class')}` ({self.model.get('class')})",
+            f"- method: {cfg.get('method')}, layerwise: {cfg.get('layerwise')}, pattern: {cfg.get('pattern')}, "
+            f"M={cfg.get('owl_m')}, λ={cfg.get('owl_lambda')}",
+            f"- target sparsity: {cfg.get('sparsity')}; achieved: {self.sparsity:.4f} "
+            f"({self.total_zeros:,} of {self.total_params:,} prunable weights are zero)",
+        ]
+        if self.calibration:
+            lines.append(
+                f"- calibration: {self.calibration.get('num_samples')} × {self.calibration.get('seqlen')} tokens "
+                f"from {self.calibration.get('source')}"
+            )
+        if self.timings:
+            lines.append("- time (s): " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()))
+        lines += ["", self.block_table()]
+        if self.candidates:
+            lines += ["", "| layerwise | M | λ | held-out loss | chosen |", "|---|---:|---:|---:|:---:|"]
+            for c in self.candidates:
+                lines.append(
+                    f"| {c.layerwise} | {'–' if c.owl_m is None else c.owl_m} | "
+                    f"{'–' if c.owl_lambda is None else c.owl_lambda} | {c.loss:.4f} | {'✓' if c.chosen else ''} |"
+                )
+        if self.warnings:
+            lines += ["", "Warnings:"] + [f"- {w}" for w in self.warnings]
+        return "\n".join(lines) + "\n"
