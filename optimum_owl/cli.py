@@ -1,0 +1,54 @@
+"""`optimum-owl` console script: argparse front-end over the public API (no pruning logic lives here).
+
+Each subcommand is a module in `optimum_owl.commands` exposing `register(subparsers)`; the parser it adds
+sets `func=` to a callable taking the parsed `argparse.Namespace` and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# One module per subcommand; a module whose optional dependency is missing is skipped with a hint at run time.
+SUBCOMMAND_MODULES = (
+    "optimum_owl.commands.prune",
+    "optimum_owl.commands.evaluate",
+    "optimum_owl.commands.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="optimum-owl",
+        description="Prune Hugging Face transformers with OWL (Outlier Weighed Layerwise sparsity).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
+        # User errors: one clear line, no traceback (use -v for the traceback).
+        if args.verbose:
+            raise
+        print(f"optimum-owl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
