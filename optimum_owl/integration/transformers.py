@@ -174,6 +174,10 @@ class BitmaskDeserialize(ConversionOps):
     def __init__(self, hf_quantizer: OWLHfQuantizer) -> None:
         self._quantizer = hf_quantizer
 
+    def __deepcopy__(self, memo: dict) -> BitmaskDeserialize:
+        # transformers deep-copies the converter once per weight; share the quantizer instead of copying it
+        return type(self)(self._quantizer)
+
     def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, model=None, **kwargs: Any):
         parts = {key: (value[0] if isinstance(value, list) else value) for key, value in input_dict.items()}
         values = parts.get("weight")
@@ -208,6 +212,9 @@ class BitmaskSerialize(ConversionOps):
 
     def __init__(self, hf_quantizer: OWLHfQuantizer) -> None:
         self._quantizer = hf_quantizer
+
+    def __deepcopy__(self, memo: dict) -> BitmaskSerialize:
+        return type(self)(self._quantizer)
 
     def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, model=None, **kwargs: Any):
         (key, value), *_ = input_dict.items()
@@ -451,19 +458,29 @@ def preflight_check(checkpoint_files: list[str], model: nn.Module | None = None)
                 f"`{name}` is stored compressed but {missing} is missing from the checkpoint files (truncated or "
                 "partially copied shards?); re-download or re-save the checkpoint."
             )
+    # one pass per file: read the small shape tensors and the packed masks, and the values' header entries
+    parts: dict[str, dict[str, Any]] = {name: {} for name in compressed}
+    wanted: dict[str, list[tuple[str, str]]] = {}
+    for name in compressed:
+        for suffix, role in (("", "values"), (BITMASK_SUFFIX, "bitmask"), (SHAPE_SUFFIX, "shape")):
+            wanted.setdefault(location[name + suffix], []).append((name, role))
+    for file, items in wanted.items():
         try:
-            with safe_open(location[name + SHAPE_SUFFIX], framework="pt") as handle:
-                shape = handle.get_tensor(name + SHAPE_SUFFIX)
-            with safe_open(location[name + BITMASK_SUFFIX], framework="pt") as handle:
-                bitmask = handle.get_tensor(name + BITMASK_SUFFIX)
-            with safe_open(location[name], framework="pt") as handle:
-                values_slice = handle.get_slice(name)
-                values_numel = math.prod(values_slice.get_shape())
-                values_dtype = _safetensors_dtype(values_slice.get_dtype())
-        except OWLCheckpointError:
-            raise
+            with safe_open(file, framework="pt") as handle:
+                for name, role in items:
+                    if role == "values":
+                        values_slice = handle.get_slice(name)
+                        parts[name]["values"] = (
+                            math.prod(values_slice.get_shape()),
+                            _safetensors_dtype(values_slice.get_dtype()),
+                        )
+                    else:
+                        parts[name][role] = handle.get_tensor(name + (BITMASK_SUFFIX if role == "bitmask" else SHAPE_SUFFIX))
         except Exception as err:  # noqa: BLE001
-            raise OWLCheckpointError(f"Cannot read the compressed tensor `{name}`: {err}; the file is corrupt.") from err
+            raise OWLCheckpointError(f"Cannot read compressed tensors from {file}: {err}; the file is corrupt.") from err
+    for name in compressed:
+        shape, bitmask = parts[name]["shape"], parts[name]["bitmask"]
+        values_numel, values_dtype = parts[name]["values"]
         if shape.dtype != torch.int64 or shape.dim() != 1:
             raise OWLCheckpointError(f"`{name}{SHAPE_SUFFIX}` must be a 1-D int64 tensor, got {shape.dtype} {list(shape.shape)}.")
         expected = _model_shape(model, name) if model is not None else None
