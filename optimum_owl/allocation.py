@@ -59,33 +59,36 @@ def owl_allocation(ratios: Sequence[float], sparsity: float, owl_lambda: float) 
     values = [sparsity + 2.0 * owl_lambda * (mean_r - ri) for ri in r]
     values = [round(v, 12) for v in values]  # keep 0.7 as 0.7 in reports despite float noise
     bounded, clamped = clamp_preserving_mean(values, 0.0, max(MAX_BLOCK_SPARSITY, sparsity))
-    return bounded, clamped
+    return [round(v, 12) for v in bounded], clamped
 
 
 def clamp_preserving_mean(values: Sequence[float], lo: float, hi: float) -> tuple[list[float], bool]:
-    """Clip `values` into [lo, hi] and shift the unclipped ones equally so the mean is unchanged.
+    """Shift every value by one constant c and clip into [lo, hi], with c chosen so the mean is unchanged.
 
-    Feasible whenever lo ≤ mean ≤ hi; returns `(values, changed)`.
+    Values left inside the bounds keep their differences; the mean of `clip(v + c)` grows monotonically with c,
+    so c is found by bisection. Needs lo ≤ mean ≤ hi. Returns `(values, changed)`.
     """
-    vals = list(values)
+    vals = [float(v) for v in values]
+    if all(lo <= v <= hi for v in vals):
+        return vals, False
     target = sum(vals) / len(vals)
-    changed = False
-    fixed = [False] * len(vals)
-    for _ in range(len(vals) + 1):
-        out_of_range = [i for i, v in enumerate(vals) if not fixed[i] and (v < lo or v > hi)]
-        if not out_of_range:
-            break
-        changed = True
-        for i in out_of_range:
-            vals[i] = min(max(vals[i], lo), hi)
-            fixed[i] = True
-        free = [i for i in range(len(vals)) if not fixed[i]]
-        if not free:
-            break
-        shift = (target * len(vals) - sum(vals)) / len(free)
-        for i in free:
-            vals[i] += shift
-    return vals, changed
+    if not lo - 1e-12 <= target <= hi + 1e-12:
+        raise ValueError(f"mean {target} is outside [{lo}, {hi}]; it cannot be preserved")
+    if target <= lo or target >= hi:  # only one way to have that mean
+        return [min(max(target, lo), hi)] * len(vals), True
+
+    def mean_at(c: float) -> float:
+        return sum(min(max(v + c, lo), hi) for v in vals) / len(vals)
+
+    left, right = lo - max(vals), hi - min(vals)  # mean_at(left) = lo, mean_at(right) = hi
+    for _ in range(200):
+        mid = (left + right) / 2
+        if mean_at(mid) < target:
+            left = mid
+        else:
+            right = mid
+    c = (left + right) / 2
+    return [min(max(v + c, lo), hi) for v in vals], True
 
 
 def mixed_nm_allocation(ratios: Sequence[float], n: int, m: int, owl_lambda: float) -> list[int]:

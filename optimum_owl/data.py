@@ -1,0 +1,259 @@
+"""Calibration data: any accepted source -> a LongTensor `[num_samples, seqlen]` of token ids, seeded.
+
+Sampling follows the reference protocol (Wanda/OWL `get_c4`): with `random.Random(seed)`, draw a random document
+until one is longer than `seqlen` tokens and take a random window of `seqlen` tokens from it. When no document is
+long enough (short texts, generated stories), the documents are joined (EOS between them, when the tokenizer has
+one) into one stream and windows are drawn from the stream instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Give up searching for a long-enough document after this many draws (then fall back to the joined stream).
+MAX_DRAWS_FACTOR = 20
+
+
+class CalibrationDataError(ValueError):
+    """The calibration source cannot give `num_samples` windows of `seqlen` tokens; the message says why and how."""
+
+
+def describe_source(dataset: Any) -> str:
+    """Short description of a calibration source for reports."""
+    if dataset is None:
+        return "none"
+    if isinstance(dataset, (str, os.PathLike)):
+        return str(dataset)
+    if isinstance(dataset, torch.Tensor):
+        return f"tensor{list(dataset.shape)}"
+    name = type(dataset).__name__
+    try:
+        return f"{name}[{len(dataset)}]"
+    except TypeError:
+        return name
+
+
+def load_tokenizer(tokenizer: Any) -> Any:
+    """Accept a tokenizer object or a path / Hub id (loaded with `AutoTokenizer`)."""
+    if tokenizer is None or not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer))
+
+
+def get_calibration_data(
+    dataset: Any,
+    tokenizer: Any = None,
+    num_samples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    text_column: str = "text",
+) -> torch.LongTensor:
+    """Turn `dataset` into `num_samples` seeded windows of `seqlen` token ids.
+
+    Args:
+        dataset: one of
+            - a LongTensor of input ids `[n, L]` (rows used as documents; exactly `[num_samples, seqlen]` is used as is),
+            - a list of 1-D/2-D LongTensors, or of dicts with `input_ids`,
+            - a list of strings (needs `tokenizer`),
+            - a `datasets.Dataset` with a `text_column` (or `input_ids`) column,
+            - a path to a local `.txt` (one document, or documents separated by blank lines) or `.jsonl` file
+              (one JSON object per line with `text_column`),
+            - any other string: a dataset name for `datasets.load_dataset(name, split="train")` (needs the Hub).
+        tokenizer: tokenizer object or path, required for text.
+        num_samples (`int`): windows to draw.
+        seqlen (`int`): tokens per window.
+        seed (`int`): sampling seed.
+        text_column (`str`): column holding text.
+
+    Returns:
+        `torch.LongTensor` of shape `[num_samples, seqlen]`.
+    """
+    if dataset is None:
+        raise CalibrationDataError(
+            "No calibration data: pass `dataset=` (token-id tensor, list of texts, datasets.Dataset, or a .txt/.jsonl "
+            "path), or set `OWLPrunerConfig(dataset=...)`."
+        )
+    if isinstance(dataset, torch.Tensor):
+        if dataset.dtype not in (torch.int64, torch.int32) or dataset.dim() not in (1, 2):
+            raise CalibrationDataError(
+                f"A tensor `dataset` must hold integer token ids shaped [n, seqlen], got {dataset.dtype} {list(dataset.shape)}."
+            )
+        ids = dataset.long().reshape(-1, dataset.shape[-1])
+        if ids.shape == (num_samples, seqlen):
+            return ids.clone()
+        docs: list[list[int]] = [row.tolist() for row in ids]
+        return sample_windows(docs, num_samples, seqlen, seed, eos_id=None)
+    tokenizer = load_tokenizer(tokenizer)
+    docs_or_texts = _materialise(dataset, text_column)
+    if not docs_or_texts:
+        raise CalibrationDataError(f"The calibration source {describe_source(dataset)} is empty.")
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if isinstance(docs_or_texts[0], str):
+        if tokenizer is None:
+            raise CalibrationDataError(
+                "Calibration data is text but no tokenizer was given: pass `tokenizer=` (an object or a path)."
+            )
+        return _sample_from_texts(docs_or_texts, tokenizer, num_samples, seqlen, seed, eos)
+    return sample_windows(docs_or_texts, num_samples, seqlen, seed, eos_id=eos)
+
+
+def _materialise(dataset: Any, text_column: str) -> list[Any]:
+    """Source -> list of strings or list of token-id lists."""
+    if isinstance(dataset, (str, os.PathLike)):
+        path = Path(dataset)
+        if path.exists():
+            return _read_file(path, text_column)
+        if str(dataset).endswith((".txt", ".jsonl", ".json")):
+            raise CalibrationDataError(f"Calibration file {dataset} does not exist.")
+        try:
+            import datasets
+        except ImportError as err:
+            raise ImportError(
+                f"`dataset={dataset!r}` is not a local file; loading it by name needs `pip install datasets`."
+            ) from err
+        dataset = datasets.load_dataset(str(dataset), split="train")
+    if hasattr(dataset, "column_names") and hasattr(dataset, "__getitem__"):  # datasets.Dataset
+        columns = dataset.column_names
+        if text_column in columns:
+            return [t for t in dataset[text_column] if t]
+        if "input_ids" in columns:
+            return [list(map(int, ids)) for ids in dataset["input_ids"]]
+        raise CalibrationDataError(
+            f"The dataset has no column {text_column!r} (columns: {columns}); set `text_column=` to the text column."
+        )
+    if isinstance(dataset, Sequence) or hasattr(dataset, "__iter__"):
+        out: list[Any] = []
+        for item in dataset:
+            if isinstance(item, str):
+                if item:
+                    out.append(item)
+            elif isinstance(item, dict):
+                if "input_ids" in item:
+                    out.append(_ids_list(item["input_ids"]))
+                elif text_column in item:
+                    out.append(item[text_column])
+                else:
+                    raise CalibrationDataError(
+                        f"Calibration dicts need an `input_ids` or {text_column!r} key, got keys {sorted(item)}."
+                    )
+            elif isinstance(item, torch.Tensor):
+                out.append(_ids_list(item))
+            else:
+                raise CalibrationDataError(
+                    f"Unsupported calibration item of type {type(item).__name__}; use strings, token-id tensors or "
+                    "dicts with `input_ids`."
+                )
+        kinds = {isinstance(x, str) for x in out}
+        if len(kinds) > 1:
+            raise CalibrationDataError("Calibration data mixes text and token ids; pass one kind.")
+        return out
+    raise CalibrationDataError(f"Unsupported calibration source of type {type(dataset).__name__}.")
+
+
+def _ids_list(ids: Any) -> list[int]:
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.dim() != 1:
+            raise CalibrationDataError(f"Token-id tensors in a list must be 1-D or [1, L], got {list(ids.shape)}.")
+        return ids.tolist()
+    return [int(i) for i in ids]
+
+
+def _read_file(path: Path, text_column: str) -> list[str]:
+    if path.suffix == ".jsonl":
+        texts = []
+        with path.open(encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise CalibrationDataError(f"{path}:{line_no} is not valid JSON: {err}") from err
+                if text_column not in row:
+                    raise CalibrationDataError(f"{path}:{line_no} has no {text_column!r} key; set `text_column=`.")
+                if row[text_column]:
+                    texts.append(row[text_column])
+        return texts
+    text = path.read_text(encoding="utf-8")
+    parts = [p for p in text.split("\n\n") if p.strip()]
+    # A plain text file with few paragraphs is one document; many paragraphs are many documents.
+    return parts if len(parts) > 1 else [text]
+
+
+def _sample_from_texts(
+    texts: list[str], tokenizer: Any, num_samples: int, seqlen: int, seed: int, eos: int | None
+) -> torch.LongTensor:
+    """Reference sampling over texts, tokenising lazily (only drawn documents)."""
+    rng = random.Random(seed)
+    cache: dict[int, list[int]] = {}
+
+    def tokens(i: int) -> list[int]:
+        if i not in cache:
+            cache[i] = tokenizer(texts[i], add_special_tokens=False)["input_ids"]
+        return cache[i]
+
+    windows = _draw_long_documents(len(texts), tokens, num_samples, seqlen, rng)
+    if windows is not None:
+        return torch.tensor(windows, dtype=torch.long)
+    docs = [tokens(i) for i in range(len(texts))]
+    return sample_windows(docs, num_samples, seqlen, seed, eos_id=eos)
+
+
+def _draw_long_documents(count: int, tokens, num_samples: int, seqlen: int, rng: random.Random):
+    windows: list[list[int]] = []
+    draws = 0
+    while len(windows) < num_samples:
+        draws += 1
+        if draws > MAX_DRAWS_FACTOR * num_samples + 100:
+            return None
+        i = rng.randint(0, count - 1)
+        doc = tokens(i)
+        if len(doc) <= seqlen:
+            continue
+        start = rng.randint(0, len(doc) - seqlen - 1)
+        windows.append(doc[start : start + seqlen])
+    return windows
+
+
+def sample_windows(
+    docs: list[list[int]], num_samples: int, seqlen: int, seed: int, eos_id: int | None = None
+) -> torch.LongTensor:
+    """Seeded windows from token-id documents (long documents first, else one joined stream)."""
+    rng = random.Random(seed)
+    windows = _draw_long_documents(len(docs), lambda i: docs[i], num_samples, seqlen, rng)
+    if windows is not None:
+        return torch.tensor(windows, dtype=torch.long)
+    stream: list[int] = []
+    for doc in docs:
+        stream.extend(doc)
+        if eos_id is not None:
+            stream.append(eos_id)
+    if len(stream) < seqlen:
+        raise CalibrationDataError(
+            f"Calibration data is too short: {len(stream)} tokens in all, but one window needs seqlen={seqlen}. "
+            "Provide more text or lower `seqlen`."
+        )
+    rng = random.Random(seed)
+    starts = [rng.randint(0, len(stream) - seqlen) for _ in range(num_samples)]
+    if len(stream) < num_samples * seqlen:
+        logger.warning(
+            "Calibration stream has %d tokens for %d windows of %d: windows overlap; more text would calibrate better.",
+            len(stream),
+            num_samples,
+            seqlen,
+        )
+    return torch.tensor([stream[s : s + seqlen] for s in starts], dtype=torch.long)

@@ -1,0 +1,108 @@
+"""Perplexity with the standard protocol of the Wanda/OWL/SparseGPT papers.
+
+The texts are joined with `"\n\n"`, tokenised once, cut into `numel // seqlen` non-overlapping windows, and
+perplexity is `exp(mean window NLL)` (every window has `seqlen − 1` predicted tokens, so the mean over windows
+equals the mean over tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+def load_texts(source: Any, text_column: str = "text") -> list[str]:
+    """Texts from a string, a list of strings, a `.txt`/`.jsonl` path, or a `datasets.Dataset`."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).exists():
+        path = Path(source)
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as fh:
+                return [json.loads(line)[text_column] for line in fh if line.strip()]
+        return [path.read_text(encoding="utf-8")]
+    if isinstance(source, str):
+        return [source]
+    if hasattr(source, "column_names"):
+        return list(source[text_column])
+    return [str(t) for t in source]
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    text_or_dataset: Any,
+    seqlen: int = 2048,
+    batch_size: int = 1,
+    max_windows: int | None = None,
+    add_bos: bool = False,
+    text_column: str = "text",
+) -> float:
+    """Perplexity of a causal LM on `text_or_dataset` (see the module docstring for the protocol).
+
+    Args:
+        model: a causal LM returning `.logits`.
+        tokenizer: its tokenizer.
+        text_or_dataset: a string, list of strings (joined with `"\\n\\n"`), `.txt`/`.jsonl` path or `datasets.Dataset`.
+        seqlen (`int`): window length.
+        batch_size (`int`): windows per forward.
+        max_windows (`int`, *optional*): evaluate only the first windows (quick checks).
+        add_bos (`bool`): put the tokenizer's BOS before the text (once, at the start).
+
+    Returns:
+        `float` perplexity.
+
+    Example:
+
+    ```python
+    >>> from optimum_owl.evaluation import perplexity
+    >>> ppl = perplexity(model, tokenizer, "../shared/assets/text/wikitext2_test.jsonl", seqlen=512)  # doctest: +SKIP
+    ```
+    """
+    ids = encode_joined(tokenizer, load_texts(text_or_dataset, text_column), add_bos=add_bos)
+    return perplexity_of_ids(model, ids, seqlen, batch_size, max_windows)
+
+
+def encode_joined(tokenizer: Any, texts: list[str], add_bos: bool = False) -> torch.LongTensor:
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if add_bos and getattr(tokenizer, "bos_token_id", None) is not None:
+        ids = torch.cat([torch.tensor([tokenizer.bos_token_id]), ids])
+    return ids
+
+
+@torch.no_grad()
+def perplexity_of_ids(
+    model: nn.Module, ids: torch.LongTensor, seqlen: int, batch_size: int = 1, max_windows: int | None = None
+) -> float:
+    """Perplexity over non-overlapping windows of a 1-D token-id tensor."""
+    n = ids.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 1:
+        raise ValueError(f"Evaluation text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}.")
+    windows = ids[: n * seqlen].view(n, seqlen)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll_sum, tokens = 0.0, 0
+    try:
+        for batch in tqdm(windows.split(batch_size), desc="perplexity", leave=False):
+            batch = batch.to(device)
+            logits = model(input_ids=batch, use_cache=False).logits.float()
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            nll_sum += float(loss)
+            tokens += batch[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    return math.exp(nll_sum / tokens)

@@ -1,0 +1,52 @@
+"""Loading models for pruning and saving pruned models (atomically, with the report and the config)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .config import OWLPrunerConfig
+from .report import PruneReport
+from .utils import atomic_output_dir
+
+logger = logging.getLogger(__name__)
+
+
+def load_model(name_or_path: str, **kwargs: Any) -> nn.Module:
+    """Load a causal LM (falling back to a bare `AutoModel`, e.g. BERT) from a local path or Hub id."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except ValueError:
+        logger.info("%s (%s) is not a causal LM; loading it with AutoModel", name_or_path, config.model_type)
+        return AutoModel.from_pretrained(name_or_path, **kwargs)
+
+
+def save_pruned(
+    model: nn.Module,
+    save_dir: str | os.PathLike,
+    report: PruneReport | None = None,
+    config: OWLPrunerConfig | None = None,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the pruned model, tokenizer, `owl_report.json` and `owl_config.json` to `save_dir` in one rename.
+
+    Raises `FileExistsError` if `save_dir` exists and `overwrite` is false. An interrupted save leaves nothing.
+    """
+    with atomic_output_dir(save_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            report.save(tmp)
+        if config is not None:
+            config.save_pretrained(tmp)
+    logger.info("Saved pruned model to %s", save_dir)
+    return Path(save_dir)
