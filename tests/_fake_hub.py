@@ -119,6 +119,18 @@ class FakeHub:
                     rest = path[len("/api/models/") :]
                     parts = rest.split("/")
                     repo_id = "/".join(parts[:2])
+                    if len(parts) > 3 and parts[2] == "tree":  # file listing (snapshot_download)
+                        repo = self._repo(repo_id)
+                        if repo is None:
+                            return
+                        found = repo.lookup(unquote(parts[3]))
+                        if found is None:
+                            return self._error(404, "RevisionNotFound", f"Revision {parts[3]} not found")
+                        listing = [
+                            {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                            for name, data in sorted(found[0].items())
+                        ]
+                        return self._send(200, listing)
                     revision = unquote("/".join(parts[3:])) if len(parts) > 3 and parts[2] == "revision" else "main"
                     repo = self._repo(repo_id)
                     if repo is None:

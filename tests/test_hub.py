@@ -255,3 +255,30 @@ def test_push_bad_input(tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="local_dir"):
         push_to_hub(model, "tester/x", report, config, local_dir=tmp_path / "exists")
+
+
+def test_cli_export_onnx_and_push_then_run_download(hub, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    from huggingface_hub import snapshot_download
+
+    from optimum_owl.export import OnnxCausalLM
+    from optimum_owl.hub import save_for_hub
+
+    model, report, config = tiny_pruned_llama()
+    folder = tmp_path / "pruned"
+    folder.mkdir()
+    save_for_hub(model, folder, report, config)
+    out = tmp_path / "onnx"
+    argv = ["export", "onnx", str(folder), "-o", str(out), "--max-new-tokens", "4", "--push-to-hub", "tester/onnx-only"]
+    assert _run_cli(argv) == 0
+    assert "pushed to tester/onnx-only" in capsys.readouterr().out
+    files = hub.files("tester/onnx-only")
+    assert {"model.onnx", "owl_onnx.json", "owl_report.json", "README.md", "owl_sparsity.png"} <= set(files)
+    readme = files["README.md"].decode()
+    assert "## ONNX export" in readme and "lm = OnnxCausalLM(folder)" in readme and "onnx" in readme.split("---")[1]
+    local = snapshot_download("tester/onnx-only", cache_dir=tmp_path / "dl")
+    ids = np.array([[5, 6, 7]])
+    with torch.no_grad():
+        ref = model.generate(torch.tensor(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert np.array_equal(OnnxCausalLM(local).generate(ids, max_new_tokens=6), ref.numpy())

@@ -286,7 +286,7 @@ def onnx_card_section(meta: dict[str, Any], onnx_path: str = "onnx", repo_id: st
     lines = [
         "## ONNX export",
         "",
-        f"`{onnx_path}/model.onnx` is a single decoder graph with a KV cache (prefill with an empty past, then one "
+        f"`{'' if onnx_path in ('', '.') else onnx_path + '/'}model.onnx` is a single decoder graph with a KV cache (prefill with an empty past, then one "
         f"token per decode step), {meta.get('dtype')}, opset {meta.get('opset')}, exported with "
         f"{meta.get('exporter')}.",
         "",
@@ -311,14 +311,16 @@ def onnx_card_section(meta: dict[str, Any], onnx_path: str = "onnx", repo_id: st
             f"session creation {val['session_creation_s']:.3f} s",
         ]
     target = repo_id or "<this repo>"
+    at_root = onnx_path in ("", ".")
+    download = f'snapshot_download("{target}")' if at_root else f'snapshot_download("{target}", allow_patterns=["{onnx_path}/*"])'
     lines += [
         "",
         "```python",
         "from huggingface_hub import snapshot_download",
         "from optimum_owl.export import OnnxCausalLM",
         "",
-        f'folder = snapshot_download("{target}", allow_patterns=["{onnx_path}/*"])',
-        f'lm = OnnxCausalLM(f"{{folder}}/{onnx_path}")',
+        f"folder = {download}",
+        "lm = OnnxCausalLM(folder)" if at_root else f'lm = OnnxCausalLM(f"{{folder}}/{onnx_path}")',
         "ids = lm.generate(prompt_ids, max_new_tokens=32)  # prompt_ids: int64 array [batch, seq]",
         "```",
         "",
