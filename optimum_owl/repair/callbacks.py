@@ -239,8 +239,10 @@ class GradualPruningCallback(TrainerCallback):
     """Prune during training to `final_sparsity` on the cubic schedule of Zhu & Gupta (2017), OWL per block.
 
     Every `frequency` optimizer steps between `start_step` and `end_step` the target `s_t = cubic_sparsity(t)` is
-    split across blocks with OWL (`owl_allocation` of the blocks' outlier ratios, `outlier_ratio(scores, owl_m)`),
-    and each row of each weight keeps its highest scores. Scores are Wanda-like `|W_ij|·‖X_j‖₂` from the inputs
+    split across blocks with OWL: at the first pruning event the blocks' outlier ratios (`outlier_ratio(scores,
+    owl_m)`, on the still-dense weights) give the final allocation `s_b = owl_allocation(ratios, final_sparsity,
+    owl_lambda)`, and block `b` is pruned to `s_t · s_b / final_sparsity` (so each block's sparsity only grows and
+    the mean is `s_t`). Each row of each weight keeps its highest scores. Scores are Wanda-like `|W_ij|·‖X_j‖₂` from the inputs
     seen by the layers since the previous pruning step (`criterion="wanda"`) or `|W_ij|` (`"magnitude"`). Masks only
     grow: a weight pruned once stays zero (gradients masked, weights re-masked after each optimizer step).
 
@@ -305,6 +307,8 @@ class GradualPruningCallback(TrainerCallback):
         self.history: list[dict[str, Any]] = []
         self._units: list[list[Unit]] = []
         self._norms: _InputNorms | None = None
+        self._final_allocation: list[float] | None = None
+        self.outlier_ratios: list[float] = []
 
     # ------------------------------------------------------------------------------------------ schedule
     def target_at(self, step: int) -> float:
@@ -391,12 +395,15 @@ class GradualPruningCallback(TrainerCallback):
         if self._norms is not None:
             self._norms.all_reduce()
         scores = [[self._scores(u) for u in block] for block in self._units]
-        if self.layerwise == "owl" and len(scores) > 1:
-            ratios = [outlier_ratio(block, self.owl_m) for block in scores]
-            sparsities, _ = owl_allocation(ratios, target, self.owl_lambda)
-        else:
-            ratios = []
-            sparsities = [target] * len(scores)
+        if self._final_allocation is None:
+            if self.layerwise == "owl" and len(scores) > 1:
+                self.outlier_ratios = [outlier_ratio(block, self.owl_m) for block in scores]
+                self._final_allocation, _ = owl_allocation(self.outlier_ratios, self.final_sparsity, self.owl_lambda)
+            else:
+                self._final_allocation = [self.final_sparsity] * len(scores)
+        # every block follows the schedule scaled to its OWL share: monotone per block, mean = target
+        sparsities = [min(target * s / self.final_sparsity, 0.999) for s in self._final_allocation]
+        ratios = list(self.outlier_ratios)
         for block, block_scores, s in zip(self._units, scores, sparsities):
             for unit, sc in zip(block, block_scores):
                 w = unit.weight()

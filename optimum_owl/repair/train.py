@@ -167,6 +167,8 @@ def _training_args(config: RepairConfig, output_dir: str) -> Any:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    if config.bf16 and not torch.cuda.is_available():
+        kwargs["use_cpu"] = True  # transformers refuses bf16 without a GPU unless told to train on CPU
     kwargs.update(config.extra_training_args)
     try:
         return TrainingArguments(**kwargs)
