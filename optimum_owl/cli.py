@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = (
     "optimum_owl.commands.demo",
     "optimum_owl.commands.push",
     "optimum_owl.commands.export",
+    "optimum_owl.commands.repair",
 )
 
 
