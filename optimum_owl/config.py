@@ -126,6 +126,23 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             Column holding the text in a `datasets.Dataset` or `.jsonl` calibration source.
         offload_activations (`bool`, *optional*, defaults to `False`):
             Keep calibration activations on CPU between blocks (saves accelerator memory).
+        device (`str`, *optional*):
+            Execution device for block-by-block pruning of a model loaded normally (not with a `device_map`):
+            each block is moved there for its turn and moved back afterwards, so the rest of the model stays where
+            it is (e.g. on CPU) and only one block plus its calibration activations occupy the device. `"auto"`
+            picks CUDA when available, else CPU; `None` runs each block where it already lives. Must be `None`
+            for a model dispatched by Accelerate (its `device_map` decides). See docs/scale.md.
+        offload_folder (`str`, *optional*):
+            For a model dispatched by Accelerate with disk offload: folder that receives the pruned weights of
+            offloaded blocks (new safetensors files; the offload index is pointed at them, the original checkpoint
+            is never written). Defaults to a new `owl-pruned-*` folder inside the model's own offload folder,
+            removed when the model is garbage collected. Give a folder to keep the files.
+        checkpoint_dir (`str`, *optional*):
+            Folder for resumable runs: after each finished block the run saves that block's masks (SparseGPT: its
+            pruned weights), the next block's inputs and the plan. Rerunning the same config on the same (freshly
+            loaded) model and calibration data continues after the last finished block with identical final
+            masks; a different config or data raises an error naming this folder. Needs
+            `propagation="sequential"` and `layerwise` "owl" or "uniform".
         dataset (*optional*):
             Calibration data for prune-on-load (`from_pretrained(..., quantization_config=...)`); any source
             accepted by `OWLPruner.prune`. Only a string source is written to JSON.
@@ -161,6 +178,9 @@ class OWLPrunerConfig(QuantizationConfigMixin):
     ignore: list[str] = field(default_factory=list)
     text_column: str = "text"
     offload_activations: bool = False
+    device: str | None = None
+    offload_folder: str | None = None
+    checkpoint_dir: str | None = None
     dataset: Any = field(default=None, compare=False, repr=False)
     tokenizer: Any = field(default=None, compare=False, repr=False)
     quant_method: str = field(default="owl", init=False, repr=False)
@@ -210,8 +230,38 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         self.ignore = list(self.ignore)
         if self.block_name is not None and not isinstance(self.block_name, str):
             raise OWLConfigError(f"`block_name` must be a dotted module path such as 'model.layers', got {self.block_name!r}.")
+        self._validate_scale()
         if self.nm_pattern is not None and self.layerwise == "owl-auto" and self.nm_mixed:
             raise OWLConfigError("`layerwise='owl-auto'` does not support `nm_mixed=True`; use layerwise='owl'.")
+
+    def _validate_scale(self) -> None:
+        """`device`, `offload_folder`, `checkpoint_dir` (offload and resumable runs, docs/scale.md)."""
+        if self.device is not None:
+            if not isinstance(self.device, str):
+                self.device = str(self.device)  # torch.device -> "cuda:0"
+            if self.device != "auto":
+                import torch
+
+                try:
+                    torch.device(self.device)
+                except (RuntimeError, ValueError) as err:
+                    raise OWLConfigError(
+                        f"`device` must be None, 'auto' or a torch device string such as 'cuda:0' or 'cpu', "
+                        f"got {self.device!r} ({err})."
+                    ) from None
+        for name in ("offload_folder", "checkpoint_dir"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, (str, os.PathLike)) or not str(value):
+                raise OWLConfigError(f"`{name}` must be a folder path (str), got {value!r}.")
+            setattr(self, name, str(value))
+        if self.checkpoint_dir is not None and (self.propagation != "sequential" or self.layerwise == "owl-auto"):
+            raise OWLConfigError(
+                f"`checkpoint_dir` (resumable runs) needs propagation='sequential' and layerwise 'owl' or 'uniform', "
+                f"got propagation={self.propagation!r}, layerwise={self.layerwise!r}; drop `checkpoint_dir` or "
+                "change those fields."
+            )
 
     # ----------------------------------------------------------------------------------------------- derived
     @property
