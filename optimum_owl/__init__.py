@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .config import OWLConfigError, OWLPrunerConfig
+from .integration import install as _install_transformers_integration
 from .report import PruneReport
 
 __version__ = "0.1.0"
@@ -23,6 +24,9 @@ __all__ = [
     "PruneReport",
     "__version__",
 ]
+
+# `quant_method="owl"` for transformers (prune on load, compact checkpoints); deferred until transformers needs it.
+_install_transformers_integration()
 
 if TYPE_CHECKING:
     from .pruner import OWLPruner

@@ -59,7 +59,7 @@ def owl_allocation(ratios: Sequence[float], sparsity: float, owl_lambda: float) 
     values = [sparsity + 2.0 * owl_lambda * (mean_r - ri) for ri in r]
     values = [round(v, 12) for v in values]  # keep 0.7 as 0.7 in reports despite float noise
     bounded, clamped = clamp_preserving_mean(values, 0.0, max(MAX_BLOCK_SPARSITY, sparsity))
-    return bounded, clamped
+    return [round(v, 12) for v in bounded], clamped
 
 
 def clamp_preserving_mean(values: Sequence[float], lo: float, hi: float) -> tuple[list[float], bool]:
@@ -72,8 +72,10 @@ def clamp_preserving_mean(values: Sequence[float], lo: float, hi: float) -> tupl
     if all(lo <= v <= hi for v in vals):
         return vals, False
     target = sum(vals) / len(vals)
-    if not lo <= target <= hi:
+    if not lo - 1e-12 <= target <= hi + 1e-12:
         raise ValueError(f"mean {target} is outside [{lo}, {hi}]; it cannot be preserved")
+    if target <= lo or target >= hi:  # only one way to have that mean
+        return [min(max(target, lo), hi)] * len(vals), True
 
     def mean_at(c: float) -> float:
         return sum(min(max(v + c, lo), hi) for v in vals) / len(vals)

@@ -220,7 +220,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             raise OWLConfigError(f"`sparsegpt_damp` must be ≥ 0, got {self.sparsegpt_damp}; the paper uses 0.01.")
         if self.propagation == "dense" and self.method == "sparsegpt":
             raise OWLConfigError(
-                "`propagation='dense'` supports method 'wanda' or 'magnitude' only: SparseGPT updates weights and "
+                "`propagation`='dense' supports method 'wanda' or 'magnitude' only: SparseGPT updates weights and "
                 "needs the Hessian of every block at once. Use propagation='sequential' with method='sparsegpt'."
             )
         if isinstance(self.ignore, str):

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import torch
 
+# Tolerance of the floor below: an allocation such as 0.546875 may arrive as 0.54687499999 after float arithmetic;
+# the reference would floor 64 × that to 34 instead of the intended 35.
+FLOOR_EPS = 1e-9
+
 
 def num_to_prune(count: int, sparsity: float) -> int:
-    """Weights to prune out of `count` at `sparsity`: `floor(count * sparsity)`, as in the reference code."""
-    return int(count * sparsity)
+    """Weights to prune out of `count` at `sparsity`: `floor(count * sparsity)` (as the reference), robust to float noise."""
+    return int(count * sparsity + FLOOR_EPS)
 
 
 def keep_mask_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -397,7 +397,7 @@ class OWLPruner:
                     block_zeros += zeros
                     block_params += w.numel()
                     report.modules.append(
-                        ModuleReport(u.name, i, list(u.shape), round(plans[i].sparsity, 6), zeros / max(w.numel(), 1), w.numel())
+                        ModuleReport(u.name, i, list(u.shape), round(plans[i].sparsity, 12), zeros / max(w.numel(), 1), w.numel())
                     )
             ratio = state.outlier_ratios[i] if state.outlier_ratios is not None else None
             report.blocks.append(
@@ -405,7 +405,7 @@ class OWLPruner:
                     index=i,
                     name=f"{state.path}.{i}",
                     outlier_ratio=ratio,
-                    target_sparsity=round(plans[i].sparsity, 6),
+                    target_sparsity=round(plans[i].sparsity, 12),
                     achieved_sparsity=block_zeros / max(block_params, 1),
                     num_params=block_params,
                     nm=list(plans[i].nm) if plans[i].nm else None,

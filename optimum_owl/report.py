@@ -76,6 +76,7 @@ class PruneReport:
     candidates: list[Candidate] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
     version: int = REPORT_VERSION
 
     @property
@@ -154,6 +155,12 @@ class PruneReport:
             lines.append(
                 f"- calibration: {self.calibration.get('num_samples')} × {self.calibration.get('seqlen')} tokens "
                 f"from {self.calibration.get('source')}"
+            )
+        if self.evaluation:
+            ev = self.evaluation
+            lines.append(
+                f"- perplexity on {ev.get('text')} (seqlen {ev.get('seqlen')}): dense {ev.get('dense_ppl'):.3f}, "
+                f"pruned {ev.get('pruned_ppl'):.3f}"
             )
         if self.timings:
             lines.append("- time (s): " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()))
