@@ -277,9 +277,15 @@ class BlockOffloader:
     @staticmethod
     def _unshare(module: nn.Module, hook: Any) -> None:
         """In-memory stores hand out their own tensors; prune a private copy so the store changes only on write-back."""
+        from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
+
+        wm = hook.weights_map
+        prefix, dataset = (wm.prefix, wm.dataset) if isinstance(wm, PrefixedDataset) else ("", wm)
         for name in _named_offloaded_tensors(module, hook):
+            if isinstance(dataset, OffloadedWeightsLoader) and prefix + name not in dataset.state_dict:
+                continue  # read from a file: always a fresh tensor
             tensor = _get_tensor(module, name)
-            stored = hook.weights_map[name]
+            stored = wm[name]
             if isinstance(stored, torch.Tensor) and stored.device == tensor.device and stored.data_ptr() == tensor.data_ptr():
                 tensor.data = tensor.data.clone()
 
