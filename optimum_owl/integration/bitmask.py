@@ -79,9 +79,12 @@ def popcount(packed: torch.Tensor) -> int:
     return int(((packed.reshape(-1, 1) & _BIT_WEIGHTS.to(packed.device)) != 0).sum())
 
 
-def compress(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split `tensor` into `(values, bitmask, shape)` (see the module docstring for the layout)."""
-    mask = stored_mask(tensor)
+def compress(tensor: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split `tensor` into `(values, bitmask, shape)` (see the module docstring for the layout).
+
+    `mask` may pass a precomputed `stored_mask(tensor)`.
+    """
+    mask = stored_mask(tensor) if mask is None else mask
     values = tensor.detach().reshape(-1)[mask].clone()
     return values, pack_bits(mask), torch.tensor(list(tensor.shape), dtype=torch.int64)
 
@@ -91,11 +94,14 @@ def compressed_nbytes(numel: int, nonzeros: int, itemsize: int) -> int:
     return math.ceil(numel / 8) + nonzeros * itemsize
 
 
-def worth_compressing(tensor: torch.Tensor) -> bool:
-    """True when the bitmask form takes fewer data bytes than the dense tensor (sparsity above 1/(8*itemsize))."""
+def worth_compressing(tensor: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
+    """True when the bitmask form takes fewer data bytes than the dense tensor (sparsity above 1/(8*itemsize)).
+
+    `mask` may pass a precomputed `stored_mask(tensor)`.
+    """
     if not tensor.is_floating_point() or tensor.dim() < 2 or tensor.numel() == 0:
         return False
-    nonzeros = int(stored_mask(tensor).sum())
+    nonzeros = int((stored_mask(tensor) if mask is None else mask).sum())
     # shape tensor and two extra safetensors header entries cost ~200 bytes
     return compressed_nbytes(tensor.numel(), nonzeros, tensor.element_size()) + 256 < tensor.numel() * tensor.element_size()
 
