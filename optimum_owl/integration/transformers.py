@@ -298,6 +298,8 @@ class OWLHfQuantizer(HfQuantizer):
 
     # --- saving
     def get_state_dict_and_metadata(self, model: nn.Module):
+        if getattr(model, "_hf_peft_config_loaded", False):
+            return None, {}  # only the (dense, small) adapter weights are saved
         return compact_state_dict(model)
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
