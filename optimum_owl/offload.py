@@ -165,6 +165,32 @@ def _named_offloaded_tensors(module: nn.Module, hook: Any) -> list[str]:
     ]
 
 
+_MALLOC_TRIM: Any = None
+
+
+def release_freed_memory() -> None:
+    """Give memory freed by the last block back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    Loading a block from the offload store allocates tens of MB per tensor and frees it again. glibc raises its
+    mmap threshold after such frees, so later tensors come from the heap and freed heap pages stay resident:
+    without trimming, the resident set grows by tens of MB per block (measured: +460 MB over 6 blocks of a
+    hidden-1024 Llama) although nothing is referenced.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        _MALLOC_TRIM = False
+        try:
+            import ctypes
+            import ctypes.util
+
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _MALLOC_TRIM = libc.malloc_trim
+        except (OSError, AttributeError):
+            pass
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
 def _get_tensor(module: nn.Module, name: str) -> torch.Tensor:
     owner = module
     *parents, leaf = name.split(".")
@@ -237,6 +263,8 @@ class BlockOffloader:
                 yield block
         finally:
             self._active.discard(id(block))
+            if self.dispatched or self.device is not None:
+                release_freed_memory()
 
     # ------------------------------------------------------------------------------------------ plain models
     @staticmethod
@@ -277,9 +305,15 @@ class BlockOffloader:
     @staticmethod
     def _unshare(module: nn.Module, hook: Any) -> None:
         """In-memory stores hand out their own tensors; prune a private copy so the store changes only on write-back."""
+        from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
+
+        wm = hook.weights_map
+        prefix, dataset = (wm.prefix, wm.dataset) if isinstance(wm, PrefixedDataset) else ("", wm)
         for name in _named_offloaded_tensors(module, hook):
+            if isinstance(dataset, OffloadedWeightsLoader) and prefix + name not in dataset.state_dict:
+                continue  # read from a file: always a fresh tensor
             tensor = _get_tensor(module, name)
-            stored = hook.weights_map[name]
+            stored = wm[name]
             if isinstance(stored, torch.Tensor) and stored.device == tensor.device and stored.data_ptr() == tensor.data_ptr():
                 tensor.data = tensor.data.clone()
 

@@ -261,3 +261,38 @@ def test_multi_gpu_hooks_planning_on_meta():
         exec_device = 0 if value == "disk" else value
         add_hook_to_module(block, AlignDevicesHook(execution_device=exec_device, io_same_device=True), append=False)
         assert module_device(block) == plan[i]
+
+
+def test_prune_on_load_with_disk_offload(checkpoint, calib, tmp_path):
+    """`from_pretrained(..., device_map with disk, quantization_config=OWLPrunerConfig)` prunes through the store."""
+    import optimum_owl.integration  # noqa: F401  (registers the "owl" quantizer)
+
+    before = _sha256(checkpoint)
+    ref = AutoModelForCausalLM.from_pretrained(checkpoint)
+    OWLPruner(_config()).prune(ref, dataset=calib)
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, device_map=DEVICE_MAP, offload_folder=str(tmp_path / "offload"), quantization_config=_config(dataset=calib)
+    )
+    assert model.model.layers[3].mlp.down_proj.weight.device.type == "meta"
+    ref_masks, masks = _masks(ref), _masks(model)
+    assert all(torch.equal(ref_masks[k], masks[k]) for k in ref_masks)
+    assert _sha256(checkpoint) == before
+
+
+def test_in_memory_offload_store(checkpoint, calib):
+    """`accelerate.cpu_offload`: weights kept in a dict store (the path a GPU main device uses for "cpu" modules)."""
+    from accelerate import cpu_offload
+
+    ref = AutoModelForCausalLM.from_pretrained(checkpoint)
+    OWLPruner(_config()).prune(ref, dataset=calib)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    store = model.model.layers[2].mlp.up_proj._hf_hook.weights_map
+    original = store["weight"].clone()
+    assert model.model.layers[2].mlp.up_proj.weight.device.type == "meta"
+    OWLPruner(_config()).prune(model, dataset=calib)
+    ref_masks, masks = _masks(ref), _masks(model)
+    assert all(torch.equal(ref_masks[k], masks[k]) for k in ref_masks)
+    assert not torch.equal(store["weight"], original)  # the store entry was replaced by the pruned tensor
+    ids = calib[:2]
+    assert torch.allclose(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5)
