@@ -16,6 +16,9 @@ SUBCOMMAND_MODULES = (
     "optimum_owl.commands.prune",
     "optimum_owl.commands.evaluate",
     "optimum_owl.commands.demo",
+    "optimum_owl.commands.push",
+    "optimum_owl.commands.export",
+    "optimum_owl.commands.repair",
 )
 
 

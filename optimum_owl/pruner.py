@@ -12,6 +12,7 @@ Passes over the calibration data (L = number of blocks, one "forward" = one bloc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -58,6 +59,9 @@ class PruneState:
     outlier_ratios: list[float] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    calibration_ids: torch.Tensor | None = None  # [num_samples, seqlen] token ids behind `inputs0`
+    holdout_ids: torch.Tensor | None = None  # owl-auto: windows held out of the statistics, used for scoring
+    candidates: list[Any] = field(default_factory=list)  # owl-auto: `report.Candidate`s tried
 
 
 def block_outlier_ratios(units: Sequence[Unit], stats: BlockStats, owl_ms: Sequence[float]) -> list[float]:
@@ -157,11 +161,13 @@ class OWLPruner:
         path, blocks, units = get_blocks_and_units(model, cfg.block_name, cfg.ignore)
         state = PruneState(model=model, path=path, blocks=blocks, units=units)
         layerwise = self._effective_layerwise(state)
+        self._setup_offload(model)
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
                 calibration = self._prepare(state, layerwise, dataset, tokenizer)
+                self._open_checkpoint(state)
                 plans = self._run(state, layerwise)
         finally:
             model.train(was_training)
@@ -210,6 +216,7 @@ class OWLPruner:
                 "pass the model's own tokenizer."
             )
         state.timings["calibration_data"] = time.perf_counter() - t
+        state.calibration_ids = ids
         t = time.perf_counter()
         state.runner = BlockRunner(
             state.model, state.blocks, offload_activations=cfg.offload_activations, block_context=self._block_context
@@ -227,8 +234,11 @@ class OWLPruner:
         uniform = self._uniform_plans(num_blocks)
         if not self._needs_data(layerwise):
             t = time.perf_counter()
-            for i in tqdm(range(num_blocks), desc="magnitude prune", leave=False):
-                self.prune_block(state, i, None, uniform[i])
+            start, _ = self._resume(state, uniform)
+            for i in tqdm(range(start, num_blocks), desc="magnitude prune", leave=False):
+                with self._block_scope(state, i):
+                    self.prune_block(state, i, None, uniform[i])
+                    self._block_done(state, i, None)
             state.timings["prune_pass"] = time.perf_counter() - t
             return uniform
         if cfg.propagation == "dense":
@@ -236,6 +246,10 @@ class OWLPruner:
         if layerwise == "uniform":
             self.prune_pass(state, uniform)
             return uniform
+        if layerwise == "owl-auto":
+            from .auto import split_holdout  # held-out windows must not enter the outlier statistics
+
+            split_holdout(self, state)
         self.outlier_pass(state)
         if layerwise == "owl-auto":
             from .auto import choose_and_prune  # layerwise="owl-auto": search (M, λ) on held-out data
@@ -275,6 +289,9 @@ class OWLPruner:
 
     def outlier_pass(self, state: PruneState) -> list[float]:
         """Dense pass: per block, input statistics and outlier ratio; outputs feed the next block unpruned."""
+        if self._checkpoint is not None and self._checkpoint.saved_ratios() is not None:
+            state.outlier_ratios = self._checkpoint.saved_ratios()  # resumed run: the dense pass already happened
+            return state.outlier_ratios
         t = time.perf_counter()
         inputs = state.inputs0
         ratios: list[float] = []
@@ -290,6 +307,8 @@ class OWLPruner:
             inputs = outputs
         state.outlier_ratios = ratios
         state.timings["outlier_pass"] = time.perf_counter() - t
+        if self._checkpoint is not None:
+            self._checkpoint.save_ratios(ratios)
         return ratios
 
     def prune_pass(self, state: PruneState, plans: list[BlockPlan], inputs: list[Batch] | None = None) -> None:
@@ -298,7 +317,9 @@ class OWLPruner:
         inputs = state.inputs0 if inputs is None else inputs
         n = len(state.blocks)
         hessian = self.config.method == "sparsegpt"
-        for i in tqdm(range(n), desc=f"{self.config.method} prune", leave=False):
+        start, resumed = self._resume(state, plans)
+        inputs = resumed if resumed is not None else inputs
+        for i in tqdm(range(start, n), desc=f"{self.config.method} prune", leave=False):
             with state.runner.block_on_device(i):
                 if i == 0 and not hessian and state.dense_stats:
                     stats = state.dense_stats[0]  # block 0 sees the same inputs in both passes
@@ -311,6 +332,7 @@ class OWLPruner:
                 self.prune_block(state, i, stats, plans[i])
                 if i < n - 1:
                     inputs = state.runner.forward(i, inputs)
+                self._block_done(state, i, inputs if i < n - 1 else None)
         state.timings["prune_pass"] = state.timings.get("prune_pass", 0.0) + time.perf_counter() - t
 
     def _dense_run(self, state: PruneState, layerwise: str, uniform: list[BlockPlan]) -> list[BlockPlan]:
@@ -361,6 +383,11 @@ class OWLPruner:
                 else:
                     scores, group = magnitude_scores(weight), "layer"
                 keep = keep_mask(scores, plan.sparsity, plan.nm, group)
+                if cfg.refine == "dsnot" and stats is not None:
+                    from .dsnot import dsnot_keep_mask
+
+                    mean, mean_sq = stats[unit.name].moments(unit.shape[1], weight.device)
+                    keep = dsnot_keep_mask(weight, keep, mean, mean_sq, plan.nm, cfg.dsnot_cycles, cfg.dsnot_threshold)
             apply_keep_mask_(weight, keep)
 
     # ------------------------------------------------------------------------------------------ report
@@ -373,17 +400,19 @@ class OWLPruner:
             timings={k: round(v, 4) for k, v in state.timings.items()},
             warnings=list(state.warnings),
             calibration=calibration,
+            candidates=list(state.candidates),
         )
         for i, units in enumerate(state.units):
             block_zeros = block_params = 0
-            for u in units:
-                w = u.weight()
-                zeros = int((w == 0).sum())
-                block_zeros += zeros
-                block_params += w.numel()
-                report.modules.append(
-                    ModuleReport(u.name, i, list(u.shape), round(plans[i].sparsity, 12), zeros / max(w.numel(), 1), w.numel())
-                )
+            with self._block_scope(state, i):  # offloaded weights are meta tensors outside their block's context
+                for u in units:
+                    w = u.weight()
+                    zeros = int((w == 0).sum())
+                    block_zeros += zeros
+                    block_params += w.numel()
+                    report.modules.append(
+                        ModuleReport(u.name, i, list(u.shape), round(plans[i].sparsity, 12), zeros / max(w.numel(), 1), w.numel())
+                    )
             ratio = state.outlier_ratios[i] if state.outlier_ratios is not None else None
             report.blocks.append(
                 BlockReport(
@@ -399,6 +428,43 @@ class OWLPruner:
             report.total_params += block_params
             report.total_zeros += block_zeros
         return report
+
+    # ------------------------------------------------------------------------------------------ offload and resume
+    # (docs/scale.md) Accelerate-dispatched models and `device=` go through optimum_owl.offload.BlockOffloader;
+    # `checkpoint_dir` through optimum_owl.checkpointing.RunCheckpoint.
+    _checkpoint = None
+
+    def _setup_offload(self, model: nn.Module) -> None:
+        if type(self)._block_context is not None:  # a subclass brings its own context
+            return
+        from .offload import make_block_offloader
+
+        self._block_context = make_block_offloader(model, self.config.device, self.config.offload_folder)
+
+    def _block_scope(self, state: PruneState, index: int) -> contextlib.AbstractContextManager:
+        """Block `index` with real weights on its execution device (a no-op for models held in memory)."""
+        if self._block_context is None:
+            return contextlib.nullcontext()
+        return self._block_context(index, state.blocks[index])
+
+    def _open_checkpoint(self, state: PruneState) -> None:
+        self._checkpoint = None
+        if self.config.checkpoint_dir is not None:
+            from .checkpointing import RunCheckpoint
+
+            self._checkpoint = RunCheckpoint.open(self.config, state.path, state.units, state.inputs0)
+
+    def _resume(self, state: PruneState, plans: list[BlockPlan]) -> tuple[int, list[Batch] | None]:
+        if self._checkpoint is None:
+            return 0, None
+        start, inputs = self._checkpoint.resume(state.units, plans, lambda i: self._block_scope(state, i))
+        if start:
+            state.warnings.append(f"Resumed from checkpoint_dir after {start} finished blocks.")
+        return start, inputs
+
+    def _block_done(self, state: PruneState, index: int, next_inputs: list[Batch] | None) -> None:
+        if self._checkpoint is not None:
+            self._checkpoint.block_done(index, state.units[index], next_inputs)
 
     def _after_prune(self, model: nn.Module) -> None:
         """Let integrations (compact checkpoints) know the model is pruned."""

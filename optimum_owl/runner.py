@@ -18,6 +18,10 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
+# Blocks whose weights Accelerate offloads (CPU/disk) are pruned through optimum_owl.offload.BlockOffloader, which
+# writes the pruned weights back into a new offload store; prune-on-load checks this flag before allowing offload.
+SUPPORTS_OFFLOAD = True
+
 
 class _StopForward(Exception):
     """Raised by the capture hook once block 0's inputs are recorded, to skip the rest of the model."""

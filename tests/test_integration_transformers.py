@@ -96,7 +96,10 @@ def test_prune_on_load_text_data_uses_the_models_tokenizer(tmp_path):
     assert "dataset" not in json.loads((tmp_path / "config.json").read_text())["quantization_config"]
 
 
-def test_prune_on_load_refuses_disk_offload(dense_dir, tmp_path):
+def test_prune_on_load_refuses_disk_offload(dense_dir, tmp_path, monkeypatch):
+    from optimum_owl import runner
+
+    monkeypatch.setattr(runner, "SUPPORTS_OFFLOAD", False)  # the refusal path, for runners without offload support
     config = OWLPrunerConfig(sparsity=0.5, method="magnitude", layerwise="uniform")
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                   "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
@@ -109,11 +112,11 @@ def test_prune_on_load_refuses_disk_offload(dense_dir, tmp_path):
 
 
 def test_offload_flag(monkeypatch):
-    assert owl_tf.offload_supported() is False
     from optimum_owl import runner
 
-    monkeypatch.setattr(runner, "SUPPORTS_OFFLOAD", True, raising=False)
-    assert owl_tf.offload_supported() is True
+    assert owl_tf.offload_supported() is True  # the runner prunes offloaded blocks (optimum_owl.offload)
+    monkeypatch.setattr(runner, "SUPPORTS_OFFLOAD", False)
+    assert owl_tf.offload_supported() is False
 
 
 def test_compact_checkpoint_loads_with_disk_offload(dense_dir, tmp_path):

@@ -1,0 +1,134 @@
+"""Benchmark of the sparse ONNX export: file size against the dense export (fp32 and fp16, three storages),
+onnxruntime vs PyTorch logits, greedy-32 equality and session creation time, at 70% OWL sparsity.
+
+Models: stories260K (real, from ../shared/assets, pruned with OWL+Wanda on WikiText-2 text), a tiny random Llama
+(hidden 64, 2 layers, vocab 128) and a larger random Llama (hidden 512, 4 layers, vocab 1024) to show how the ratio
+behaves once the graph and embeddings stop dominating the file.
+
+Usage (from the repository root):
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/onnx_export.py --out /tmp/owl-onnx-bench [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from optimum_owl import OWLPruner, OWLPrunerConfig
+from optimum_owl.export import OnnxCausalLM, export_onnx
+
+ASSETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets"
+
+
+def random_llama(hidden: int, layers: int, vocab: int, inter: int, heads: int, kv: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def prune(model, calibration, tokenizer=None, num_samples=16, seqlen=128):
+    config = OWLPrunerConfig(sparsity=0.7, method="wanda", layerwise="owl", num_samples=num_samples, seqlen=seqlen, seed=0)
+    report = OWLPruner(config).prune(model, dataset=calibration, tokenizer=tokenizer)
+    return report
+
+
+def session_times(folder: Path, repeats: int = 5) -> float:
+    times = [OnnxCausalLM(folder).session_creation_s for _ in range(repeats)]
+    return statistics.median(times)
+
+
+def bench_model(name: str, model, report, out: Path, prompt, rows: list[dict]) -> None:
+    for dtype in ("float32", "float16"):
+        for storage in ("dense", "bitmask", "sparse_initializer"):
+            folder = out / f"{name}-{dtype}-{storage}"
+            start = time.perf_counter()
+            result = export_onnx(
+                model, folder, storage=storage, dtype=dtype, overwrite=True, max_new_tokens=32, prompt_ids=prompt, report=report
+            )
+            wall = time.perf_counter() - start
+            meta = result.metadata
+            val = meta["validation"]
+            row = {
+                "model": name,
+                "dtype": dtype,
+                "storage": storage,
+                "sparsity": meta["weight_sparsity"],
+                "onnx_bytes": meta["sizes"]["onnx_bytes"],
+                "dense_onnx_bytes": meta["sizes"]["dense_onnx_bytes"],
+                "ratio": meta["sizes"]["ratio_to_dense"],
+                "graph_bytes": meta["sizes"]["graph_bytes"],
+                "weight_ratio": meta["storage"]["compact_weight_bytes"] / meta["storage"]["dense_weight_bytes"],
+                "prefill_rel_error": val["prefill_rel_error"],
+                "decode_rel_error": val["decode_rel_error"],
+                "greedy32_equal": val["greedy_equal"],
+                "session_s_median5": session_times(folder),
+                "export_s": wall,
+            }
+            rows.append(row)
+            print(
+                f"{name:10s} {dtype:7s} {storage:18s} sparsity {row['sparsity']:.3f}  {row['onnx_bytes']:>11,d} B  "
+                f"ratio {row['ratio']:.3f} (weights {row['weight_ratio']:.3f})  prefill err {row['prefill_rel_error']:.1e}  "
+                f"decode err {row['decode_rel_error']:.1e}  greedy32 {row['greedy32_equal']}  "
+                f"session {row['session_s_median5'] * 1000:.0f} ms  export {wall:.1f} s",
+                flush=True,
+            )
+            if storage != "dense" or dtype != "float32":
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="/tmp/owl-onnx-bench")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--skip-large", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    stories = ASSETS / "models" / "stories260K"
+    if stories.exists():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(stories).eval()
+        tok = AutoTokenizer.from_pretrained(stories)
+        text = ASSETS / "text" / "wikitext2_test.jsonl"
+        report = prune(model, str(text), tok, num_samples=16, seqlen=128)
+        prompt = tok("Once upon a time, there was a little girl", return_tensors="pt").input_ids
+        bench_model("stories260K", model, report, out, prompt, rows)
+    else:
+        print(f"skipping stories260K: {stories} not found")
+    gen = torch.Generator().manual_seed(0)
+    tiny = random_llama(64, 2, 128, 256, 4, 2)
+    report = prune(tiny, torch.randint(0, 128, (16, 64), generator=gen), num_samples=16, seqlen=64)
+    bench_model("tiny-llama", tiny, report, out, None, rows)
+    if not args.skip_large:
+        large = random_llama(512, 4, 1024, 1408, 8, 4)
+        report = prune(large, torch.randint(0, 1024, (8, 64), generator=gen), num_samples=8, seqlen=64)
+        bench_model("llama-512", large, report, out, None, rows)
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in info.items() if k != "rows"}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Prune-time / dense-forward-time ratios on a ~100M-parameter random Llama, measured in one run.
+
+Baseline: one dense forward of the same calibration batches through all blocks (the runner's own forward, after
+capturing block-0 inputs), measured again right before each variant. Each variant prunes a fresh copy of the same
+model with the same data.
+
+    python bench/prune_speed.py --num-samples 64 --seqlen 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from optimum_owl import OWLPruner, OWLPrunerConfig
+from optimum_owl.modeling import find_blocks
+from optimum_owl.runner import BlockRunner
+
+VARIANTS = {
+    "owl_wanda_exact": dict(method="wanda", layerwise="owl"),
+    "owl_wanda_dense": dict(method="wanda", layerwise="owl", propagation="dense"),
+    "uniform_wanda": dict(method="wanda", layerwise="uniform"),
+    "owl_sparsegpt": dict(method="sparsegpt", layerwise="owl"),
+}
+
+
+def build_model(layers: int, hidden: int, intermediate: int, vocab: int, heads: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                         max_position_embeddings=4096, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+@torch.no_grad()
+def dense_forward_time(model, ids, batch_size: int) -> float:
+    _, blocks = find_blocks(model)
+    runner = BlockRunner(model, blocks)
+    inputs = runner.capture(ids, batch_size)
+    start = time.perf_counter()
+    for i in range(len(blocks)):
+        inputs = runner.forward(i, inputs)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--intermediate", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    model = build_model(args.layers, args.hidden, args.intermediate, args.vocab, args.heads)
+    params = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, args.vocab, (args.num_samples, args.seqlen), generator=torch.Generator().manual_seed(1))
+    base = dense_forward_time(model, ids, args.batch_size)
+    results = {"params": params, "num_samples": args.num_samples, "seqlen": args.seqlen, "threads": torch.get_num_threads(),
+               "dense_forward_s": round(base, 3), "machine": platform.platform(), "variants": {}}
+    print(f"model {params / 1e6:.1f}M params; dense forward through blocks: {base:.2f} s")
+    for name in args.variants:
+        # the machine may be shared: re-measure the baseline right before each variant and use that ratio
+        base = dense_forward_time(model, ids, args.batch_size)
+        m = copy.deepcopy(model)
+        config = OWLPrunerConfig(sparsity=0.7, num_samples=args.num_samples, seqlen=args.seqlen,
+                                 batch_size=args.batch_size, **VARIANTS[name])
+        start = time.perf_counter()
+        report = OWLPruner(config).prune(m, dataset=ids)
+        elapsed = time.perf_counter() - start
+        results["variants"][name] = {"seconds": round(elapsed, 3), "baseline_s": round(base, 3), "ratio": round(elapsed / base, 3),
+                                     "sparsity": round(report.sparsity, 4), "timings": report.timings}
+        print(f"{name:18s} {elapsed:8.2f} s  ratio {elapsed / base:5.2f}x  sparsity {report.sparsity:.4f}  {report.timings}")
+        del m
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

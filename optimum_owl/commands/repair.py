@@ -1,0 +1,89 @@
+"""`optimum-owl repair`: fine-tune a pruned checkpoint with masked LoRA (or masked full FT) and save it still sparse."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "repair",
+        help="repair a pruned model with a short sparse fine-tune (pruned zeros stay zero)",
+        description=(
+            "Fine-tune a pruned model on text with a mask-preserving LoRA (merged at the end) or masked full "
+            "fine-tuning, then save it as a pruned checkpoint with the same zeros."
+        ),
+    )
+    p.add_argument("model", help="pruned model folder or Hub id")
+    p.add_argument("--train-data", required=True, help="training text: .txt or .jsonl file (field --text-column)")
+    p.add_argument("--output", required=True, help="output folder (merged model, or the adapter with --no-merge)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
+    p.add_argument("--eval-data", default=None, help="held-out .txt/.jsonl for perplexity before and after")
+    p.add_argument("--method", choices=("masked_lora", "full_ft"), default="masked_lora")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--targets", nargs="+", default=None,
+                   help="'pruned' (default), 'all', or module names / globs (e.g. '*q_proj' '*v_proj')")
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8, help="windows per device per micro-step")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-train-windows", type=int, default=None)
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    p.add_argument("--report-to", default="none", help="Trainer loggers: none, tensorboard, wandb, ...")
+    p.add_argument("--no-merge", action="store_true", help="save the masked adapter instead of the merged model")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from ..repair import RepairConfig, repair, save_masked_adapter, save_repaired
+    from ..saving import load_model
+
+    if Path(args.output).exists() and not args.overwrite:
+        raise FileExistsError(f"--output {args.output} already exists; pass --overwrite to replace it.")
+    targets: str | list[str] = "pruned"
+    if args.targets:
+        targets = args.targets[0] if len(args.targets) == 1 and args.targets[0] in ("pruned", "all") else list(args.targets)
+    config = RepairConfig(
+        method=args.method, r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        target_modules=targets, seqlen=args.seqlen, max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr, weight_decay=args.weight_decay, max_train_windows=args.max_train_windows,
+        text_column=args.text_column, seed=args.seed, bf16=args.bf16, report_to=args.report_to,
+        merge=not args.no_merge,
+    )
+    model = load_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    model, report = repair(model, tokenizer, train_data=args.train_data, config=config, eval_data=args.eval_data)
+    if args.no_merge:
+        save_masked_adapter(model, args.output, overwrite=args.overwrite)
+        report.save(args.output)
+    else:
+        save_repaired(model, args.output, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
+    summary = {
+        "output": str(args.output),
+        "steps": report.steps,
+        "train_loss": report.train_loss,
+        "sparsity_before": report.sparsity_before,
+        "sparsity_after": report.sparsity_after,
+        "zeros_preserved": report.zeros_preserved,
+        "eval_ppl_before": report.eval_ppl_before,
+        "eval_ppl_after": report.eval_ppl_after,
+    }
+    print(json.dumps(summary))
+    return 0

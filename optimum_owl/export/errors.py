@@ -1,0 +1,24 @@
+"""Exceptions and dependency checks of the export package."""
+
+from __future__ import annotations
+
+import importlib
+
+INSTALL_HINT = 'pip install "optimum-owl[onnx]"  (installs onnx, onnxruntime and onnxscript)'
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's architecture has no verified ONNX export path; the message lists the supported ones."""
+
+
+def require_onnx(*modules: str) -> None:
+    """Import-check the optional ONNX dependencies, raising `ImportError` with the install command when missing.
+
+    Args:
+        *modules (`str`): module names to check; defaults to `onnx` and `onnxruntime`.
+    """
+    for name in modules or ("onnx", "onnxruntime"):
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ImportError(f"ONNX export needs the `{name}` package, which is not installed: {INSTALL_HINT}") from err

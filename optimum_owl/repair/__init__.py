@@ -1,0 +1,56 @@
+"""Sparse repair: fine-tune a pruned model so it regains quality while every pruned zero stays exactly zero.
+
+```python
+>>> from optimum_owl.repair import RepairConfig, repair
+>>> model, report = repair(pruned_model, tokenizer, train_data=texts, config=RepairConfig(max_steps=200))  # doctest: +SKIP
+```
+
+Building blocks: `attach_masked_lora` / `merge_masked_lora` / `save_masked_adapter` / `load_masked_adapter` (PEFT
+LoRA whose delta is multiplied by the weight's keep-mask), and Trainer callbacks `SparsityPreservingCallback`,
+`SparsityLoggingCallback`, `GradualPruningCallback`.
+"""
+
+from __future__ import annotations
+
+from .callbacks import (
+    GradualPruningCallback,
+    SparsityLoggingCallback,
+    SparsityPreservingCallback,
+    add_sparsity_logging,
+    cubic_sparsity,
+)
+from .config import RepairConfig, RepairConfigError, RepairDataError, RepairModelError, RepairWarning
+from .masked_lora import (
+    MaskedLoraLinear,
+    attach_masked_lora,
+    load_masked_adapter,
+    merge_masked_lora,
+    save_masked_adapter,
+)
+from .sparsity import block_sparsity, zero_masks, zeros_lost
+from .train import RepairReport, build_windows, repair, save_repaired
+
+__all__ = [
+    "GradualPruningCallback",
+    "MaskedLoraLinear",
+    "RepairConfig",
+    "RepairConfigError",
+    "RepairDataError",
+    "RepairModelError",
+    "RepairReport",
+    "RepairWarning",
+    "SparsityLoggingCallback",
+    "SparsityPreservingCallback",
+    "add_sparsity_logging",
+    "attach_masked_lora",
+    "block_sparsity",
+    "build_windows",
+    "cubic_sparsity",
+    "load_masked_adapter",
+    "merge_masked_lora",
+    "repair",
+    "save_masked_adapter",
+    "save_repaired",
+    "zero_masks",
+    "zeros_lost",
+]

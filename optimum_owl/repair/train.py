@@ -1,0 +1,351 @@
+"""`repair()`: one call that fine-tunes a pruned model with the transformers `Trainer` and keeps every pruned zero."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..utils import atomic_output_dir, atomic_write_text
+from .callbacks import SparsityLoggingCallback, SparsityPreservingCallback, add_sparsity_logging
+from .config import RepairConfig, RepairConfigError, RepairDataError
+from .masked_lora import attach_masked_lora, check_not_quantized, merge_masked_lora, warn_no_zeros
+from .sparsity import block_sparsity, zero_masks, zeros_lost
+
+logger = logging.getLogger(__name__)
+
+REPAIR_REPORT_NAME = "repair_report.json"
+
+
+@dataclass
+class RepairReport:
+    """What a repair run did and the checks it passed.
+
+    Attributes:
+        method: `"masked_lora"` or `"full_ft"`.
+        num_targets: adapted (LoRA) or tracked (full FT) weight tensors.
+        trainable_params: parameters the optimizer updated.
+        steps / train_windows / train_tokens: training budget.
+        train_loss: mean training loss reported by the Trainer.
+        sparsity_before / sparsity_after: fraction of zeros over the prunable weights.
+        block_sparsity_before / block_sparsity_after: the same per block.
+        zeros_preserved: every weight that was zero before is still zero.
+        merged_max_abs_logit_diff: max |merged − unmerged| logits on one training window (masked LoRA, merged).
+        eval_ppl_before / eval_ppl_after: perplexity on `eval_data` when given.
+        seconds: wall time of the training call.
+        config: the `RepairConfig` as a dict.
+    """
+
+    method: str
+    num_targets: int = 0
+    trainable_params: int = 0
+    steps: int = 0
+    train_windows: int = 0
+    train_tokens: int = 0
+    train_loss: float | None = None
+    sparsity_before: float = 0.0
+    sparsity_after: float = 0.0
+    block_sparsity_before: list[float] = field(default_factory=list)
+    block_sparsity_after: list[float] = field(default_factory=list)
+    zeros_preserved: bool | None = None
+    merged_max_abs_logit_diff: float | None = None
+    eval_ppl_before: float | None = None
+    eval_ppl_after: float | None = None
+    seconds: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save(self, save_dir: str | os.PathLike) -> Path:
+        path = Path(save_dir) / REPAIR_REPORT_NAME
+        atomic_write_text(path, self.to_json())
+        return path
+
+
+# ------------------------------------------------------------------------------------------------ data
+class TokenWindows(torch.utils.data.Dataset):
+    """Fixed-length token windows served as `{"input_ids", "labels"}` for causal-LM training."""
+
+    def __init__(self, windows: torch.Tensor) -> None:
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        w = self.windows[i]
+        return {"input_ids": w, "labels": w.clone()}
+
+
+def build_windows(
+    data: Any,
+    tokenizer: Any,
+    seqlen: int,
+    text_column: str = "text",
+    max_windows: int | None = None,
+    field_name: str = "train_data",
+) -> torch.Tensor:
+    """Pack `data` into a `LongTensor [n, seqlen]`.
+
+    `data` may be a 2-D integer tensor of token ids (used as is, rows are windows), a string, a list of strings,
+    a `.txt` / `.jsonl` path, or a `datasets.Dataset` with a `text_column`. Texts are joined with `"\\n\\n"`,
+    tokenised once and cut into non-overlapping windows. Raises `RepairDataError` naming `field_name`.
+    """
+    from ..evaluation import encode_joined, load_texts
+
+    if data is None:
+        raise RepairDataError(f"`{field_name}` is required: pass texts, a .txt/.jsonl path, a datasets.Dataset or token ids.")
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2 or data.is_floating_point():
+            raise RepairDataError(f"`{field_name}` as a tensor must be 2-D integer token ids [n, seqlen], got {tuple(data.shape)} {data.dtype}.")
+        if data.shape[0] == 0 or data.shape[1] < 2:
+            raise RepairDataError(f"`{field_name}` is empty: got a token tensor of shape {tuple(data.shape)}.")
+        windows = data.long()
+    else:
+        if isinstance(data, (str, os.PathLike)) and str(data).endswith((".jsonl", ".txt", ".json")) and not Path(data).exists():
+            raise FileNotFoundError(f"`{field_name}`: file {str(data)!r} does not exist.")
+        if hasattr(data, "column_names") and text_column not in data.column_names:
+            raise RepairDataError(
+                f"`{field_name}` has no column {text_column!r} (columns: {data.column_names}); set `text_column`."
+            )
+        try:
+            texts = load_texts(data, text_column)
+        except KeyError as err:
+            raise RepairDataError(f"`{field_name}`: a .jsonl row has no {text_column!r} field; set `text_column`.") from err
+        texts = [t for t in texts if t and t.strip()]
+        if not texts:
+            raise RepairDataError(f"`{field_name}` is empty: it holds no non-blank text.")
+        if tokenizer is None:
+            raise RepairDataError(f"`tokenizer` is required to tokenize the text of `{field_name}`.")
+        ids = encode_joined(tokenizer, texts)
+        n = ids.numel() // seqlen
+        if n < 1:
+            raise RepairDataError(
+                f"`{field_name}` has {ids.numel()} tokens, fewer than one window of `seqlen`={seqlen}; "
+                "add text or lower `seqlen`."
+            )
+        windows = ids[: n * seqlen].view(n, seqlen)
+    if max_windows is not None:
+        windows = windows[:max_windows]
+    return windows
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _training_args(config: RepairConfig, output_dir: str) -> Any:
+    from transformers import TrainingArguments
+
+    kwargs: dict[str, Any] = dict(
+        output_dir=output_dir,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_ratio,
+        lr_scheduler_type=config.lr_scheduler_type,
+        logging_steps=config.logging_steps,
+        report_to=config.report_to,
+        save_strategy="no",
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    if config.bf16 and not torch.cuda.is_available():
+        kwargs["use_cpu"] = True  # transformers refuses bf16 without a GPU unless told to train on CPU
+    kwargs.update(config.extra_training_args)
+    try:
+        return TrainingArguments(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise RepairConfigError(f"`extra_training_args` / training fields rejected by TrainingArguments: {err}") from err
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        return model(input_ids=ids.to(device)).logits.float().cpu()
+    finally:
+        model.train(was)
+
+
+def _eval_ppl(model: nn.Module, windows: torch.Tensor | None) -> float | None:
+    if windows is None:
+        return None
+    from ..evaluation import perplexity_of_ids
+
+    return perplexity_of_ids(model, windows.reshape(-1), windows.shape[1])
+
+
+def repair(
+    model: nn.Module,
+    tokenizer: Any = None,
+    train_data: Any = None,
+    config: RepairConfig | None = None,
+    eval_data: Any = None,
+    callbacks: list[Any] | None = None,
+) -> tuple[nn.Module, RepairReport]:
+    """Fine-tune a pruned model so it recovers quality while every pruned zero stays exactly zero.
+
+    `method="masked_lora"` attaches a mask-preserving LoRA through PEFT, trains it with the transformers
+    `Trainer` and (by default) merges it; `method="full_ft"` trains the model itself with
+    `SparsityPreservingCallback`. Works under `accelerate launch` / `torchrun` (the Trainer handles DDP).
+
+    If training is interrupted (exception, Ctrl-C) the model is left as it was: the LoRA layers are removed
+    (the frozen base was never modified) or, for full fine-tuning, the weights are restored from a copy.
+
+    Args:
+        model: the pruned transformers causal LM (modified in place; the merged model is returned).
+        tokenizer: its tokenizer (needed for text data).
+        train_data: texts, a `.txt`/`.jsonl` path, a `datasets.Dataset`, or a `LongTensor [n, seqlen]`.
+        config (`RepairConfig`, *optional*): the run's settings.
+        eval_data: optional held-out data (same forms) for perplexity before/after.
+        callbacks: extra `TrainerCallback`s.
+
+    Returns:
+        `(model, RepairReport)`: the merged sparse model (or the `PeftModel` when `config.merge=False`).
+
+    Example:
+
+    ```python
+    >>> from optimum_owl.repair import RepairConfig, repair
+    >>> model, report = repair(pruned_model, tokenizer, train_data=texts,
+    ...                        config=RepairConfig(max_steps=200, seqlen=256))   # doctest: +SKIP
+    >>> report.sparsity_before == report.sparsity_after                           # doctest: +SKIP
+    True
+    ```
+    """
+    from transformers import Trainer
+
+    config = config or RepairConfig()
+    if not isinstance(config, RepairConfig):
+        raise RepairConfigError(f"`config` must be a RepairConfig, got {type(config).__name__}.")
+    config.validate()
+    windows = build_windows(train_data, tokenizer, config.seqlen, config.text_column, config.max_train_windows)
+    eval_windows = (
+        build_windows(eval_data, tokenizer, config.seqlen, config.text_column, field_name="eval_data")
+        if eval_data is not None
+        else None
+    )
+    check_not_quantized(model)
+
+    before = zero_masks(model)
+    blocks_before, total_before = block_sparsity(model)
+    report = RepairReport(method=config.method, config=config.to_dict(), sparsity_before=total_before,
+                          block_sparsity_before=blocks_before, train_windows=int(windows.shape[0]),
+                          train_tokens=int(windows.numel()))
+    report.eval_ppl_before = _eval_ppl(model, eval_windows)
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+
+    backup: dict[str, torch.Tensor] | None = None
+    if config.method == "masked_lora":
+        train_model = attach_masked_lora(model, config)
+        report.num_targets = sum(1 for m in train_model.modules() if hasattr(m, "owl_pruned_mask"))
+    else:
+        if not before:
+            warn_no_zeros()
+        backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        train_model = model
+    report.trainable_params = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
+
+    all_callbacks = list(callbacks or [])
+    if config.method == "full_ft":
+        keeper = SparsityPreservingCallback()
+        all_callbacks.insert(0, keeper)
+
+    def restore() -> None:
+        nonlocal model
+        if config.method == "masked_lora":
+            model = train_model.unload()
+        elif backup is not None:
+            model.load_state_dict(backup)
+        for n, p in model.named_parameters():
+            if n in requires_grad:
+                p.requires_grad_(requires_grad[n])
+        model.train(was_training)
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="owl-repair-") as scratch:
+        try:
+            args = _training_args(config, config.output_dir or scratch)
+            trainer = Trainer(model=train_model, args=args, train_dataset=TokenWindows(windows),
+                              callbacks=all_callbacks)
+            add_sparsity_logging(trainer, SparsityLoggingCallback())
+            result = trainer.train()
+        except BaseException:
+            logger.error("Repair interrupted; restoring the pruned model as it was.")
+            restore()
+            raise
+    report.seconds = time.perf_counter() - start
+    report.steps = int(trainer.state.global_step)
+    report.train_loss = float(result.training_loss) if result.training_loss is not None else None
+    if config.method == "full_ft":
+        report.num_targets = len(keeper.masks)
+
+    out: nn.Module = train_model
+    if config.method == "masked_lora" and config.merge:
+        probe = windows[:1]
+        unmerged = _logits(train_model, probe) if config.verify else None
+        out = merge_masked_lora(train_model, verify=config.verify)
+        if unmerged is not None:
+            report.merged_max_abs_logit_diff = float((_logits(out, probe) - unmerged).abs().max())
+        for n, p in out.named_parameters():
+            if n in requires_grad:
+                p.requires_grad_(requires_grad[n])
+    out.train(was_training)
+
+    check_model = out
+    lost = zeros_lost(check_model, before)
+    report.zeros_preserved = not lost
+    if lost and config.verify:
+        raise RuntimeError(f"Repair lost pruned zeros in {len(lost)} module(s): {dict(list(lost.items())[:4])}.")
+    blocks_after, total_after = block_sparsity(check_model)
+    report.sparsity_after, report.block_sparsity_after = total_after, blocks_after
+    report.eval_ppl_after = _eval_ppl(out, eval_windows)
+    logger.info(
+        "Repair done in %.1fs: %d steps, loss %.4f, sparsity %.4f -> %.4f",
+        report.seconds, report.steps, report.train_loss or math.nan, total_before, total_after,
+    )
+    return out, report
+
+
+def save_repaired(
+    model: nn.Module,
+    save_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    report: RepairReport | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save a merged repaired model as a pruned checkpoint (+ tokenizer, `owl_report.json` when the model carries
+    one from pruning, and `repair_report.json`), atomically."""
+    if hasattr(model, "peft_config"):
+        raise RepairConfigError("`model` is still a PeftModel: merge it (merge_masked_lora) or use save_masked_adapter.")
+    with atomic_output_dir(save_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+        owl_report = getattr(model, "owl_report", None)
+        if owl_report is not None and hasattr(owl_report, "save"):
+            owl_report.save(tmp)
+        if report is not None:
+            report.save(tmp)
+    return Path(save_dir)
