@@ -85,6 +85,37 @@ class RssSampler:
         self._thread.join()
 
 
+def _label_phases(sampler: RssSampler) -> None:
+    """Label the sampler's phases inside `prune`: capturing block 0's inputs, and time spent inside a block."""
+    import contextlib
+
+    from optimum_owl.offload import BlockOffloader
+    from optimum_owl.runner import BlockRunner
+
+    capture = BlockRunner.capture
+
+    def labelled_capture(self, *a, **k):
+        sampler.phase = "prune: capture (embeddings)"
+        try:
+            return capture(self, *a, **k)
+        finally:
+            sampler.phase = "prune (other)"
+
+    block = BlockOffloader.block
+
+    @contextlib.contextmanager
+    def labelled_block(self, index, module):
+        sampler.phase = "prune: inside a block"
+        try:
+            with block(self, index, module):
+                yield module
+        finally:
+            sampler.phase = "prune (other)"
+
+    BlockRunner.capture = labelled_capture
+    BlockOffloader.block = labelled_block
+
+
 def build_model(args: argparse.Namespace) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -146,7 +177,8 @@ def run_role(args: argparse.Namespace) -> None:
         sparsity=args.sparsity, method="wanda", layerwise="owl", num_samples=args.samples, seqlen=args.seqlen,
         batch_size=args.batch_size, seed=0,
     )
-    sampler.phase = "prune"
+    _label_phases(sampler)
+    sampler.phase = "prune (other)"
     t0 = time.perf_counter()
     report = OWLPruner(config).prune(model, dataset=ids)
     prune_s = time.perf_counter() - t0
