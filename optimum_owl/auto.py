@@ -8,14 +8,18 @@ depend on the candidate:
    windows are set aside; statistics, outlier ratios and pruning only ever see the others.
 2. **Outlier ratios for every M at once** from the dense statistics already collected by the outlier pass
    (`block_outlier_ratios`; no forward).
-3. **Screening**: every candidate (uniform, and each (M, λ) of `auto_owl_ms × auto_owl_lambdas`, plus the configured
-   `owl_m`, `owl_lambda`) is pruned *cheaply* from the dense statistics (Wanda scores |W|·‖X‖ of the dense pass, or
-   |W| for magnitude; no statistics forward) and scored by the full model's next-token loss on the held-out windows.
-   Candidates with the same per-block sparsities share one score; along λ (ascending) a value of M stops after two
-   λ in a row that do not improve its best loss.
-4. **Exact check**: uniform and the `auto_finalists` best OWL candidates of the screening are pruned for real
-   (`method`, sequential propagation, DSnoT if configured) and scored again on the held-out windows; the lowest
-   loss wins, so the result is never worse than uniform sparsity *on the held-out windows*.
+3. **Uniform, exactly**: the baseline is pruned for real (`method`, sequential propagation, DSnoT if configured)
+   and scored by the full model's next-token loss on the held-out windows. Its statistics pass also gives, per
+   unit, the input norms ‖X_j‖₂ seen behind a *pruned* prefix; they are kept (a vector per unit).
+4. **Screening**: every candidate (uniform, and each (M, λ) of `auto_owl_ms × auto_owl_lambdas`, plus the
+   configured `owl_m`, `owl_lambda`) is pruned *cheaply* with Wanda scores |W|·‖X_j‖₂ from those kept norms (|W|
+   for magnitude; the Wanda proxy also stands in for SparseGPT): no statistics forward, one full-model forward on
+   the held-out windows. Candidates with the same per-block sparsities share one score; along λ (ascending) a
+   value of M stops after two λ in a row that do not improve its best loss. (Norms from the *dense* pass were
+   tried first and ranked candidates poorly on stories260K: a pruned prefix changes the inputs of later blocks.)
+5. **Exact check**: the `auto_finalists` best OWL candidates of the screening are pruned for real and scored
+   again; the lowest exact loss among them and uniform wins, so the result is never worse than uniform sparsity
+   *on the held-out windows*.
 
 Between candidates the dense weights are restored from a CPU copy of the prunable weights; the winner's pruned
 weights are kept in a second CPU copy, so the winner is never pruned twice. Extra host memory: two copies of the
@@ -42,8 +46,10 @@ from torch import nn
 from .config import OWLConfigError
 from .criteria import keep_mask, magnitude_scores, wanda_scores
 from .masks import apply_keep_mask_
+from .modeling import Unit
 from .report import Candidate
 from .runner import module_device
+from .stats import BlockStats, Hessian
 
 if TYPE_CHECKING:
     from .pruner import BlockPlan, OWLPruner, PruneState
@@ -120,8 +126,10 @@ def _restore(state: PruneState, saved: list[list[torch.Tensor]]) -> None:
                 target.copy_(w.to(target.device, target.dtype))
 
 
-def _screen_prune(pruner: OWLPruner, state: PruneState, plans: Sequence[BlockPlan]) -> None:
-    """Prune the (dense) model to `plans` from the dense statistics only: no statistics forward."""
+def _screen_prune(
+    pruner: OWLPruner, state: PruneState, plans: Sequence[BlockPlan], norms: list[dict[str, torch.Tensor]]
+) -> None:
+    """Prune the (dense) model to `plans` from fixed per-unit input norms: no statistics forward."""
     cfg = pruner.config
     for i, units in enumerate(state.units):
         with state.runner.block_on_device(i):
@@ -130,9 +138,50 @@ def _screen_prune(pruner: OWLPruner, state: PruneState, plans: Sequence[BlockPla
                 if cfg.method == "magnitude":
                     scores, group = magnitude_scores(w), "layer"
                 else:  # wanda, and the Wanda proxy for sparsegpt
-                    scores = wanda_scores(w, state.dense_stats[i][u.name].norms(u.shape[1], w.device))
+                    scores = wanda_scores(w, norms[i][u.name].to(w.device))
                     group = cfg.wanda_group if cfg.method == "wanda" else "row"
                 apply_keep_mask_(w, keep_mask(scores, plans[i].sparsity, plans[i].nm, group))
+
+
+def _unit_norms(stats: BlockStats | None, units: Sequence[Unit]) -> dict[str, torch.Tensor]:
+    """‖X_j‖₂ per unit on CPU, from row norms or from a Hessian's diagonal (Σ x_j² either way)."""
+    out: dict[str, torch.Tensor] = {}
+    if stats is None:
+        return out
+    for u in units:
+        acc = stats[u.name]
+        if isinstance(acc, Hessian):
+            out[u.name] = torch.diagonal(acc.matrix(u.shape[1])).clamp_min(0).sqrt().to("cpu", copy=True)
+        else:
+            out[u.name] = acc.norms(u.shape[1]).to("cpu", copy=True)
+    return out
+
+
+def _exact_pass(pruner: OWLPruner, state: PruneState, plans: Sequence[BlockPlan]) -> list[dict[str, torch.Tensor]]:
+    """The sequential prune of `OWLPruner.prune_pass`, also returning each block's input norms (pruned prefix)."""
+    t = time.perf_counter()
+    cfg = pruner.config
+    inputs = state.inputs0
+    n = len(state.blocks)
+    hessian = cfg.method == "sparsegpt"
+    norms: list[dict[str, torch.Tensor]] = []
+    for i in range(n):
+        with state.runner.block_on_device(i):
+            if i == 0 and not hessian and state.dense_stats:
+                stats = state.dense_stats[0]  # block 0 sees the same inputs in both passes
+            elif cfg.method == "magnitude":
+                stats = None
+            else:
+                stats = BlockStats(state.units[i], hessian=hessian)
+                with stats.collecting():
+                    state.runner.forward(i, inputs, keep_outputs=False)
+            norms.append(_unit_norms(stats, state.units[i]))
+            pruner.prune_block(state, i, stats, plans[i])
+            del stats
+            if i < n - 1:
+                inputs = state.runner.forward(i, inputs)
+    state.timings["prune_pass"] = state.timings.get("prune_pass", 0.0) + time.perf_counter() - t
+    return norms
 
 
 def _plan_key(plans: Sequence[BlockPlan]) -> tuple:
@@ -155,11 +204,20 @@ def choose_and_prune(pruner: OWLPruner, state: PruneState) -> list[BlockPlan]:
 
     ms = sorted(set(cfg.auto_owl_ms) | {float(cfg.owl_m)})
     lambdas = sorted(set(cfg.auto_owl_lambdas) | {float(cfg.owl_lambda)})
-    per_block = [block_outlier_ratios_for(pruner, state, i, ms) for i in range(n)]
+    per_block = [block_outlier_ratios_for(pruner, state, i, ms) for i in range(n)]  # dense weights, no forward
     ratios = {m: [per_block[i][k] for i in range(n)] for k, m in enumerate(ms)}
     uniform = pruner._uniform_plans(n)
 
-    # ---- screening: cheap prune from dense statistics, full-model loss on the held-out windows
+    # ---- exact uniform first: the baseline, and the pruned-prefix input norms that the screening reuses
+    exact_losses: list[float] = []
+    norms = _exact_pass(pruner, state, uniform)
+    exact_losses.append(holdout_loss(model, hold, bs))
+    best_loss, best_index = exact_losses[0], 0
+    best_weights: list[list[torch.Tensor]] | None = _snapshot(state)
+    state.timings["auto_exact"] = time.perf_counter() - start
+
+    # ---- screening: cheap prune from the uniform run's input norms, full-model loss on the held-out windows
+    t = time.perf_counter()
     seen: dict[tuple, float] = {}
     screened: list[tuple[float | None, float | None, list[BlockPlan], float]] = []
 
@@ -167,7 +225,7 @@ def choose_and_prune(pruner: OWLPruner, state: PruneState) -> list[BlockPlan]:
         key = _plan_key(plans)
         if key not in seen:
             _restore(state, dense)
-            _screen_prune(pruner, state, plans)
+            _screen_prune(pruner, state, plans, norms)
             seen[key] = holdout_loss(model, hold, bs)
         return seen[key]
 
@@ -184,9 +242,9 @@ def choose_and_prune(pruner: OWLPruner, state: PruneState) -> list[BlockPlan]:
                 stale += 1
                 if stale >= PATIENCE:
                     break
-    state.timings["auto_screen"] = time.perf_counter() - start
+    state.timings["auto_screen"] = time.perf_counter() - t
 
-    # ---- exact check: uniform and the best OWL candidates, pruned for real
+    # ---- exact check of the best OWL candidates of the screening
     t = time.perf_counter()
     owl_ranked: list[tuple[float | None, float | None, list[BlockPlan], float]] = []
     keys = {_plan_key(uniform)}
@@ -196,38 +254,32 @@ def choose_and_prune(pruner: OWLPruner, state: PruneState) -> list[BlockPlan]:
             keys.add(key)
             owl_ranked.append(cand)
     finalists = [screened[0]] + owl_ranked[: cfg.auto_finalists]
-    best: tuple[float, int] | None = None
-    best_weights: list[list[torch.Tensor]] | None = None
-    exact: list[float] = []
-    for _m, _lam, plans, _screen_loss in finalists:
-        j = len(exact)
+    for j in range(1, len(finalists)):
         _restore(state, dense)
-        pruner.prune_pass(state, plans)
+        pruner.prune_pass(state, finalists[j][2])
         loss = holdout_loss(model, hold, bs)
-        exact.append(loss)
-        if best is None or loss < best[0] - 1e-12:
-            best = (loss, j)
+        exact_losses.append(loss)
+        if loss < best_loss - 1e-12:
+            best_loss, best_index = loss, j
             best_weights = _snapshot(state) if j < len(finalists) - 1 else None
-    assert best is not None
-    winner = best[1]
-    if winner != len(finalists) - 1:
+    if best_index != len(finalists) - 1:
         _restore(state, best_weights)
-    state.timings["auto_exact"] = time.perf_counter() - t
+    state.timings["auto_exact"] += time.perf_counter() - t
 
     # ---- report
-    m_w, lam_w, plans_w, _ = finalists[winner]
+    m_w, lam_w, plans_w, _ = finalists[best_index]
     for m, lam, _plans, loss in screened:
         state.candidates.append(Candidate(("uniform" if m is None else "owl") + SCREEN_SUFFIX, m, lam, loss, False))
     for j, (m, lam, _plans, _) in enumerate(finalists):
-        state.candidates.append(Candidate("uniform" if m is None else "owl", m, lam, exact[j], j == winner))
+        state.candidates.append(Candidate("uniform" if m is None else "owl", m, lam, exact_losses[j], j == best_index))
     if m_w is not None:
         state.outlier_ratios = ratios[m_w]
         plans_w = pruner.plan(ratios[m_w], n, state, owl_lambda=lam_w)  # records a clamping warning, if any
     logger.info(
         "owl-auto chose %s (held-out loss %.4f; uniform %.4f) after %d screened and %d exact candidates",
         "uniform" if m_w is None else f"OWL M={m_w:g} λ={lam_w:g}",
-        exact[winner],
-        exact[0],
+        exact_losses[best_index],
+        exact_losses[0],
         len(screened),
         len(finalists),
     )
