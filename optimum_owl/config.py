@@ -23,6 +23,7 @@ METHODS = ("wanda", "sparsegpt", "magnitude")
 LAYERWISE = ("owl", "uniform", "owl-auto")
 PROPAGATION = ("sequential", "dense")
 WANDA_GROUPS = ("row", "layer")
+REFINE = ("dsnot",)
 # Fields that only live for one run (data objects); never written to JSON.
 RUNTIME_FIELDS = ("dataset", "tokenizer")
 
@@ -143,6 +144,25 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             loaded) model and calibration data continues after the last finished block with identical final
             masks; a different config or data raises an error naming this folder. Needs
             `propagation="sequential"` and `layerwise` "owl" or "uniform".
+        auto_holdout (`float`, *optional*, defaults to 0.125):
+            `layerwise="owl-auto"` only: fraction of the `num_samples` calibration windows (at least one) held out
+            to score candidates; they never enter the statistics. In (0, 0.5].
+        auto_owl_ms (`list[float]`, *optional*, defaults to `[3, 5, 7, 10]`):
+            `layerwise="owl-auto"` only: the M values searched (`owl_m` is always added).
+        auto_owl_lambdas (`list[float]`, *optional*, defaults to `[0.02, 0.05, 0.08, 0.12, 0.16, 0.2]`):
+            `layerwise="owl-auto"` only: the λ values searched (`owl_lambda` is always added).
+        auto_finalists (`int`, *optional*, defaults to 1):
+            `layerwise="owl-auto"` only: how many of the best OWL candidates of the cheap screening are pruned
+            exactly (with `method` and sequential propagation) and scored again, next to uniform sparsity.
+        refine (`str`, *optional*):
+            Training-free refinement after the mask is chosen: `"dsnot"` (DSnoT-style swaps of pruned and kept
+            weights within each row that lower the expected output error, keeping every row's count). Needs
+            `method="wanda"`. `None` (default) disables it.
+        dsnot_cycles (`int`, *optional*, defaults to 50):
+            Most swaps per row made by `refine="dsnot"`.
+        dsnot_threshold (`float`, *optional*, defaults to 0.001):
+            `refine="dsnot"` keeps swapping in a row only while one swap lowers the row's expected squared output
+            error by more than this fraction of it. In [0, 1).
         dataset (*optional*):
             Calibration data for prune-on-load (`from_pretrained(..., quantization_config=...)`); any source
             accepted by `OWLPruner.prune`. Only a string source is written to JSON.
@@ -181,6 +201,13 @@ class OWLPrunerConfig(QuantizationConfigMixin):
     device: str | None = None
     offload_folder: str | None = None
     checkpoint_dir: str | None = None
+    auto_holdout: float = 0.125
+    auto_owl_ms: list[float] = field(default_factory=lambda: [3.0, 5.0, 7.0, 10.0])
+    auto_owl_lambdas: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.08, 0.12, 0.16, 0.2])
+    auto_finalists: int = 1
+    refine: str | None = None
+    dsnot_cycles: int = 50
+    dsnot_threshold: float = 1e-3
     dataset: Any = field(default=None, compare=False, repr=False)
     tokenizer: Any = field(default=None, compare=False, repr=False)
     quant_method: str = field(default="owl", init=False, repr=False)
@@ -233,6 +260,44 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         self._validate_scale()
         if self.nm_pattern is not None and self.layerwise == "owl-auto" and self.nm_mixed:
             raise OWLConfigError("`layerwise='owl-auto'` does not support `nm_mixed=True`; use layerwise='owl'.")
+        self._validate_auto_and_refine()
+
+    def _validate_auto_and_refine(self) -> None:
+        """Fields of `layerwise="owl-auto"` and of the `refine` step."""
+        _check_number("auto_holdout", self.auto_holdout)
+        if not 0.0 < self.auto_holdout <= 0.5:
+            raise OWLConfigError(
+                f"`auto_holdout` must be in (0, 0.5] (fraction of the calibration windows held out), got "
+                f"{self.auto_holdout}; e.g. 0.125."
+            )
+        for name, low in (("auto_owl_ms", 0.0), ("auto_owl_lambdas", None)):
+            values = getattr(self, name)
+            if isinstance(values, (int, float)) and not isinstance(values, bool):
+                values = [values]
+            if not isinstance(values, (list, tuple)) or not values:
+                raise OWLConfigError(f"`{name}` must be a non-empty list of numbers, got {values!r}.")
+            for v in values:
+                _check_number(name, v)
+                if (low is not None and v <= low) or (low is None and v < 0):
+                    bound = "> 0" if low is not None else "≥ 0"
+                    raise OWLConfigError(f"every value of `{name}` must be {bound}, got {v!r}.")
+            setattr(self, name, [float(v) for v in values])
+        if isinstance(self.auto_finalists, bool) or not isinstance(self.auto_finalists, int) or self.auto_finalists < 1:
+            raise OWLConfigError(f"`auto_finalists` must be a positive integer, got {self.auto_finalists!r}; e.g. 1.")
+        if self.refine is not None:
+            if not isinstance(self.refine, str) or self.refine.strip().lower() not in REFINE:
+                raise OWLConfigError(f"`refine` must be None or 'dsnot', got {self.refine!r}.")
+            self.refine = self.refine.strip().lower()
+            if self.method != "wanda":
+                raise OWLConfigError(
+                    f"`refine`='dsnot' needs method='wanda' (it swaps weights using calibration statistics and keeps "
+                    f"dense values), got method={self.method!r}; set refine=None or method='wanda'."
+                )
+        if isinstance(self.dsnot_cycles, bool) or not isinstance(self.dsnot_cycles, int) or self.dsnot_cycles < 1:
+            raise OWLConfigError(f"`dsnot_cycles` must be a positive integer, got {self.dsnot_cycles!r}; e.g. 50.")
+        _check_number("dsnot_threshold", self.dsnot_threshold)
+        if not 0.0 <= self.dsnot_threshold < 1.0:
+            raise OWLConfigError(f"`dsnot_threshold` must be in [0, 1), got {self.dsnot_threshold}; e.g. 0.001.")
 
     def _validate_scale(self) -> None:
         """`device`, `offload_folder`, `checkpoint_dir` (offload and resumable runs, docs/scale.md)."""

@@ -18,25 +18,36 @@ def num_to_prune(count: int, sparsity: float) -> int:
     return int(count * sparsity + FLOOR_EPS)
 
 
+def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the `k` lowest scores of every row, ties going to the earlier column.
+
+    A selection (`kthvalue`, linear time) finds each row's k-th value; only rows where that value is tied fall back
+    to a stable sort, so the result equals a stable ascending sort's first k columns.
+    """
+    rows, cols = scores.shape
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= cols:
+        return torch.ones_like(scores, dtype=torch.bool)
+    kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    lowest = scores <= kth
+    tied = (lowest.sum(dim=1) != k).nonzero().flatten()
+    if tied.numel():
+        sub = scores[tied]
+        idx = torch.sort(sub, dim=1, stable=True).indices[:, :k]
+        lowest[tied] = torch.zeros_like(sub, dtype=torch.bool).scatter_(1, idx, True)
+    return lowest
+
+
 def keep_mask_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the `floor(in * sparsity)` lowest scores of every row (Wanda's comparison group)."""
-    rows, cols = scores.shape
-    k = num_to_prune(cols, sparsity)
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    if k > 0:
-        idx = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-        keep.scatter_(1, idx, False)
-    return keep
+    return ~_lowest_k(scores, num_to_prune(scores.shape[1], sparsity))
 
 
 def keep_mask_per_layer(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the `floor(numel * sparsity)` lowest scores of the whole matrix (magnitude; Wanda `group="layer"`)."""
-    k = num_to_prune(scores.numel(), sparsity)
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        idx = torch.sort(scores.reshape(-1), stable=True).indices[:k]
-        keep[idx] = False
-    return keep.view_as(scores)
+    flat = scores.reshape(1, -1)
+    return ~_lowest_k(flat, num_to_prune(flat.shape[1], sparsity)).view_as(scores)
 
 
 def keep_mask_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

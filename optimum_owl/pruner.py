@@ -59,6 +59,9 @@ class PruneState:
     outlier_ratios: list[float] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    calibration_ids: torch.Tensor | None = None  # [num_samples, seqlen] token ids behind `inputs0`
+    holdout_ids: torch.Tensor | None = None  # owl-auto: windows held out of the statistics, used for scoring
+    candidates: list[Any] = field(default_factory=list)  # owl-auto: `report.Candidate`s tried
 
 
 def block_outlier_ratios(units: Sequence[Unit], stats: BlockStats, owl_ms: Sequence[float]) -> list[float]:
@@ -213,6 +216,7 @@ class OWLPruner:
                 "pass the model's own tokenizer."
             )
         state.timings["calibration_data"] = time.perf_counter() - t
+        state.calibration_ids = ids
         t = time.perf_counter()
         state.runner = BlockRunner(
             state.model, state.blocks, offload_activations=cfg.offload_activations, block_context=self._block_context
@@ -242,6 +246,10 @@ class OWLPruner:
         if layerwise == "uniform":
             self.prune_pass(state, uniform)
             return uniform
+        if layerwise == "owl-auto":
+            from .auto import split_holdout  # held-out windows must not enter the outlier statistics
+
+            split_holdout(self, state)
         self.outlier_pass(state)
         if layerwise == "owl-auto":
             from .auto import choose_and_prune  # layerwise="owl-auto": search (M, λ) on held-out data
@@ -375,6 +383,11 @@ class OWLPruner:
                 else:
                     scores, group = magnitude_scores(weight), "layer"
                 keep = keep_mask(scores, plan.sparsity, plan.nm, group)
+                if cfg.refine == "dsnot" and stats is not None:
+                    from .dsnot import dsnot_keep_mask
+
+                    mean, mean_sq = stats[unit.name].moments(unit.shape[1], weight.device)
+                    keep = dsnot_keep_mask(weight, keep, mean, mean_sq, plan.nm, cfg.dsnot_cycles, cfg.dsnot_threshold)
             apply_keep_mask_(weight, keep)
 
     # ------------------------------------------------------------------------------------------ report
@@ -387,6 +400,7 @@ class OWLPruner:
             timings={k: round(v, 4) for k, v in state.timings.items()},
             warnings=list(state.warnings),
             calibration=calibration,
+            candidates=list(state.candidates),
         )
         for i, units in enumerate(state.units):
             block_zeros = block_params = 0

@@ -1,6 +1,7 @@
 """Calibration statistics of one block, collected with forward hooks while the block runs.
 
-- `RowNorms`: Σ_tokens x_j² per input feature j (fp32). Wanda's ‖X_j‖₂ is its square root.
+- `RowNorms`: Σ_tokens x_j² per input feature j (fp32). Wanda's ‖X_j‖₂ is its square root. It also keeps Σ_tokens x_j
+  (the feature means, used by the DSnoT refinement).
 - `Hessian`: Σ_tokens x xᵀ (fp32), SparseGPT's H up to the factor 2/N (scale does not change SparseGPT's result).
 
 Units that read the same input tensor (q/k/v, gate/up) share one computation per forward: the hook keeps the
@@ -22,15 +23,26 @@ STATS_DTYPE = torch.float32  # bf16/fp16 sums lose the small columns
 
 
 class RowNorms:
-    """Running Σ x_j² over tokens, per input feature."""
+    """Running Σ x_j² (and Σ x_j) over tokens, per input feature."""
 
     def __init__(self) -> None:
         self.sum_sq: torch.Tensor | None = None
+        self.sum: torch.Tensor | None = None
         self.tokens = 0
 
-    def add(self, sum_sq: torch.Tensor, tokens: int) -> None:
+    def add(self, sum_sq: torch.Tensor, tokens: int, sum_x: torch.Tensor | None = None) -> None:
         self.sum_sq = sum_sq.clone() if self.sum_sq is None else self.sum_sq.add_(sum_sq)
+        if sum_x is not None:
+            self.sum = sum_x.clone() if self.sum is None else self.sum.add_(sum_x)
         self.tokens += tokens
+
+    def moments(self, columns: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-feature mean E[x_j] and mean square E[x_j²] over the tokens seen (zeros when none were seen)."""
+        if self.sum_sq is None or self.sum is None or self.tokens == 0:
+            zeros = torch.zeros(columns, dtype=STATS_DTYPE, device=device)
+            return zeros, zeros.clone()
+        mean, mean_sq = self.sum / self.tokens, self.sum_sq / self.tokens
+        return (mean.to(device), mean_sq.to(device)) if device is not None else (mean, mean_sq)
 
     def norms(self, columns: int, device: torch.device | None = None) -> torch.Tensor:
         """‖X_j‖₂ over all tokens seen (zeros for a unit that saw none, e.g. an unused expert)."""
@@ -67,17 +79,19 @@ class _Reducer:
         self.hessian = hessian
         self._last: torch.Tensor | None = None
         self._value: tuple[torch.Tensor, int] | None = None
+        self.last_sum: torch.Tensor | None = None  # Σ x of the last input (row-norm mode only)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         if self._last is x and self._value is not None:
             return self._value
         flat = _flat(x)
         value = (flat.t() @ flat, flat.shape[0]) if self.hessian else (flat.pow(2).sum(0), flat.shape[0])
+        self.last_sum = None if self.hessian else flat.sum(0)
         self._last, self._value = x, value
         return value
 
     def clear(self) -> None:
-        self._last, self._value = None, None
+        self._last, self._value, self.last_sum = None, None, None
 
 
 class BlockStats:
@@ -119,7 +133,10 @@ class BlockStats:
             if x is None:
                 return
             value, tokens = self._reducer(x.detach())
-            acc.add(value, tokens)
+            if isinstance(acc, RowNorms):
+                acc.add(value, tokens, self._reducer.last_sum)
+            else:
+                acc.add(value, tokens)
 
         return hook
 
@@ -138,7 +155,10 @@ class BlockStats:
             acc = by_key.get((pname, e))
             if acc is not None:
                 flat = _flat(x)
-                acc.add(flat.t() @ flat if self.hessian else flat.pow(2).sum(0), flat.shape[0])
+                if self.hessian:
+                    acc.add(flat.t() @ flat, flat.shape[0])
+                else:
+                    acc.add(flat.pow(2).sum(0), flat.shape[0], flat.sum(0))
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             params = list(args) + [kwargs.get(k) for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]

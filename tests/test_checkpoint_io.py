@@ -240,3 +240,13 @@ def test_verify_checkpoint_counts(compact_dir):
     summary = verify_checkpoint(compact_dir)
     assert summary["checked_crc"] == 3 * summary["compressed_tensors"] > 0
     assert summary["compressed_ratio"] <= 0.40
+
+
+def test_moe_fused_experts_stay_dense_and_roundtrip(tmp_path):
+    model = pruned("mixtral")
+    model.save_pretrained(tmp_path)
+    _, _, units = get_blocks_and_units(model)
+    linear_units = [u for block in units for u in block if u.kind == "linear"]
+    assert any(u.kind == "expert" for block in units for u in block)
+    assert size_summary(tmp_path)["compressed_tensors"] == len(linear_units)  # 3-D expert tensors stay dense
+    assert_same_weights(model, AutoModelForCausalLM.from_pretrained(tmp_path))

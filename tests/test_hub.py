@@ -126,6 +126,8 @@ def test_model_card_metadata_and_body(tmp_path):
     assert "| wikitext2 | perplexity | 31.5 | 25.25 |" in text
     assert json.dumps(config.to_dict(), indent=2, sort_keys=True) in text
     assert "optimum-owl prune tester/base-llama --sparsity 0.7 -o out" in text
+    no_cmd = str(render_model_card(report, config, base_model="tester/base-llama", license="mit"))
+    assert "optimum-owl prune tester/base-llama --calibration c4 --sparsity 0.7 --method wanda" in no_cmd
     assert 'AutoModelForCausalLM.from_pretrained("tester/tiny-owl")' in text
     assert f"{report.sparsity:.2%} sparsity" in text
 

@@ -95,3 +95,17 @@ def test_mixed_nm_mean_is_renormalised():
     assert sum(8 - k for k in kept) == 4 * 4  # mean pruned per group stays m - n
     kept = mixed_nm_allocation([0.01, 0.02, 0.05, 0.03, 0.04], 2, 4, 5.0)
     assert sum(4 - k for k in kept) == 5 * 2 and all(1 <= k <= 4 for k in kept)
+
+
+def test_selection_equals_a_stable_sort_even_with_ties():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (64, 40), generator=g).float()  # many ties
+    for sparsity in (0.1, 0.5, 0.73):
+        k = int(40 * sparsity)
+        ref = torch.ones_like(scores, dtype=torch.bool)
+        ref.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], False)
+        assert torch.equal(keep_mask_per_row(scores, sparsity), ref)
+        flat_k = int(scores.numel() * sparsity)
+        ref_layer = torch.ones(scores.numel(), dtype=torch.bool)
+        ref_layer[torch.sort(scores.flatten(), stable=True).indices[:flat_k]] = False
+        assert torch.equal(keep_mask_per_layer(scores, sparsity), ref_layer.view_as(scores))

@@ -373,3 +373,22 @@ def test_cli_repair_on_stories260k(tmp_path, capsys):
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert zeros_lost(back, zero_masks(model)) == {}
     assert (tmp_path / "out" / "repair_report.json").is_file()
+
+
+def test_gpt2_conv1d_masked_lora_keeps_zeros():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = prune_(GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval(), 0.5)
+    before = zero_masks(model)
+    peft_model = attach_masked_lora(model, RepairConfig(r=4, lora_dropout=0.1))
+    assert sum(isinstance(m, MaskedLoraLinear) for m in peft_model.modules()) == 8
+    _randomise_adapters(peft_model, seed=2)
+    peft_model.eval()
+    ids = random_windows(2, 16, seed=5)
+    with torch.no_grad():
+        unmerged = peft_model(input_ids=ids).logits
+    merged = merge_masked_lora(peft_model)
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, unmerged, atol=1e-5, rtol=0)
+    assert zeros_lost(merged, before) == {}

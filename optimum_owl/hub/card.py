@@ -93,6 +93,48 @@ def _eval_rows(report: Any, eval_results: Any) -> list[dict[str, Any]]:
     return rows
 
 
+# OWLPrunerConfig fields and their `optimum-owl prune` flags (fields without a flag are listed in the card's JSON).
+_CLI_FLAGS = (
+    ("sparsity", "--sparsity"),
+    ("method", "--method"),
+    ("layerwise", "--layerwise"),
+    ("owl_m", "--owl-m"),
+    ("owl_lambda", "--owl-lambda"),
+    ("pattern", "--pattern"),
+    ("propagation", "--propagation"),
+    ("num_samples", "--num-samples"),
+    ("seqlen", "--seqlen"),
+    ("batch_size", "--batch-size"),
+    ("seed", "--seed"),
+    ("text_column", "--text-column"),
+)
+_NO_FLAG_DEFAULTS = {"wanda_group": "row", "sparsegpt_blocksize": 128, "sparsegpt_damp": 0.01, "offload_activations": False}
+
+
+def prune_command(cfg: dict[str, Any], model: str, source: Any) -> str:
+    """The `optimum-owl prune` command line equivalent to a config dict (shell-quoted)."""
+    import shlex
+
+    parts = ["optimum-owl", "prune", model]
+    if source is not None:
+        parts += ["--calibration", str(source)]
+    for key, flag in _CLI_FLAGS:
+        if cfg.get(key) is not None:
+            parts += [flag, str(cfg[key])]
+    if cfg.get("nm_mixed"):
+        parts.append("--nm-mixed")
+    if cfg.get("block_name"):
+        parts += ["--block-name", cfg["block_name"]]
+    for pattern in cfg.get("ignore") or []:
+        parts += ["--ignore", pattern]
+    parts += ["-o", "pruned-model"]
+    text = " ".join(shlex.quote(p) for p in parts)
+    differs = [k for k, v in _NO_FLAG_DEFAULTS.items() if k in cfg and cfg[k] != v]
+    if differs:
+        text += "\n# not settable from the CLI, use the Python API for: " + ", ".join(f"{k}={cfg[k]!r}" for k in differs)
+    return text
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "–"
@@ -192,7 +234,7 @@ def render_model_card(
     if pruned:
         body += [
             f"This is {base_text} pruned to **{sparsity:.2%} sparsity** (fraction of zero weights in the linear layers "
-            f"of the transformer blocks) with [optimum-owl](https://github.com/huggingface/optimum): "
+            f"of the transformer blocks) with optimum-owl: "
             f"{cfg.get('method', '?')} scores, `{cfg.get('layerwise', '?')}` layer-wise allocation, pattern "
             f"`{cfg.get('pattern', 'unstructured')}`.",
         ]
@@ -237,10 +279,12 @@ def render_model_card(
         body.append("")
     body += ["## Reproduce", "", "The exact configuration (`owl_config.json` in this repo):", "", "```json"]
     body += [json.dumps(cfg, indent=2, sort_keys=True), "```", ""]
+    load_src = base_model or name_or_path or "<dense model>"
     if command:
         body += ["Command:", "", "```bash", command, "```", ""]
+    elif cfg:
+        body += ["Equivalent command:", "", "```bash", prune_command(cfg, load_src, source), "```", ""]
     cfg_args = ", ".join(f"{k}={v!r}" for k, v in sorted(cfg.items()) if k not in ("quant_method", "dataset"))
-    load_src = base_model or name_or_path or "<dense model>"
     body += [
         "In Python:",
         "",

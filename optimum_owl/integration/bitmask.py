@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import zlib
 
+import numpy as np
 import torch
 
 FORMAT_NAME = "owl-bitmask-v1"
@@ -41,7 +42,8 @@ BITMASK_SUFFIX = "_bitmask"
 SHAPE_SUFFIX = "_shape"
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_BIT_WEIGHTS = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8)
+# set bits per byte value (popcount lookup)
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
 class OWLCheckpointError(ValueError):
@@ -49,41 +51,47 @@ class OWLCheckpointError(ValueError):
     tensor and says how to fix it."""
 
 
-def stored_mask(tensor: torch.Tensor) -> torch.Tensor:
-    """Flat bool mask of the elements to store: `True` where the element's bit pattern is not all zeros."""
+def _int_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits as a flat, contiguous CPU integer tensor of the same element size."""
     flat = tensor.detach().reshape(-1)
     view = _INT_VIEW.get(flat.element_size())
     if view is None:
         raise TypeError(f"Cannot bitmask-compress dtype {tensor.dtype} (element size {flat.element_size()}).")
-    return flat.view(view) != 0
+    return flat.contiguous().cpu().view(view)
+
+
+def stored_mask(tensor: torch.Tensor) -> torch.Tensor:
+    """Flat bool mask (CPU) of the elements to store: `True` where the element's bit pattern is not all zeros."""
+    return torch.from_numpy(_int_view(tensor).numpy() != 0)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a flat bool tensor into `uint8`, least significant bit first (NumPy `bitorder="little"`)."""
-    mask = mask.reshape(-1).to(torch.uint8)
-    pad = (-mask.numel()) % 8
-    if pad:
-        mask = torch.cat([mask, mask.new_zeros(pad)])
-    groups = mask.view(-1, 8)
-    return (groups * _BIT_WEIGHTS.to(groups.device)).sum(dim=1, dtype=torch.uint8)
+    """Pack a flat bool tensor into `uint8`, least significant bit first (`np.packbits(..., bitorder="little")`)."""
+    bits = mask.detach().reshape(-1).cpu().numpy().astype(bool, copy=False)
+    return torch.from_numpy(np.packbits(bits, bitorder="little"))
 
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of `pack_bits`: the first `numel` bits of `packed` as a flat bool tensor."""
-    bits = (packed.reshape(-1, 1) & _BIT_WEIGHTS.to(packed.device)) != 0
-    return bits.reshape(-1)[:numel]
+    data = packed.detach().reshape(-1).cpu().numpy()
+    return torch.from_numpy(np.unpackbits(data, count=numel, bitorder="little").view(bool))
 
 
 def popcount(packed: torch.Tensor) -> int:
     """Number of set bits in a `uint8` tensor."""
-    return int(((packed.reshape(-1, 1) & _BIT_WEIGHTS.to(packed.device)) != 0).sum())
+    return int(_POPCOUNT[packed.detach().reshape(-1).cpu().numpy()].sum(dtype=np.int64))
 
 
-def compress(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split `tensor` into `(values, bitmask, shape)` (see the module docstring for the layout)."""
-    mask = stored_mask(tensor)
-    values = tensor.detach().reshape(-1)[mask].clone()
-    return values, pack_bits(mask), torch.tensor(list(tensor.shape), dtype=torch.int64)
+def compress(tensor: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split `tensor` into `(values, bitmask, shape)` on CPU (see the module docstring for the layout).
+
+    `mask` may pass a precomputed `stored_mask(tensor)`.
+    """
+    ints = _int_view(tensor).numpy()
+    keep = ints != 0 if mask is None else mask.numpy()
+    values = torch.from_numpy(ints[keep]).view(tensor.dtype)
+    bitmask = torch.from_numpy(np.packbits(keep, bitorder="little"))
+    return values, bitmask, torch.tensor(list(tensor.shape), dtype=torch.int64)
 
 
 def compressed_nbytes(numel: int, nonzeros: int, itemsize: int) -> int:
@@ -91,11 +99,14 @@ def compressed_nbytes(numel: int, nonzeros: int, itemsize: int) -> int:
     return math.ceil(numel / 8) + nonzeros * itemsize
 
 
-def worth_compressing(tensor: torch.Tensor) -> bool:
-    """True when the bitmask form takes fewer data bytes than the dense tensor (sparsity above 1/(8*itemsize))."""
+def worth_compressing(tensor: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
+    """True when the bitmask form takes fewer data bytes than the dense tensor (sparsity above 1/(8*itemsize)).
+
+    `mask` may pass a precomputed `stored_mask(tensor)`.
+    """
     if not tensor.is_floating_point() or tensor.dim() < 2 or tensor.numel() == 0:
         return False
-    nonzeros = int(stored_mask(tensor).sum())
+    nonzeros = int(torch.count_nonzero(stored_mask(tensor) if mask is None else mask))
     # shape tensor and two extra safetensors header entries cost ~200 bytes
     return compressed_nbytes(tensor.numel(), nonzeros, tensor.element_size()) + 256 < tensor.numel() * tensor.element_size()
 
@@ -161,17 +172,21 @@ def decompress(
         raise OWLCheckpointError(f"`{name}{SHAPE_SUFFIX}` must be int64, got {shape.dtype}; re-save the checkpoint.")
     check_parts(values.numel(), values.dtype, bitmask.numel(), bitmask.dtype, dims, name, expected_shape)
     numel = math.prod(dims)
-    bits = (bitmask.reshape(-1, 1) & _BIT_WEIGHTS.to(bitmask.device)) != 0
-    bits = bits.reshape(-1)
-    if bool(bits[numel:].any()):
+    packed = bitmask.detach().reshape(-1).cpu().numpy()
+    if numel % 8 and int(packed[-1]) >> (numel % 8):
         raise OWLCheckpointError(f"`{name}{BITMASK_SUFFIX}` has padding bits set after element {numel}: corrupt file.")
-    mask = bits[:numel]
-    count = int(mask.sum())
+    count = int(_POPCOUNT[packed].sum(dtype=np.int64))
     if count != values.numel():
         check_parts(values.numel(), values.dtype, bitmask.numel(), bitmask.dtype, dims, name, nonzeros=count)
-    dense = torch.zeros(numel, dtype=values.dtype, device=values.device)
-    dense[mask.to(values.device)] = values.reshape(-1)
-    return dense.view(dims)
+    keep = np.unpackbits(packed, count=numel, bitorder="little").view(bool)
+    if values.device.type != "cpu":
+        dense = torch.zeros(numel, dtype=values.dtype, device=values.device)
+        dense.masked_scatter_(torch.from_numpy(keep).to(values.device), values.reshape(-1))
+        return dense.view(dims)
+    stored = _int_view(values).numpy()
+    dense_bits = np.zeros(numel, dtype=stored.dtype)
+    dense_bits[keep] = stored
+    return torch.from_numpy(dense_bits).view(values.dtype).view(dims)
 
 
 def crc32(tensor: torch.Tensor) -> int:

@@ -36,6 +36,7 @@ from .bitmask import (
     crc32,
     decompress,
     popcount,
+    stored_mask,
     worth_compressing,
 )
 
@@ -149,11 +150,12 @@ def compact_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
             from transformers.integrations.accelerate import load_offloaded_parameter
 
             dense = load_offloaded_parameter(model, name)
-        dense = dense.detach()
-        if not worth_compressing(dense):
+        dense = dense.detach().cpu()
+        mask = stored_mask(dense) if dense.is_floating_point() else None
+        if mask is None or not worth_compressing(dense, mask):
             out[name] = tensor
             continue
-        values, bitmask, shape = compress(dense.cpu())
+        values, bitmask, shape = compress(dense, mask)
         out[name] = values
         out[name + BITMASK_SUFFIX] = bitmask
         out[name + SHAPE_SUFFIX] = shape
@@ -296,6 +298,8 @@ class OWLHfQuantizer(HfQuantizer):
 
     # --- saving
     def get_state_dict_and_metadata(self, model: nn.Module):
+        if getattr(model, "_hf_peft_config_loaded", False):
+            return None, {}  # only the (dense, small) adapter weights are saved
         return compact_state_dict(model)
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:

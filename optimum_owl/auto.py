@@ -1,0 +1,294 @@
+"""`layerwise="owl-auto"`: choose OWL's (M, λ), or uniform sparsity, by the loss on held-out calibration windows.
+
+The paper's M=5, λ=0.08 were tuned on LLaMA-7B at 70%; other models and sparsities want other values, and OWL with
+the wrong ones can be worse than uniform sparsity. The search here is bounded and reuses everything that does not
+depend on the candidate:
+
+1. **Hold-out** (`split_holdout`, before the outlier pass): the last `ceil(auto_holdout · num_samples)` calibration
+   windows are set aside; statistics, outlier ratios and pruning only ever see the others.
+2. **Outlier ratios for every M at once** from the dense statistics already collected by the outlier pass
+   (`block_outlier_ratios`; no forward).
+3. **Uniform, exactly**: the baseline is pruned for real (`method`, sequential propagation, DSnoT if configured)
+   and scored by the full model's next-token loss on the held-out windows. Its statistics pass also gives, per
+   unit, the input norms ‖X_j‖₂ seen behind a *pruned* prefix; they are kept (a vector per unit).
+4. **Screening**: every candidate (uniform, and each (M, λ) of `auto_owl_ms × auto_owl_lambdas`, plus the
+   configured `owl_m`, `owl_lambda`) is pruned *cheaply* with Wanda scores |W|·‖X_j‖₂ from those kept norms (|W|
+   for magnitude; the Wanda proxy also stands in for SparseGPT): no statistics forward, one full-model forward on
+   the held-out windows. Candidates with the same per-block sparsities share one score; along λ (ascending) a
+   value of M stops after two λ in a row that do not improve its best loss. (Norms from the *dense* pass were
+   tried first and ranked candidates poorly on stories260K: a pruned prefix changes the inputs of later blocks.)
+5. **Exact check**: the `auto_finalists` best OWL candidates of the screening are pruned for real and scored
+   again; the lowest exact loss among them and uniform wins, so the result is never worse than uniform sparsity
+   *on the held-out windows*.
+
+Between candidates the dense weights are restored from a CPU copy of the prunable weights; the winner's pruned
+weights are kept in a second CPU copy, so the winner is never pruned twice. Extra host memory: two copies of the
+prunable weights.
+
+Cost, in block forwards over the calibration windows (L blocks, held-out fraction h, K screened candidates, F = 1 +
+`auto_finalists` exact candidates): (1−h)·L for the outlier pass, K·h·L for screening (one full-model forward on the
+held-out windows each), F·((1−h)(2L−1) + h·L) for the exact candidates. One exact OWL run costs 3L−1; with the
+defaults (h=0.125, F=2, K ≤ 25) the bound is about 2.6× that, plus the screening's score sorts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import OWLConfigError
+from .criteria import keep_mask, magnitude_scores, wanda_scores
+from .masks import apply_keep_mask_
+from .modeling import Unit
+from .report import Candidate
+from .runner import module_device
+from .stats import BlockStats, Hessian
+
+if TYPE_CHECKING:
+    from .pruner import BlockPlan, OWLPruner, PruneState
+
+logger = logging.getLogger(__name__)
+
+# Along ascending λ, stop a value of M after this many λ in a row that do not improve its best screening loss.
+PATIENCE = 2
+SCREEN_SUFFIX = ", screened"
+
+
+def holdout_count(num_samples: int, fraction: float) -> int:
+    """Windows held out of `num_samples` for a fraction: `ceil(fraction · num_samples)`, at least 1."""
+    return max(1, math.ceil(fraction * num_samples - 1e-9))
+
+
+def split_holdout(pruner: OWLPruner, state: PruneState) -> None:
+    """Set the last windows of the calibration data aside (`state.holdout_ids`); re-capture block 0's inputs
+    from the others only, so that no statistic ever sees a held-out window."""
+    cfg = pruner.config
+    head = state.model.get_output_embeddings() if hasattr(state.model, "get_output_embeddings") else None
+    if head is None:
+        raise OWLConfigError(
+            "`layerwise='owl-auto'` scores candidates by the next-token loss, so it needs a model with a language-"
+            f"modelling head; {type(state.model).__name__} has none. Use layerwise='owl' or 'uniform'."
+        )
+    ids = state.calibration_ids
+    if ids is None or state.runner is None:
+        raise RuntimeError("split_holdout needs the calibration ids and the runner (call after `_prepare`).")
+    n = int(ids.shape[0])
+    k = holdout_count(n, cfg.auto_holdout)
+    if n - k < 1:
+        raise OWLConfigError(
+            f"`layerwise='owl-auto'` holds out {k} of the {n} calibration windows (`auto_holdout`={cfg.auto_holdout}) "
+            "and none would be left for the statistics; raise `num_samples` (at least 2, 16 or more is better)."
+        )
+    state.holdout_ids = ids[n - k :].clone()
+    state.calibration_ids = ids[: n - k]
+    t = time.perf_counter()
+    state.inputs0 = state.runner.capture(state.calibration_ids, cfg.batch_size)
+    state.timings["capture"] = state.timings.get("capture", 0.0) + time.perf_counter() - t
+    logger.info("owl-auto: %d calibration windows for statistics, %d held out for scoring", n - k, k)
+
+
+@torch.no_grad()
+def holdout_loss(model: nn.Module, ids: torch.LongTensor, batch_size: int) -> float:
+    """Mean next-token cross-entropy (nats per token) of the full model on the windows `ids`."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    device = module_device(emb) if emb is not None else module_device(model)
+    total, count = 0.0, 0
+    for batch in ids.split(batch_size):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        targets = batch[:, 1:].to(logits.device)
+        for row in range(batch.shape[0]):  # one window at a time keeps the fp32 logits small
+            total += float(F.cross_entropy(logits[row, :-1].float(), targets[row], reduction="sum"))
+            count += int(targets[row].numel())
+    return total / max(count, 1)
+
+
+def _snapshot(state: PruneState) -> list[list[torch.Tensor]]:
+    out = []
+    for i, units in enumerate(state.units):
+        with state.runner.block_on_device(i):
+            out.append([u.weight().detach().to("cpu", copy=True) for u in units])
+    return out
+
+
+def _restore(state: PruneState, saved: list[list[torch.Tensor]]) -> None:
+    for i, units in enumerate(state.units):
+        with state.runner.block_on_device(i):
+            for u, w in zip(units, saved[i]):
+                target = u.weight()
+                target.copy_(w.to(target.device, target.dtype))
+
+
+def _screen_prune(
+    pruner: OWLPruner, state: PruneState, plans: Sequence[BlockPlan], norms: list[dict[str, torch.Tensor]]
+) -> None:
+    """Prune the (dense) model to `plans` from fixed per-unit input norms: no statistics forward."""
+    cfg = pruner.config
+    for i, units in enumerate(state.units):
+        with state.runner.block_on_device(i):
+            for u in units:
+                w = u.weight()
+                if cfg.method == "magnitude":
+                    scores, group = magnitude_scores(w), "layer"
+                else:  # wanda, and the Wanda proxy for sparsegpt
+                    scores = wanda_scores(w, norms[i][u.name].to(w.device))
+                    group = cfg.wanda_group if cfg.method == "wanda" else "row"
+                apply_keep_mask_(w, keep_mask(scores, plans[i].sparsity, plans[i].nm, group))
+
+
+def _unit_norms(stats: BlockStats | None, units: Sequence[Unit]) -> dict[str, torch.Tensor]:
+    """‖X_j‖₂ per unit on CPU, from row norms or from a Hessian's diagonal (Σ x_j² either way)."""
+    out: dict[str, torch.Tensor] = {}
+    if stats is None:
+        return out
+    for u in units:
+        acc = stats[u.name]
+        if isinstance(acc, Hessian):
+            out[u.name] = torch.diagonal(acc.matrix(u.shape[1])).clamp_min(0).sqrt().to("cpu", copy=True)
+        else:
+            out[u.name] = acc.norms(u.shape[1]).to("cpu", copy=True)
+    return out
+
+
+def _exact_pass(pruner: OWLPruner, state: PruneState, plans: Sequence[BlockPlan]) -> list[dict[str, torch.Tensor]]:
+    """The sequential prune of `OWLPruner.prune_pass`, also returning each block's input norms (pruned prefix)."""
+    t = time.perf_counter()
+    cfg = pruner.config
+    inputs = state.inputs0
+    n = len(state.blocks)
+    hessian = cfg.method == "sparsegpt"
+    norms: list[dict[str, torch.Tensor]] = []
+    for i in range(n):
+        with state.runner.block_on_device(i):
+            if i == 0 and not hessian and state.dense_stats:
+                stats = state.dense_stats[0]  # block 0 sees the same inputs in both passes
+            elif cfg.method == "magnitude":
+                stats = None
+            else:
+                stats = BlockStats(state.units[i], hessian=hessian)
+                with stats.collecting():
+                    state.runner.forward(i, inputs, keep_outputs=False)
+            norms.append(_unit_norms(stats, state.units[i]))
+            pruner.prune_block(state, i, stats, plans[i])
+            del stats
+            if i < n - 1:
+                inputs = state.runner.forward(i, inputs)
+    state.timings["prune_pass"] = state.timings.get("prune_pass", 0.0) + time.perf_counter() - t
+    return norms
+
+
+def _plan_key(plans: Sequence[BlockPlan]) -> tuple:
+    return tuple((round(p.sparsity, 9), p.nm) for p in plans)
+
+
+def choose_and_prune(pruner: OWLPruner, state: PruneState) -> list[BlockPlan]:
+    """Search (uniform | OWL with (M, λ)) on the held-out windows, prune the model in place with the winner.
+
+    Needs `split_holdout` and the outlier pass to have run (`state.holdout_ids`, `state.dense_stats`).
+    Appends every candidate tried to `state.candidates` and returns the winner's per-block plans.
+    """
+    cfg = pruner.config
+    if state.holdout_ids is None or not state.dense_stats:
+        raise RuntimeError("choose_and_prune needs split_holdout and the outlier pass to have run first.")
+    n = len(state.blocks)
+    model, hold, bs = state.model, state.holdout_ids, cfg.batch_size
+    start = time.perf_counter()
+    dense = _snapshot(state)
+
+    ms = sorted(set(cfg.auto_owl_ms) | {float(cfg.owl_m)})
+    lambdas = sorted(set(cfg.auto_owl_lambdas) | {float(cfg.owl_lambda)})
+    per_block = [block_outlier_ratios_for(pruner, state, i, ms) for i in range(n)]  # dense weights, no forward
+    ratios = {m: [per_block[i][k] for i in range(n)] for k, m in enumerate(ms)}
+    uniform = pruner._uniform_plans(n)
+
+    # ---- exact uniform first: the baseline, and the pruned-prefix input norms that the screening reuses
+    exact_losses: list[float] = []
+    norms = _exact_pass(pruner, state, uniform)
+    exact_losses.append(holdout_loss(model, hold, bs))
+    best_loss, best_index = exact_losses[0], 0
+    best_weights: list[list[torch.Tensor]] | None = _snapshot(state)
+    state.timings["auto_exact"] = time.perf_counter() - start
+
+    # ---- screening: cheap prune from the uniform run's input norms, full-model loss on the held-out windows
+    t = time.perf_counter()
+    seen: dict[tuple, float] = {}
+    screened: list[tuple[float | None, float | None, list[BlockPlan], float]] = []
+
+    def screen(plans: list[BlockPlan]) -> float:
+        key = _plan_key(plans)
+        if key not in seen:
+            _restore(state, dense)
+            _screen_prune(pruner, state, plans, norms)
+            seen[key] = holdout_loss(model, hold, bs)
+        return seen[key]
+
+    screened.append((None, None, uniform, screen(uniform)))
+    for m in ms:
+        best_m, stale = math.inf, 0
+        for lam in lambdas:
+            plans = pruner.plan(ratios[m], n, None, owl_lambda=lam)
+            loss = screen(plans)
+            screened.append((m, lam, plans, loss))
+            if loss < best_m - 1e-12:
+                best_m, stale = loss, 0
+            else:
+                stale += 1
+                if stale >= PATIENCE:
+                    break
+    state.timings["auto_screen"] = time.perf_counter() - t
+
+    # ---- exact check of the best OWL candidates of the screening
+    t = time.perf_counter()
+    owl_ranked: list[tuple[float | None, float | None, list[BlockPlan], float]] = []
+    keys = {_plan_key(uniform)}
+    for cand in sorted((c for c in screened if c[0] is not None), key=lambda c: (c[3], c[0], c[1])):
+        key = _plan_key(cand[2])
+        if key not in keys:
+            keys.add(key)
+            owl_ranked.append(cand)
+    finalists = [screened[0]] + owl_ranked[: cfg.auto_finalists]
+    for j in range(1, len(finalists)):
+        _restore(state, dense)
+        pruner.prune_pass(state, finalists[j][2])
+        loss = holdout_loss(model, hold, bs)
+        exact_losses.append(loss)
+        if loss < best_loss - 1e-12:
+            best_loss, best_index = loss, j
+            best_weights = _snapshot(state) if j < len(finalists) - 1 else None
+    if best_index != len(finalists) - 1:
+        _restore(state, best_weights)
+    state.timings["auto_exact"] += time.perf_counter() - t
+
+    # ---- report
+    m_w, lam_w, plans_w, _ = finalists[best_index]
+    for m, lam, _plans, loss in screened:
+        state.candidates.append(Candidate(("uniform" if m is None else "owl") + SCREEN_SUFFIX, m, lam, loss, False))
+    for j, (m, lam, _plans, _) in enumerate(finalists):
+        state.candidates.append(Candidate("uniform" if m is None else "owl", m, lam, exact_losses[j], j == best_index))
+    if m_w is not None:
+        state.outlier_ratios = ratios[m_w]
+        plans_w = pruner.plan(ratios[m_w], n, state, owl_lambda=lam_w)  # records a clamping warning, if any
+    logger.info(
+        "owl-auto chose %s (held-out loss %.4f; uniform %.4f) after %d screened and %d exact candidates",
+        "uniform" if m_w is None else f"OWL M={m_w:g} λ={lam_w:g}",
+        exact_losses[best_index],
+        exact_losses[0],
+        len(screened),
+        len(finalists),
+    )
+    return plans_w
+
+
+def block_outlier_ratios_for(pruner: OWLPruner, state: PruneState, index: int, ms: Sequence[float]) -> list[float]:
+    """Outlier ratios of block `index` for every M in `ms`, from the cached dense statistics (no forward)."""
+    from .pruner import block_outlier_ratios
+
+    with state.runner.block_on_device(index):
+        return block_outlier_ratios(state.units[index], state.dense_stats[index], list(ms))

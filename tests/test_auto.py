@@ -1,0 +1,223 @@
+"""`layerwise="owl-auto"`: held-out windows, candidate choice, report, determinism, config errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from optimum_owl import OWLPruner, OWLPrunerConfig
+from optimum_owl.auto import SCREEN_SUFFIX, holdout_count
+from optimum_owl.config import OWLConfigError
+from optimum_owl.report import PruneReport
+
+torch.set_num_threads(1)
+
+N, SEQ = 12, 16
+
+
+def _tiny_llama(layers: int = 3, seed: int = 0, head: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    return (LlamaForCausalLM if head else LlamaModel)(config).eval()
+
+
+def _ids(n: int = N, seqlen: int = SEQ, seed: int = 1) -> torch.LongTensor:
+    return torch.randint(3, 96, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def _config(**kw) -> OWLPrunerConfig:
+    base = dict(
+        sparsity=0.7,
+        method="wanda",
+        layerwise="owl-auto",
+        num_samples=N,
+        seqlen=SEQ,
+        batch_size=4,
+        auto_holdout=0.25,
+        auto_owl_ms=[2.0, 3.0],
+        auto_owl_lambdas=[0.05, 0.15],
+        auto_finalists=2,
+    )
+    base.update(kw)
+    return OWLPrunerConfig(**base)
+
+
+def _weights(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for n, p in model.model.layers.named_parameters() if p.dim() == 2]
+
+
+@pytest.fixture(scope="module")
+def auto_run():
+    model = _tiny_llama()
+    dense = copy.deepcopy(model)
+    ids = _ids()
+    report = OWLPruner(_config()).prune(model, dataset=ids)
+    return dense, model, ids, report
+
+
+def test_holdout_count():
+    assert holdout_count(128, 0.125) == 16
+    assert holdout_count(12, 0.25) == 3
+    assert holdout_count(3, 0.1) == 1
+
+
+def test_picks_the_lowest_exact_candidate_and_matches_a_direct_run(auto_run):
+    dense, model, ids, report = auto_run
+    exact = [c for c in report.candidates if not c.layerwise.endswith(SCREEN_SUFFIX)]
+    screened = [c for c in report.candidates if c.layerwise.endswith(SCREEN_SUFFIX)]
+    assert exact[0].layerwise == "uniform" and len(exact) == 3  # uniform + 2 finalists
+    assert len(screened) >= 1 + 2  # uniform + at least one λ for each M
+    chosen = [c for c in report.candidates if c.chosen]
+    assert len(chosen) == 1 and chosen[0] in exact
+    assert chosen[0].loss == min(c.loss for c in exact)
+    # The pruned model is exactly what a plain run with the chosen setting gives on the non-held-out windows.
+    k = holdout_count(N, 0.25)
+    c = chosen[0]
+    kw = (
+        dict(layerwise="uniform") if c.owl_m is None else dict(layerwise="owl", owl_m=c.owl_m, owl_lambda=c.owl_lambda)
+    )
+    direct = copy.deepcopy(dense)
+    OWLPruner(_config(num_samples=N - k, **kw)).prune(direct, dataset=ids[: N - k])
+    for a, b in zip(_weights(model), _weights(direct)):
+        assert torch.equal(a, b)
+    assert [b.target_sparsity for b in report.blocks] == [b.target_sparsity for b in direct.owl_report.blocks]
+
+
+def test_finalists_are_the_best_screened_owl_candidates(auto_run):
+    _, _, _, report = auto_run
+    screened = [c for c in report.candidates if c.layerwise == "owl" + SCREEN_SUFFIX]
+    exact_owl = [(c.owl_m, c.owl_lambda) for c in report.candidates if c.layerwise == "owl"]
+    best = sorted(screened, key=lambda c: (c.loss, c.owl_m, c.owl_lambda))
+    assert exact_owl[0] == (best[0].owl_m, best[0].owl_lambda)
+
+
+def test_report_shows_candidates(auto_run):
+    _, _, _, report = auto_run
+    text = report.to_markdown()
+    assert "held-out loss" in text and "✓" in text and "owl, screened" in text
+    again = PruneReport.from_json(report.to_json())
+    assert again.candidates == report.candidates
+    assert "auto_screen" in report.timings and "auto_exact" in report.timings
+
+
+def test_holdout_windows_never_touch_statistics():
+    """Changing only the held-out windows changes no statistic and no outlier ratio."""
+    ids_a = _ids()
+    ids_b = ids_a.clone()
+    k = holdout_count(N, 0.25)
+    ids_b[N - k :] = _ids(n=k, seed=99)
+    states = []
+    for ids in (ids_a, ids_b):
+        from optimum_owl.auto import split_holdout
+        from optimum_owl.modeling import get_blocks_and_units
+        from optimum_owl.pruner import PruneState
+
+        pruner = OWLPruner(_config())
+        model = _tiny_llama()
+        path, blocks, units = get_blocks_and_units(model)
+        state = PruneState(model=model, path=path, blocks=blocks, units=units)
+        with torch.no_grad():
+            pruner._prepare(state, "owl-auto", ids, None)
+            split_holdout(pruner, state)
+            pruner.outlier_pass(state)
+        states.append(state)
+    a, b = states
+    assert torch.equal(a.holdout_ids, ids_a[N - k :]) and torch.equal(b.holdout_ids, ids_b[N - k :])
+    assert sum(x.hidden.shape[0] for x in a.inputs0) == N - k
+    assert a.outlier_ratios == b.outlier_ratios
+    for sa, sb, units in zip(a.dense_stats, b.dense_stats, a.units):
+        for u in units:
+            assert sa[u.name].tokens == (N - k) * SEQ
+            assert torch.equal(sa[u.name].sum_sq, sb[u.name].sum_sq)
+
+
+def test_deterministic():
+    ids = _ids()
+    reports, weights = [], []
+    for _ in range(2):
+        model = _tiny_llama()
+        reports.append(OWLPruner(_config(auto_finalists=1)).prune(model, dataset=ids))
+        weights.append(_weights(model))
+    assert reports[0].candidates == reports[1].candidates
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
+def test_uniform_wins_when_owl_only_hurts(monkeypatch):
+    """With a scoring that penalises any spread of block sparsities, auto falls back to uniform."""
+    import optimum_owl.auto as auto
+
+    def fake_loss(model, ids, batch_size):
+        fractions = []
+        for layer in model.model.layers:
+            ws = [p for p in layer.parameters() if p.dim() == 2]
+            fractions.append(sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws))
+        return 1.0 + max(fractions) - min(fractions)
+
+    monkeypatch.setattr(auto, "holdout_loss", fake_loss)
+    model = _tiny_llama()
+    dense = copy.deepcopy(model)
+    ids = _ids()
+    report = OWLPruner(_config(auto_finalists=1)).prune(model, dataset=ids)
+    chosen = [c for c in report.candidates if c.chosen]
+    assert chosen[0].layerwise == "uniform"
+    assert {b.target_sparsity for b in report.blocks} == {0.7}
+    direct = copy.deepcopy(dense)
+    k = holdout_count(N, 0.25)
+    OWLPruner(_config(num_samples=N - k, layerwise="uniform")).prune(direct, dataset=ids[: N - k])
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), _weights(direct)))
+
+
+def test_sparsegpt_and_dsnot_run():
+    ids = _ids()
+    for kw in (dict(method="sparsegpt"), dict(refine="dsnot")):
+        model = _tiny_llama(layers=2)
+        report = OWLPruner(_config(auto_finalists=1, **kw)).prune(model, dataset=ids)
+        assert sum(c.chosen for c in report.candidates) == 1
+        assert abs(report.sparsity - 0.7) < 0.03
+
+
+def test_needs_a_language_model_head():
+    with pytest.raises(OWLConfigError, match="language"):
+        OWLPruner(_config()).prune(_tiny_llama(head=False), dataset=_ids())
+
+
+def test_too_few_windows():
+    with pytest.raises(OWLConfigError, match="`num_samples`"):
+        OWLPruner(_config(num_samples=1)).prune(_tiny_llama(), dataset=_ids(n=1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(auto_holdout=0.0), "auto_holdout"),
+        (dict(auto_holdout=0.75), "auto_holdout"),
+        (dict(auto_holdout="x"), "auto_holdout"),
+        (dict(auto_owl_ms=[]), "auto_owl_ms"),
+        (dict(auto_owl_ms=[5, -1]), "auto_owl_ms"),
+        (dict(auto_owl_lambdas=[-0.1]), "auto_owl_lambdas"),
+        (dict(auto_owl_lambdas=[float("nan")]), "auto_owl_lambdas"),
+        (dict(auto_finalists=0), "auto_finalists"),
+        (dict(auto_finalists=True), "auto_finalists"),
+    ],
+)
+def test_bad_auto_fields(kwargs, field):
+    with pytest.raises(OWLConfigError, match=f"`{field}`"):
+        OWLPrunerConfig(**kwargs)
+
+
+def test_auto_fields_round_trip():
+    config = OWLPrunerConfig(layerwise="owl-auto", auto_owl_ms=4, auto_owl_lambdas=[0.1, 0.2], auto_holdout=0.2)
+    assert config.auto_owl_ms == [4.0]
+    assert OWLPrunerConfig.from_dict(config.to_dict()) == config
