@@ -33,16 +33,17 @@ MODEL = ASSETS / "models" / "stories260K"
 WIKI = ASSETS / "text" / "wikitext2_test.jsonl"
 C4 = ASSETS / "text" / "c4_train_first1000.jsonl"
 
-# (label, method, layerwise, refine)
+# (label, method, layerwise, refine, propagation)
 SETTINGS = [
-    ("Wanda uniform", "wanda", "uniform", None),
-    ("Wanda OWL (M=5, λ=0.08)", "wanda", "owl", None),
-    ("Wanda owl-auto", "wanda", "owl-auto", None),
-    ("Wanda uniform + DSnoT", "wanda", "uniform", "dsnot"),
-    ("Wanda owl-auto + DSnoT", "wanda", "owl-auto", "dsnot"),
-    ("SparseGPT uniform", "sparsegpt", "uniform", None),
-    ("SparseGPT OWL (M=5, λ=0.08)", "sparsegpt", "owl", None),
-    ("SparseGPT owl-auto", "sparsegpt", "owl-auto", None),
+    ("Wanda uniform", "wanda", "uniform", None, "sequential"),
+    ("Wanda OWL (M=5, λ=0.08)", "wanda", "owl", None, "sequential"),
+    ("Wanda OWL (M=5, λ=0.08), dense propagation", "wanda", "owl", None, "dense"),
+    ("Wanda owl-auto", "wanda", "owl-auto", None, "sequential"),
+    ("Wanda uniform + DSnoT", "wanda", "uniform", "dsnot", "sequential"),
+    ("Wanda owl-auto + DSnoT", "wanda", "owl-auto", "dsnot", "sequential"),
+    ("SparseGPT uniform", "sparsegpt", "uniform", None, "sequential"),
+    ("SparseGPT OWL (M=5, λ=0.08)", "sparsegpt", "owl", None, "sequential"),
+    ("SparseGPT owl-auto", "sparsegpt", "owl-auto", None, "sequential"),
 ]
 
 
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> None:
         data["dense_ppl"] = evaluate(model, tok)
         print(f"dense ppl {data['dense_ppl']:.3f}", flush=True)
     for sparsity in args.sparsities:
-        for label, method, layerwise, refine in SETTINGS:
+        for label, method, layerwise, refine, propagation in SETTINGS:
             if args.only and not any(o.lower() in label.lower() for o in args.only):
                 continue
             if (label, sparsity) in done:
@@ -91,6 +92,7 @@ def run(args: argparse.Namespace) -> None:
                 method=method,
                 layerwise=layerwise,
                 refine=refine,
+                propagation=propagation,
                 num_samples=args.num_samples,
                 seqlen=512,
                 seed=args.seed,
@@ -106,6 +108,7 @@ def run(args: argparse.Namespace) -> None:
                 "method": method,
                 "layerwise": layerwise,
                 "refine": refine,
+                "propagation": propagation,
                 "sparsity": sparsity,
                 "achieved": round(report.sparsity, 5),
                 "ppl": ppl,
