@@ -2,8 +2,9 @@
 onnxruntime vs PyTorch logits, greedy-32 equality and session creation time, at 70% OWL sparsity.
 
 Models: stories260K (real, from ../shared/assets, pruned with OWL+Wanda on WikiText-2 text), a tiny random Llama
-(hidden 64, 2 layers, vocab 128) and a larger random Llama (hidden 512, 4 layers, vocab 1024) to show how the ratio
-behaves once the graph and embeddings stop dominating the file.
+(hidden 64, 2 layers, vocab 128), a larger random Llama (hidden 512, 4 layers, vocab 1024: embeddings 8% of the
+parameters) and "llama-1024" (hidden 1024, 8 layers, vocab 2048: embeddings 3.9% of the parameters, LLaMA-7B's share)
+to show how the ratio behaves once the graph and embeddings stop dominating the file.
 
 Usage (from the repository root):
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/onnx_export.py --out /tmp/owl-onnx-bench [--json results.json]
@@ -50,9 +51,13 @@ def session_times(folder: Path, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def bench_model(name: str, model, report, out: Path, prompt, rows: list[dict]) -> None:
+STORAGES = ("dense", "bitmask", "sparse_initializer")
+MODELS = ("stories260K", "tiny-llama", "llama-512", "llama-1024")
+
+
+def bench_model(name: str, model, report, out: Path, prompt, rows: list[dict], storages=STORAGES) -> None:
     for dtype in ("float32", "float16"):
-        for storage in ("dense", "bitmask", "sparse_initializer"):
+        for storage in storages:
             folder = out / f"{name}-{dtype}-{storage}"
             start = time.perf_counter()
             result = export_onnx(
@@ -93,14 +98,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="/tmp/owl-onnx-bench")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--skip-large", action="store_true", help="skip llama-512 and llama-1024")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--storages", nargs="+", choices=STORAGES, default=list(STORAGES),
+                        help="storages to export (`dense` is always exported: it is the size baseline)")
     args = parser.parse_args()
+    storages = ["dense"] + [s for s in args.storages if s != "dense"]
+    if args.skip_large:
+        args.models = [m for m in args.models if m not in ("llama-512", "llama-1024")]
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     stories = ASSETS / "models" / "stories260K"
-    if stories.exists():
+    if "stories260K" not in args.models:
+        pass
+    elif stories.exists():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(stories).eval()
@@ -108,17 +121,24 @@ def main() -> None:
         text = ASSETS / "text" / "wikitext2_test.jsonl"
         report = prune(model, str(text), tok, num_samples=16, seqlen=128)
         prompt = tok("Once upon a time, there was a little girl", return_tensors="pt").input_ids
-        bench_model("stories260K", model, report, out, prompt, rows)
+        bench_model("stories260K", model, report, out, prompt, rows, storages)
     else:
         print(f"skipping stories260K: {stories} not found")
     gen = torch.Generator().manual_seed(0)
-    tiny = random_llama(64, 2, 128, 256, 4, 2)
-    report = prune(tiny, torch.randint(0, 128, (16, 64), generator=gen), num_samples=16, seqlen=64)
-    bench_model("tiny-llama", tiny, report, out, None, rows)
-    if not args.skip_large:
+    if "tiny-llama" in args.models:
+        tiny = random_llama(64, 2, 128, 256, 4, 2)
+        report = prune(tiny, torch.randint(0, 128, (16, 64), generator=gen), num_samples=16, seqlen=64)
+        bench_model("tiny-llama", tiny, report, out, None, rows, storages)
+    if "llama-512" in args.models:
         large = random_llama(512, 4, 1024, 1408, 8, 4)
         report = prune(large, torch.randint(0, 1024, (8, 64), generator=gen), num_samples=8, seqlen=64)
-        bench_model("llama-512", large, report, out, None, rows)
+        bench_model("llama-512", large, report, out, None, rows, storages)
+    if "llama-1024" in args.models:
+        # LLaMA-7B's proportions: untied embedding + LM head are 3.9% of the parameters (2 x 32000 x 4096 of 6.74B);
+        # here 2 x 2048 x 1024 of 107M. llama-512's 8% is closer to small-model or large-vocabulary proportions.
+        big = random_llama(1024, 8, 2048, 2816, 16, 16)
+        report = prune(big, torch.randint(0, 2048, (8, 64), generator=gen), num_samples=8, seqlen=64)
+        bench_model("llama-1024", big, report, out, None, rows, storages)
     info = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
