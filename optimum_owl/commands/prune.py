@@ -74,31 +74,38 @@ def add_optional_config_arguments(p: argparse.ArgumentParser) -> None:
     def add(group: argparse._ArgumentGroup, name: str, text: str, **kwargs: Any) -> None:
         default = _config_default(name)  # also fails loudly if the field is renamed or removed
         shown = " ".join(str(v) for v in default) if isinstance(default, list) else default
+        shown = "not set" if shown is None else shown
         group.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS, help=f"{text} (default: {shown})",
                            **kwargs)
 
     g = p.add_argument_group("criteria")
     add(g, "wanda_group", "Wanda comparison group: row (paper) or layer", choices=WANDA_GROUPS)
-    add(g, "sparsegpt_blocksize", "SparseGPT columns per lazy batch update (the paper's B)", type=int)
-    add(g, "sparsegpt_damp", "SparseGPT dampening, fraction of the mean Hessian diagonal", type=float)
+    add(g, "sparsegpt_blocksize", "SparseGPT columns per lazy batch update (the paper's B)", type=int,
+        metavar="N")
+    add(g, "sparsegpt_damp", "SparseGPT dampening, fraction of the mean Hessian diagonal", type=float,
+        metavar="FRACTION")
 
     g = p.add_argument_group("refinement (DSnoT)")
     add(g, "refine", "training-free mask refinement after pruning; needs --method wanda", choices=REFINE)
-    add(g, "dsnot_cycles", "--refine dsnot: most swaps per row", type=int)
-    add(g, "dsnot_threshold", "--refine dsnot: stop a row when a swap gains less than this fraction", type=float)
+    add(g, "dsnot_cycles", "--refine dsnot: most swaps per row", type=int, metavar="N")
+    add(g, "dsnot_threshold", "--refine dsnot: stop a row when a swap gains less than this fraction", type=float,
+        metavar="FRACTION")
 
     g = p.add_argument_group("owl-auto (--layerwise owl-auto)")
     add(g, "auto_owl_ms", "M values searched (--owl-m is always added)", type=float, nargs="+", metavar="M")
     add(g, "auto_owl_lambdas", "λ values searched (--owl-lambda is always added)", type=float, nargs="+",
         metavar="LAMBDA")
-    add(g, "auto_holdout", "fraction of calibration windows held out to score candidates, in (0, 0.5]", type=float)
-    add(g, "auto_finalists", "best screened OWL candidates pruned exactly and scored again", type=int)
+    add(g, "auto_holdout", "fraction of calibration windows held out to score candidates, in (0, 0.5]", type=float,
+        metavar="FRACTION")
+    add(g, "auto_finalists", "best screened OWL candidates pruned exactly and scored again", type=int, metavar="N")
 
     g = p.add_argument_group("memory and resuming (docs/scale.md)")
     add(g, "offload_activations", "keep calibration activations on CPU between blocks", action="store_true")
-    add(g, "device", "move each block to this device for its turn: auto, cpu, cuda:0, ... (None: where it is)")
-    add(g, "offload_folder", "folder for the pruned weights of disk-offloaded blocks (device_map models)")
-    add(g, "checkpoint_dir", "folder for resumable runs: rerun the same command to continue after the last block")
+    add(g, "device", "move each block to this device for its turn (auto, cpu, cuda:0, ...); unset: where it lives")
+    add(g, "offload_folder", "folder for the pruned weights of disk-offloaded blocks (device_map models)",
+        metavar="DIR")
+    add(g, "checkpoint_dir", "folder for resumable runs: rerun the same command to continue after the last block",
+        metavar="DIR")
 
 
 def config_from_args(args: argparse.Namespace) -> OWLPrunerConfig:
