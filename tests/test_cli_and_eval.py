@@ -61,3 +61,105 @@ def test_cli_rejects_bad_config_before_loading(tmp_path, capsys):
     rc = main(["prune", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o"), "--sparsity", "1.5"])
     assert rc == 2
     assert "`sparsity`" in capsys.readouterr().err
+
+
+def _cli_config(*flags: str):
+    from optimum_owl.cli import build_parser
+    from optimum_owl.commands.prune import config_from_args
+
+    return config_from_args(build_parser().parse_args(["prune", "MODEL", "-o", "OUT", *flags]))
+
+
+def test_cli_defaults_are_the_config_defaults_and_every_optional_flag_is_a_config_field():
+    import dataclasses
+
+    from optimum_owl import OWLPrunerConfig
+    from optimum_owl.cli import build_parser
+    from optimum_owl.commands.prune import OPTIONAL_FIELDS
+
+    assert _cli_config() == OWLPrunerConfig()  # no flag restates a default differently
+    assert set(OPTIONAL_FIELDS) <= {f.name for f in dataclasses.fields(OWLPrunerConfig)}
+    parser = build_parser()
+    given = vars(parser.parse_args(["prune", "M", "-o", "O"]))
+    assert not set(OPTIONAL_FIELDS) & set(given)  # not given -> absent, so the config's own default applies
+    prune_help = parser._subparsers._group_actions[0].choices["prune"].format_help()
+    assert all("--" + name.replace("_", "-") in prune_help for name in OPTIONAL_FIELDS)
+
+
+def test_cli_optional_flags_reach_the_config():
+    config = _cli_config(
+        "--method", "wanda", "--refine", "dsnot", "--dsnot-cycles", "7", "--dsnot-threshold", "0.01",
+        "--wanda-group", "layer", "--sparsegpt-blocksize", "64", "--sparsegpt-damp", "0.05",
+        "--layerwise", "owl-auto", "--auto-owl-ms", "4", "6", "--auto-owl-lambdas", "0.03", "0.1",
+        "--auto-holdout", "0.25", "--auto-finalists", "2",
+        "--offload-activations", "--device", "cpu", "--offload-folder", "off", "--propagation", "sequential",
+    )
+    assert (config.refine, config.dsnot_cycles, config.dsnot_threshold) == ("dsnot", 7, 0.01)
+    assert (config.wanda_group, config.sparsegpt_blocksize, config.sparsegpt_damp) == ("layer", 64, 0.05)
+    assert (config.auto_owl_ms, config.auto_owl_lambdas) == ([4.0, 6.0], [0.03, 0.1])
+    assert (config.auto_holdout, config.auto_finalists) == (0.25, 2)
+    assert (config.offload_activations, config.device, config.offload_folder) == (True, "cpu", "off")
+    assert _cli_config("--checkpoint-dir", "ckpt").checkpoint_dir == "ckpt"
+
+
+@pytest.mark.parametrize(
+    "flags, field",
+    [
+        (["--auto-holdout", "0.9"], "auto_holdout"),
+        (["--refine", "dsnot", "--method", "sparsegpt"], "refine"),
+        (["--dsnot-threshold", "1.5"], "dsnot_threshold"),
+        (["--checkpoint-dir", "c", "--layerwise", "owl-auto"], "checkpoint_dir"),
+        (["--device", "nonsense:0"], "device"),
+    ],
+)
+def test_cli_optional_flags_bad_values_name_the_field(tmp_path, capsys, flags, field):
+    rc = main(["prune", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o"), *flags])
+    assert rc == 2
+    assert f"`{field}`" in capsys.readouterr().err
+
+
+def test_cli_refine_dsnot_with_dense_checkpoint_matches_the_compact_one(tmp_path, capsys, monkeypatch):
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    import optimum_owl.dsnot
+
+    calls = []
+    real = optimum_owl.dsnot.dsnot_keep_mask
+
+    def counting(weight, keep, mean, mean_sq, nm, cycles, threshold):
+        calls.append((cycles, threshold))
+        return real(weight, keep, mean, mean_sq, nm, cycles, threshold)
+
+    monkeypatch.setattr(optimum_owl.dsnot, "dsnot_keep_mask", counting)
+    src = tmp_path / "model"
+    tiny_model("llama").save_pretrained(src)
+    _word_tokenizer().save_pretrained(src)
+    g = torch.Generator().manual_seed(0)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, 80, (600,), generator=g)))
+    common = ["prune", str(src), "--calibration", str(text), "--sparsity", "0.5", "--num-samples", "4",
+              "--seqlen", "32", "--batch-size", "2", "--refine", "dsnot", "--dsnot-cycles", "5"]
+    assert main([*common, "--output-dir", str(tmp_path / "dense"), "--dense-checkpoint"]) == 0
+    assert "dense, zeros in place" in capsys.readouterr().out
+    assert main([*common, "--output-dir", str(tmp_path / "compact")]) == 0
+    assert calls and set(calls) == {(5, 0.001)}  # the refinement ran, with the flag's cycles and the default threshold
+
+    dense_dir, compact_dir = tmp_path / "dense", tmp_path / "compact"
+    saved = json.loads((dense_dir / "owl_config.json").read_text())
+    assert (saved["refine"], saved["dsnot_cycles"]) == ("dsnot", 5)
+    assert "quantization_config" not in json.loads((dense_dir / "config.json").read_text())
+    assert json.loads((compact_dir / "config.json").read_text())["quantization_config"]["refine"] == "dsnot"
+    with safe_open(str(dense_dir / "model.safetensors"), framework="pt") as fh:
+        assert not [k for k in fh.keys() if k.endswith("_bitmask")]
+    with safe_open(str(compact_dir / "model.safetensors"), framework="pt") as fh:
+        assert [k for k in fh.keys() if k.endswith("_bitmask")]
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir).state_dict()
+    compact = AutoModelForCausalLM.from_pretrained(compact_dir).state_dict()
+    assert dense.keys() == compact.keys()
+    assert all(torch.equal(dense[k], compact[k]) for k in dense)
+    zeros = sum(int((v == 0).sum()) for k, v in dense.items() if k.endswith("proj.weight"))
+    total = sum(v.numel() for k, v in dense.items() if k.endswith("proj.weight"))
+    assert zeros / total == pytest.approx(0.5, abs=0.02)
