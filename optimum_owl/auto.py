@@ -18,17 +18,21 @@ depend on the candidate:
    value of M stops after two λ in a row that do not improve its best loss. (Norms from the *dense* pass were
    tried first and ranked candidates poorly on stories260K: a pruned prefix changes the inputs of later blocks.)
 5. **Exact check**: the `auto_finalists` best OWL candidates of the screening are pruned for real and scored
-   again; the lowest exact loss among them and uniform wins, so the result is never worse than uniform sparsity
+   again; the lowest exact loss among them and uniform wins, so the choice is never worse than uniform sparsity
    *on the held-out windows*.
+6. **Refit** (`refit`): the winner is pruned once more from the dense weights on *all* calibration windows, the
+   held-out ones included (they were only needed to choose). The result is exactly what a direct run with the
+   chosen setting gives on the same data (`layerwise="uniform"`, or `"owl"` with the chosen M and λ, whose outlier
+   ratios then also count the held-out windows), so choosing uniform costs no calibration data.
 
-Between candidates the dense weights are restored from a CPU copy of the prunable weights; the winner's pruned
-weights are kept in a second CPU copy, so the winner is never pruned twice. Extra host memory: two copies of the
-prunable weights.
+Between candidates the dense weights are restored from a CPU copy of the prunable weights (extra host memory: one
+copy of the prunable weights).
 
 Cost, in block forwards over the calibration windows (L blocks, held-out fraction h, K screened candidates, F = 1 +
 `auto_finalists` exact candidates): (1−h)·L for the outlier pass, K·h·L for screening (one full-model forward on the
-held-out windows each), F·((1−h)(2L−1) + h·L) for the exact candidates. One exact OWL run costs 3L−1; with the
-defaults (h=0.125, F=2, K ≤ 25) the bound is about 2.6× that, plus the screening's score sorts.
+held-out windows each), F·(1−h)(2L−1) + F·h·L for the exact candidates and their scores, h·L + 2L−1 for the refit.
+One exact OWL run costs 3L−1; `bench/prune_speed.py --variants owl_wanda_exact owl_wanda_auto` measures the ratio
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from .masks import apply_keep_mask_
 from .modeling import Unit
 from .report import Candidate
 from .runner import module_device
-from .stats import BlockStats, Hessian
+from .stats import BlockStats, Hessian, merge_stats
 
 if TYPE_CHECKING:
     from .pruner import BlockPlan, OWLPruner, PruneState
@@ -213,7 +217,6 @@ def choose_and_prune(pruner: OWLPruner, state: PruneState) -> list[BlockPlan]:
     norms = _exact_pass(pruner, state, uniform)
     exact_losses.append(holdout_loss(model, hold, bs))
     best_loss, best_index = exact_losses[0], 0
-    best_weights: list[list[torch.Tensor]] | None = _snapshot(state)
     state.timings["auto_exact"] = time.perf_counter() - start
 
     # ---- screening: cheap prune from the uniform run's input norms, full-model loss on the held-out windows
@@ -261,20 +264,17 @@ def choose_and_prune(pruner: OWLPruner, state: PruneState) -> list[BlockPlan]:
         exact_losses.append(loss)
         if loss < best_loss - 1e-12:
             best_loss, best_index = loss, j
-            best_weights = _snapshot(state) if j < len(finalists) - 1 else None
-    if best_index != len(finalists) - 1:
-        _restore(state, best_weights)
     state.timings["auto_exact"] += time.perf_counter() - t
 
-    # ---- report
-    m_w, lam_w, plans_w, _ = finalists[best_index]
+    # ---- report, then the winner once more on every window
+    m_w, lam_w, _plans, _ = finalists[best_index]
     for m, lam, _plans, loss in screened:
         state.candidates.append(Candidate(("uniform" if m is None else "owl") + SCREEN_SUFFIX, m, lam, loss, False))
     for j, (m, lam, _plans, _) in enumerate(finalists):
         state.candidates.append(Candidate("uniform" if m is None else "owl", m, lam, exact_losses[j], j == best_index))
-    if m_w is not None:
-        state.outlier_ratios = ratios[m_w]
-        plans_w = pruner.plan(ratios[m_w], n, state, owl_lambda=lam_w)  # records a clamping warning, if any
+    _restore(state, dense)
+    dense.clear()  # free the copy before the refit
+    plans_w = refit(pruner, state, m_w, lam_w)
     logger.info(
         "owl-auto chose %s (held-out loss %.4f; uniform %.4f) after %d screened and %d exact candidates",
         "uniform" if m_w is None else f"OWL M={m_w:g} λ={lam_w:g}",
@@ -284,6 +284,44 @@ def choose_and_prune(pruner: OWLPruner, state: PruneState) -> list[BlockPlan]:
         len(finalists),
     )
     return plans_w
+
+
+def refit(pruner: OWLPruner, state: PruneState, owl_m: float | None, owl_lambda: float | None) -> list[BlockPlan]:
+    """Prune the dense model with the chosen setting on *all* calibration windows, the held-out ones included.
+
+    The held-out windows only served to choose; the result is what a direct run with the choice gives
+    (`layerwise="uniform"`, or `layerwise="owl"` with `owl_m`, `owl_lambda`) on the same calibration data: the
+    held-out windows' dense statistics are added to the outlier pass's (one dense pass over them, h·L block
+    forwards) before the outlier ratios of the chosen M are taken, and the sequential prune sees every window.
+    """
+    t = time.perf_counter()
+    cfg = pruner.config
+    runner, n = state.runner, len(state.blocks)
+    if state.holdout_ids is None or state.calibration_ids is None or runner is None:
+        raise RuntimeError("refit needs split_holdout to have run first.")
+    if owl_m is None:
+        plans = pruner._uniform_plans(n)
+        state.dense_stats = []  # a direct uniform run takes block 0's statistics in its own prune pass
+        state.outlier_ratios = None
+    else:
+        inputs = runner.capture(state.holdout_ids, cfg.batch_size)
+        ratios = []
+        for i in range(n):
+            with runner.block_on_device(i):
+                held = BlockStats(state.units[i])
+                with held.collecting():
+                    inputs = runner.forward(i, inputs, keep_outputs=i < n - 1)
+                merge_stats(state.dense_stats[i], held)
+                ratios.append(block_outlier_ratios_for(pruner, state, i, [owl_m])[0])
+        del inputs
+        state.outlier_ratios = ratios
+        plans = pruner.plan(ratios, n, state, owl_lambda=owl_lambda)  # records a clamping warning, if any
+    state.calibration_ids = torch.cat([state.calibration_ids, state.holdout_ids])
+    state.inputs0 = None
+    state.inputs0 = runner.capture(state.calibration_ids, cfg.batch_size)
+    pruner.prune_pass(state, plans)
+    state.timings["auto_refit"] = time.perf_counter() - t
+    return plans
 
 
 def block_outlier_ratios_for(pruner: OWLPruner, state: PruneState, index: int, ms: Sequence[float]) -> list[float]:

@@ -51,6 +51,16 @@ class RowNorms:
         return self.sum_sq.sqrt().to(device) if device is not None else self.sum_sq.sqrt()
 
 
+def merge_stats(into: BlockStats, other: BlockStats) -> None:
+    """Add `other`'s row-norm sums to `into`'s, unit by unit: as if `into` had also seen `other`'s batches, in order."""
+    for name, acc in other.stats.items():
+        target = into.stats[name]
+        if not isinstance(acc, RowNorms) or not isinstance(target, RowNorms):
+            raise TypeError("merge_stats merges row-norm statistics only.")
+        if acc.sum_sq is not None:
+            target.add(acc.sum_sq, acc.tokens, acc.sum)
+
+
 class Hessian:
     """Running Σ x xᵀ over tokens."""
 
