@@ -18,8 +18,10 @@ depend on the candidate:
    value of M stops after two λ in a row that do not improve its best loss. (Norms from the *dense* pass were
    tried first and ranked candidates poorly on stories260K: a pruned prefix changes the inputs of later blocks.)
 5. **Exact check**: the `auto_finalists` best OWL candidates of the screening are pruned for real and scored
-   again; the lowest exact loss among them and uniform wins, so the choice is never worse than uniform sparsity
-   *on the held-out windows*.
+   again, window by window. An OWL finalist replaces uniform sparsity only if its held-out loss is lower by more
+   than `MIN_GAIN_SE` (2) standard errors of the mean per-window difference (`beats_uniform`); the lowest loss among
+   such finalists wins, else uniform. So the choice is never worse than uniform *on the held-out windows*, and a
+   gain inside their noise does not switch OWL on.
 6. **Refit** (`refit`): the winner is pruned once more from the dense weights on *all* calibration windows, the
    held-out ones included (they were only needed to choose). The result is exactly what a direct run with the
    chosen setting gives on the same data (`layerwise="uniform"`, or `"owl"` with the chosen M and λ, whose outlier
@@ -63,6 +65,10 @@ logger = logging.getLogger(__name__)
 # Along ascending λ, stop a value of M after this many λ in a row that do not improve its best screening loss.
 PATIENCE = 2
 SCREEN_SUFFIX = ", screened"
+# OWL replaces uniform sparsity only when its held-out loss is lower by more than this many standard errors of the
+# per-window paired difference (about 95% one-sided confidence with 8 windows): a gain within the noise of a few
+# held-out windows does not carry over to other text.
+MIN_GAIN_SE = 2.0
 
 
 def holdout_count(num_samples: int, fraction: float) -> int:
@@ -99,19 +105,32 @@ def split_holdout(pruner: OWLPruner, state: PruneState) -> None:
 
 
 @torch.no_grad()
-def holdout_loss(model: nn.Module, ids: torch.LongTensor, batch_size: int) -> float:
-    """Mean next-token cross-entropy (nats per token) of the full model on the windows `ids`."""
+def window_losses(model: nn.Module, ids: torch.LongTensor, batch_size: int) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats per token) of the full model on each window of `ids` (float64, [n])."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     device = module_device(emb) if emb is not None else module_device(model)
-    total, count = 0.0, 0
+    out: list[float] = []
     for batch in ids.split(batch_size):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         targets = batch[:, 1:].to(logits.device)
         for row in range(batch.shape[0]):  # one window at a time keeps the fp32 logits small
-            total += float(F.cross_entropy(logits[row, :-1].float(), targets[row], reduction="sum"))
-            count += int(targets[row].numel())
-    return total / max(count, 1)
+            out.append(float(F.cross_entropy(logits[row, :-1].float(), targets[row])))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def holdout_loss(model: nn.Module, ids: torch.LongTensor, batch_size: int) -> float:
+    """Mean next-token cross-entropy (nats per token) of the full model on the windows `ids` (all of one length)."""
+    return float(window_losses(model, ids, batch_size).mean())
+
+
+def beats_uniform(candidate: torch.Tensor, uniform: torch.Tensor, z: float = MIN_GAIN_SE) -> bool:
+    """Whether per-window losses `candidate` are lower than `uniform`'s by more than `z` standard errors of the
+    mean paired difference (plain "lower on average" when there is one window)."""
+    diff = (uniform - candidate).reshape(-1)
+    gain = float(diff.mean())
+    se = float(diff.std()) / math.sqrt(diff.numel()) if diff.numel() > 1 else 0.0
+    return gain > 0.0 and gain > z * se
 
 
 def _snapshot(state: PruneState) -> list[list[torch.Tensor]]:
@@ -215,7 +234,8 @@ def choose_and_prune(pruner: OWLPruner, state: PruneState) -> list[BlockPlan]:
     # ---- exact uniform first: the baseline, and the pruned-prefix input norms that the screening reuses
     exact_losses: list[float] = []
     norms = _exact_pass(pruner, state, uniform)
-    exact_losses.append(holdout_loss(model, hold, bs))
+    uniform_windows = window_losses(model, hold, bs)
+    exact_losses.append(float(uniform_windows.mean()))
     best_loss, best_index = exact_losses[0], 0
     state.timings["auto_exact"] = time.perf_counter() - start
 
@@ -257,12 +277,22 @@ def choose_and_prune(pruner: OWLPruner, state: PruneState) -> list[BlockPlan]:
             keys.add(key)
             owl_ranked.append(cand)
     finalists = [screened[0]] + owl_ranked[: cfg.auto_finalists]
+    if cfg.method == "sparsegpt":
+        # the screening prunes with the Wanda proxy, which can misjudge SparseGPT's reconstruction at high
+        # sparsity: the configured (owl_m, owl_lambda) is always checked exactly as well
+        prior = next(
+            (c for c in screened if c[0] == float(cfg.owl_m) and c[1] == float(cfg.owl_lambda)),
+            (float(cfg.owl_m), float(cfg.owl_lambda), pruner.plan(ratios[float(cfg.owl_m)], n, None), math.nan),
+        )
+        if all(_plan_key(prior[2]) != _plan_key(f[2]) for f in finalists):
+            finalists.append(prior)
     for j in range(1, len(finalists)):
         _restore(state, dense)
         pruner.prune_pass(state, finalists[j][2])
-        loss = holdout_loss(model, hold, bs)
+        windows = window_losses(model, hold, bs)
+        loss = float(windows.mean())
         exact_losses.append(loss)
-        if loss < best_loss - 1e-12:
+        if loss < best_loss - 1e-12 and beats_uniform(windows, uniform_windows):
             best_loss, best_index = loss, j
     state.timings["auto_exact"] += time.perf_counter() - t
 

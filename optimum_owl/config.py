@@ -146,14 +146,17 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             `propagation="sequential"` and `layerwise` "owl" or "uniform".
         auto_holdout (`float`, *optional*, defaults to 0.125):
             `layerwise="owl-auto"` only: fraction of the `num_samples` calibration windows (at least one) held out
-            to score candidates; they never enter the statistics. In (0, 0.5].
+            to choose among candidates; they never enter the statistics used to compare candidates. The winner
+            is then pruned once more on all windows. In (0, 0.5].
         auto_owl_ms (`list[float]`, *optional*, defaults to `[3, 5, 7, 10]`):
             `layerwise="owl-auto"` only: the M values searched (`owl_m` is always added).
         auto_owl_lambdas (`list[float]`, *optional*, defaults to `[0.02, 0.05, 0.08, 0.12, 0.16, 0.2]`):
             `layerwise="owl-auto"` only: the λ values searched (`owl_lambda` is always added).
         auto_finalists (`int`, *optional*, defaults to 1):
             `layerwise="owl-auto"` only: how many of the best OWL candidates of the cheap screening are pruned
-            exactly (with `method` and sequential propagation) and scored again, next to uniform sparsity.
+            exactly (with `method` and sequential propagation) and scored again, next to uniform sparsity (with
+            `method="sparsegpt"` the configured `owl_m`, `owl_lambda` is checked exactly too). OWL replaces
+            uniform only when its held-out gain exceeds two standard errors of the per-window difference.
         refine (`str`, *optional*):
             Training-free refinement after the mask is chosen: `"dsnot"` (DSnoT-style swaps of pruned and kept
             weights within each row that lower the expected output error, keeping every row's count). Needs
