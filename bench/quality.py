@@ -147,15 +147,14 @@ def render(path: Path) -> None:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
 
-    chosen_lines = ["| setting | sparsity | chosen | per-block sparsity | prune time (s) |", "|---|---:|---|---|---:|"]
-    for r in rows:
-        if r["layerwise"] != "owl-auto" and r["refine"] is None and r["layerwise"] != "owl":
+    chosen_lines = ["| setting | sparsity | chosen | per-block sparsity |", "|---|---:|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["label"], r["sparsity"])):
+        if r["layerwise"] != "owl-auto":
             continue
         c = r["chosen"]
         what = "–" if c is None else ("uniform" if c[1] is None else f"OWL M={c[1]:g}, λ={c[2]:g}")
         chosen_lines.append(
-            f"| {r['label']} | {r['sparsity']:.0%} | {what} | {', '.join(f'{x:.3f}' for x in r['block_sparsities'])} "
-            f"| {r['prune_s']:.1f} |"
+            f"| {r['label']} | {r['sparsity']:.0%} | {what} | {', '.join(f'{x:.3f}' for x in r['block_sparsities'])} |"
         )
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
