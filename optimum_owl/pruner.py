@@ -142,16 +142,25 @@ class OWLPruner:
         return pruner
 
     def quantize(
-        self, save_dir: str | os.PathLike, dataset: Any = None, tokenizer: Any = None, overwrite: bool = False
+        self,
+        save_dir: str | os.PathLike,
+        dataset: Any = None,
+        tokenizer: Any = None,
+        overwrite: bool = False,
+        dense: bool = False,
     ) -> PruneReport:
-        """Optimum-style: prune the model given to `from_pretrained` and save it (+ tokenizer, report, config)."""
+        """Optimum-style: prune the model given to `from_pretrained` and save it (+ tokenizer, report, config).
+
+        The checkpoint is compact (bitmask + values) unless `dense=True`: plain safetensors with zeros in place."""
         if self.model is None:
             raise ValueError("No model: build the pruner with `OWLPruner.from_pretrained(model_or_path, config)`.")
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         report = self.prune(self.model, dataset=dataset, tokenizer=tokenizer)
         from .saving import save_pruned
 
-        save_pruned(self.model, save_dir, report=report, config=self.config, tokenizer=tokenizer, overwrite=overwrite)
+        save_pruned(
+            self.model, save_dir, report=report, config=self.config, tokenizer=tokenizer, overwrite=overwrite, dense=dense
+        )
         return report
 
     def prune(self, model: nn.Module, dataset: Any = None, tokenizer: Any = None) -> PruneReport:

@@ -250,3 +250,15 @@ def test_moe_fused_experts_stay_dense_and_roundtrip(tmp_path):
     assert any(u.kind == "expert" for block in units for u in block)
     assert size_summary(tmp_path)["compressed_tensors"] == len(linear_units)  # 3-D expert tensors stay dense
     assert_same_weights(model, AutoModelForCausalLM.from_pretrained(tmp_path))
+
+
+def test_optimum_style_quantize_saves_compact_or_dense(tmp_path):
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    config = OWLPrunerConfig(sparsity=0.5, num_samples=4, seqlen=16, batch_size=2)
+    for dense in (False, True):
+        model = tiny_model("llama")
+        report = OWLPruner.from_pretrained(model, config).quantize(tmp_path / str(dense), dataset=ids, dense=dense)
+        assert (tmp_path / str(dense) / "owl_report.json").exists() and report.sparsity > 0.45
+        with safe_open(str(tmp_path / str(dense) / "model.safetensors"), framework="pt") as fh:
+            assert any(k.endswith("_bitmask") for k in fh.keys()) is not dense
+        assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path / str(dense)), model)
