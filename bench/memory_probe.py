@@ -6,6 +6,8 @@ boundary it reads the kernel's high-water mark `VmHWM` from /proc/self/status (t
 and resets it (`echo 5 > /proc/self/clear_refs`). Because it resets the high-water mark, this script's own
 `ru_maxrss` is NOT a valid whole-run peak; `bench/memory.py` measures that, without resetting anything.
 
+`--in-memory` loads the model in RAM instead (no blocks are then entered through the offloader).
+
 Phases: imports, load, capture, and inside each block: materialise (weights read from the offload store),
 stats-forward, outlier ratios, prune (per unit), output-forward, write-back, release. Prints, per phase, the
 largest peak seen and the RssAnon/RssFile split at the phase's end.
@@ -125,6 +127,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--cpu-budget", default="1MiB")
     parser.add_argument("--trace", type=int, nargs=2, help="print boundaries [a, b) of the phase log")
+    parser.add_argument("--in-memory", action="store_true", help="load the model in RAM instead (no offload)")
     parser.add_argument("--no-prune", action="store_true", help="stop after loading")
     args = parser.parse_args()
     ph = Phases()
@@ -142,10 +145,13 @@ def main() -> None:
 
     shutil.rmtree(Path(args.work_dir) / "offload-probe", ignore_errors=True)
     with ph("load"):
-        model = AutoModelForCausalLM.from_pretrained(
-            Path(args.work_dir) / "model", device_map="auto", max_memory={"cpu": args.cpu_budget},
-            offload_folder=str(Path(args.work_dir) / "offload-probe"), dtype=torch.float32,
-        )
+        if args.in_memory:
+            model = AutoModelForCausalLM.from_pretrained(Path(args.work_dir) / "model", dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                Path(args.work_dir) / "model", device_map="auto", max_memory={"cpu": args.cpu_budget},
+                offload_folder=str(Path(args.work_dir) / "offload-probe"), dtype=torch.float32,
+            )
     after_load = status()
     import gc
 
