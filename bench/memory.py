@@ -12,7 +12,10 @@ Steps (each measured run happens in a fresh subprocess, so its peak RSS is its o
 Peak RSS is `resource.getrusage(RUSAGE_SELF).ru_maxrss`, the kernel's high-water mark of the process's resident
 set (anonymous memory *and* mapped file pages, e.g. safetensors mmaps), for the whole subprocess, so it includes
 the Python + torch + transformers baseline. The baseline (RSS after the imports, before any model exists) is
-reported separately, and a psutil sampler (every 10 ms) records which phase the peak fell in.
+reported separately, then the peak after importing the model's code (`modeling_llama`, which transformers' modeling
+stack makes heavy; `from_pretrained` would import it anyway) and after loading (peak and current), and a psutil
+sampler (every 10 ms) records which phase the peak fell in. `bench/memory_probe.py` attributes the peak to the
+phases inside a block exactly.
 
 Usage:
 
@@ -155,6 +158,14 @@ def run_role(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     baseline = _peak_rss_bytes()
+    baseline_split = _status_bytes()
+    # The model's code (transformers' modeling stack) is imported by `from_pretrained` anyway; importing it here
+    # first only separates its cost (torch.distributed.tensor, sympy, torch._dynamo, ... pulled in by transformers)
+    # from the loading itself. It does not change the run's peak.
+    sampler.phase = "import model code"
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    after_model_code = _peak_rss_bytes()
     model_path = Path(args.work_dir) / "model"
     sampler.phase = "load"
     t0 = time.perf_counter()
@@ -172,6 +183,10 @@ def run_role(args: argparse.Namespace) -> None:
         device_map = None
     load_s = time.perf_counter() - t0
     after_load = _peak_rss_bytes()
+    after_load_split = _status_bytes()
+    import psutil
+
+    after_load_now = psutil.Process().memory_info().rss
     ids = torch.randint(0, args.vocab, (args.samples, args.seqlen), generator=torch.Generator().manual_seed(0))
     config = OWLPrunerConfig(
         sparsity=args.sparsity, method="wanda", layerwise="owl", num_samples=args.samples, seqlen=args.seqlen,
@@ -197,7 +212,11 @@ def run_role(args: argparse.Namespace) -> None:
         "role": args.role,
         "peak_rss_bytes": peak,
         "baseline_rss_bytes": baseline,
+        "baseline_split": baseline_split,
+        "rss_after_model_code_import_bytes": after_model_code,
         "rss_after_load_bytes": after_load,
+        "rss_now_after_load_bytes": after_load_now,
+        "after_load_split": after_load_split,
         "sampler_peak_bytes": sampler.peak,
         "sampler_peak_phase": sampler.peak_phase,
         "sampler_phase_peaks": sampler.phase_peaks,

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .allocation import mixed_nm_allocation, owl_allocation
 from .config import OWLConfigError, OWLPrunerConfig
-from .criteria import keep_mask, magnitude_scores, sparsegpt_prune, wanda_scores
+from .criteria import keep_mask, magnitude_scores, sparsegpt_prune, wanda_prune_, wanda_scores
 from .data import describe_source, get_calibration_data, load_tokenizer
 from .masks import apply_keep_mask_
 from .modeling import Unit, get_blocks_and_units
@@ -385,6 +385,10 @@ class OWLPruner:
                     unit.name,
                 )
                 weight.copy_(new.to(weight.dtype))
+            elif cfg.method == "wanda" and (plan.nm is not None or cfg.wanda_group == "row") and cfg.refine != "dsnot":
+                # per-row comparison groups: scored and selected a band of rows at a time (same mask, small buffers)
+                wanda_prune_(weight, stats[unit.name].norms(unit.shape[1], weight.device), plan.sparsity, plan.nm)
+                continue
             else:
                 if cfg.method == "wanda":
                     scores = wanda_scores(weight, stats[unit.name].norms(unit.shape[1], weight.device))

@@ -131,8 +131,14 @@ class BlockRunner:
     @contextlib.contextmanager
     def block_on_device(self, index: int) -> Iterator[nn.Module]:
         block = self.blocks[index]
-        with self.block_context(index, block):
-            yield block
+        try:
+            with self.block_context(index, block):
+                yield block
+        finally:
+            # the block's activations, statistics and scores are freed: hand heap pages glibc kept back to the OS
+            from .offload import release_freed_memory
+
+            release_freed_memory()
 
     @torch.no_grad()
     def forward(self, index: int, inputs: list[Batch], keep_outputs: bool = True) -> list[Batch] | None:

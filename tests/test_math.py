@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from optimum_owl.allocation import clamp_preserving_mean, mixed_nm_allocation, outlier_ratio, owl_allocation
-from optimum_owl.criteria import keep_mask, wanda_scores
-from optimum_owl.masks import is_valid_nm, keep_mask_nm, keep_mask_per_layer, keep_mask_per_row
+from optimum_owl.criteria import keep_mask, wanda_prune_, wanda_scores
+from optimum_owl.masks import apply_keep_mask_, is_valid_nm, keep_mask_nm, keep_mask_per_layer, keep_mask_per_row
 
 
 def test_wanda_one_row_by_hand():
@@ -109,3 +109,23 @@ def test_selection_equals_a_stable_sort_even_with_ties():
         ref_layer = torch.ones(scores.numel(), dtype=torch.bool)
         ref_layer[torch.sort(scores.flatten(), stable=True).indices[:flat_k]] = False
         assert torch.equal(keep_mask_per_layer(scores, sparsity), ref_layer.view_as(scores))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_banded_wanda_prune_equals_whole_matrix_masks(dtype):
+    # wanda_prune_ scores and selects a band of rows at a time; per-row groups make the masks identical to scoring
+    # the whole matrix at once, for any band size (1 row, uneven bands, one band), with ties, N:M and transposed views
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randint(-4, 5, (37, 24), generator=g).to(dtype)  # many ties and exact zeros
+    norms = torch.rand(24, generator=g)
+    norms[3] = 0.0
+    for sparsity, nm in ((0.5, None), (0.3, None), (0.0, None), (1.0, None), (0.5, (2, 4)), (0.75, (1, 4))):
+        ref = weight.clone()
+        apply_keep_mask_(ref, keep_mask(wanda_scores(ref, norms), sparsity, nm))
+        for band in (1, 24 * 5, 24 * 37, 10**6, 50):
+            w = weight.clone()
+            assert wanda_prune_(w, norms, sparsity, nm, band_elements=band) is w
+            assert torch.equal(w, ref), (sparsity, nm, band)
+        wt = weight.t().contiguous()  # stored [in, out] (Conv1D): prune through the transposed view
+        wanda_prune_(wt.t(), norms, sparsity, nm, band_elements=48)
+        assert torch.equal(wt.t(), ref)

@@ -110,6 +110,20 @@ def test_offloaded_masks_match_in_memory(checkpoint, calib, tmp_path, method):
     assert torch.allclose(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5)
 
 
+def test_heap_retention_limited_only_for_offloaded_models(checkpoint, calib, tmp_path, monkeypatch):
+    from optimum_owl import offload
+
+    calls = []
+    monkeypatch.setattr(offload, "limit_heap_retention", lambda: calls.append(1) or True)
+    OWLPruner(_config(layerwise="uniform")).prune(AutoModelForCausalLM.from_pretrained(checkpoint), dataset=calib)
+    assert calls == []  # a model held in RAM: the process's allocator settings are left alone
+    OWLPruner(_config(layerwise="uniform")).prune(_load_offloaded(checkpoint, tmp_path / "offload"), dataset=calib)
+    assert calls  # set before the capture (embeddings read from the store) and checked per offloaded block
+    monkeypatch.undo()
+    if offload._glibc():  # glibc: mallopt accepted the fixed thresholds
+        assert offload.limit_heap_retention() is True
+
+
 def test_write_back_goes_to_new_store_and_survives_save(checkpoint, calib, tmp_path):
     before = _sha256(checkpoint)
     model = _load_offloaded(checkpoint, tmp_path / "offload")
