@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .offload import release_freed_memory
+
 logger = logging.getLogger(__name__)
 
 # Blocks whose weights Accelerate offloads (CPU/disk) are pruned through optimum_owl.offload.BlockOffloader, which
@@ -136,8 +138,6 @@ class BlockRunner:
                 yield block
         finally:
             # the block's activations, statistics and scores are freed: hand heap pages glibc kept back to the OS
-            from .offload import release_freed_memory
-
             release_freed_memory()
 
     @torch.no_grad()

@@ -87,16 +87,15 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 _CHUNK_ROWS = 256
 
 
-def _sums(x: torch.Tensor, with_sum: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Σ x_j² (and Σ x_j) over all rows of `x` viewed as [tokens, features], in `STATS_DTYPE`, chunk by chunk."""
+def _sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Σ x_j² and Σ x_j over all rows of `x` viewed as [tokens, features], in `STATS_DTYPE`, chunk by chunk."""
     rows = x.reshape(-1, x.shape[-1])
     sum_sq = torch.zeros(rows.shape[1], dtype=STATS_DTYPE, device=rows.device)
-    total = torch.zeros_like(sum_sq) if with_sum else None
+    total = torch.zeros_like(sum_sq)
     for chunk in rows.split(_CHUNK_ROWS):
         chunk = chunk.to(STATS_DTYPE)
         sum_sq += chunk.pow(2).sum(0)
-        if total is not None:
-            total += chunk.sum(0)
+        total += chunk.sum(0)
     return sum_sq, total, rows.shape[0]
 
 
@@ -116,7 +115,7 @@ class _Reducer:
             flat = _flat(x)
             value, self.last_sum = (flat.t() @ flat, flat.shape[0]), None
         else:
-            sum_sq, self.last_sum, tokens = _sums(x, with_sum=True)
+            sum_sq, self.last_sum, tokens = _sums(x)
             value = (sum_sq, tokens)
         self._last, self._value = x, value
         return value
@@ -189,7 +188,7 @@ class BlockStats:
                     flat = _flat(x)
                     acc.add(flat.t() @ flat, flat.shape[0])
                 else:
-                    sum_sq, sum_x, tokens = _sums(x, with_sum=True)
+                    sum_sq, sum_x, tokens = _sums(x)
                     acc.add(sum_sq, tokens, sum_x)
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -35,13 +35,19 @@ def _word_tokenizer():
                                    pad_token="<pad>")
 
 
-def test_cli_prune_and_eval_write_model_report_and_config_atomically(tmp_path, capsys):
+def _saved_model_and_text(tmp_path):
+    """A tiny Llama with a word-level tokenizer saved to `tmp_path/model`, and 600 random words of its vocabulary."""
     src = tmp_path / "model"
     tiny_model("llama").save_pretrained(src)
     _word_tokenizer().save_pretrained(src)
     g = torch.Generator().manual_seed(0)
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, 80, (600,), generator=g)))
+    return src, text
+
+
+def test_cli_prune_and_eval_write_model_report_and_config_atomically(tmp_path, capsys):
+    src, text = _saved_model_and_text(tmp_path)
     out = tmp_path / "pruned"
     args = ["prune", str(src), "--calibration", str(text), "--output-dir", str(out), "--sparsity", "0.5",
             "--num-samples", "4", "--seqlen", "32", "--batch-size", "2", "--eval-text", str(text)]
@@ -134,12 +140,7 @@ def test_cli_refine_dsnot_with_dense_checkpoint_matches_the_compact_one(tmp_path
         return real(weight, keep, mean, mean_sq, nm, cycles, threshold)
 
     monkeypatch.setattr(optimum_owl.dsnot, "dsnot_keep_mask", counting)
-    src = tmp_path / "model"
-    tiny_model("llama").save_pretrained(src)
-    _word_tokenizer().save_pretrained(src)
-    g = torch.Generator().manual_seed(0)
-    text = tmp_path / "calib.txt"
-    text.write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, 80, (600,), generator=g)))
+    src, text = _saved_model_and_text(tmp_path)
     common = ["prune", str(src), "--calibration", str(text), "--sparsity", "0.5", "--num-samples", "4",
               "--seqlen", "32", "--batch-size", "2", "--refine", "dsnot", "--dsnot-cycles", "5"]
     assert main([*common, "--output-dir", str(tmp_path / "dense"), "--dense-checkpoint"]) == 0
