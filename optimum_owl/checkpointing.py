@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .config import OWLConfigError, OWLPrunerConfig
+from .errors import CheckpointMismatchError  # noqa: F401  (defined in optimum_owl.errors)
 from .masks import apply_keep_mask_
 from .runner import Batch
 from .utils import atomic_write_text
@@ -47,10 +48,6 @@ FORMAT_VERSION = 1
 NON_RESULT_FIELDS = ("checkpoint_dir", "device", "offload_folder", "offload_activations", "dataset", "tokenizer")
 # Criteria that only choose a mask; any other method may update weights, so its pruned weights are saved.
 MASK_ONLY_METHODS = ("wanda", "magnitude")
-
-
-class CheckpointMismatchError(OWLConfigError):
-    """`checkpoint_dir` holds a checkpoint of a different run (config, model or calibration data)."""
 
 
 def _hash_tensor(h: Any, t: torch.Tensor) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .errors import OWLConfigError  # noqa: F401  (defined in optimum_owl.errors)
 from .utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -26,10 +27,6 @@ WANDA_GROUPS = ("row", "layer")
 REFINE = ("dsnot",)
 # Fields that only live for one run (data objects); never written to JSON.
 RUNTIME_FIELDS = ("dataset", "tokenizer")
-
-
-class OWLConfigError(ValueError):
-    """A field of `OWLPrunerConfig` has a value that cannot work; the message names the field and the fix."""
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:

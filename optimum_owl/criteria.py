@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from .errors import SparseGPTError  # noqa: F401  (defined in optimum_owl.errors)
 from .masks import keep_mask_nm, keep_mask_per_layer, keep_mask_per_row, num_to_prune
 
 logger = logging.getLogger(__name__)
@@ -65,10 +66,6 @@ def keep_mask(
     if nm is not None:
         return keep_mask_nm(scores, *nm)
     return keep_mask_per_row(scores, sparsity) if group == "row" else keep_mask_per_layer(scores, sparsity)
-
-
-class SparseGPTError(RuntimeError):
-    """The Hessian could not be factorised even after extra damping."""
 
 
 @torch.no_grad()

@@ -18,14 +18,12 @@ from typing import Any
 
 import torch
 
+from .errors import CalibrationDataError  # noqa: F401  (defined in optimum_owl.errors)
+
 logger = logging.getLogger(__name__)
 
 # Give up searching for a long-enough document after this many draws (then fall back to the joined stream).
 MAX_DRAWS_FACTOR = 20
-
-
-class CalibrationDataError(ValueError):
-    """The calibration source cannot give `num_samples` windows of `seqlen` tokens; the message says why and how."""
 
 
 def describe_source(dataset: Any) -> str:

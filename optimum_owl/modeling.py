@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import OWLModelError  # noqa: F401  (defined in optimum_owl.errors)
 from .utils import matches_any
 
 logger = logging.getLogger(__name__)
@@ -33,10 +34,6 @@ KNOWN_BLOCK_PATHS = (
 )
 # Router and gating matrices decide where tokens go; pruning them is never intended.
 DEFAULT_IGNORE = ("*shared_expert_gate", "*.router", "*.router.*", "*.mlp.gate", "*.block_sparse_moe.gate")
-
-
-class OWLModelError(ValueError):
-    """The model's structure does not fit what the pruner needs; the message says which fix to apply."""
 
 
 @dataclass(eq=False)

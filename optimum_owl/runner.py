@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import OWLNumericalError  # noqa: F401  (defined in optimum_owl.errors)
 from .offload import release_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -27,10 +28,6 @@ SUPPORTS_OFFLOAD = True
 
 class _StopForward(Exception):
     """Raised by the capture hook once block 0's inputs are recorded, to skip the rest of the model."""
-
-
-class OWLNumericalError(FloatingPointError):
-    """A block produced NaN or Inf activations."""
 
 
 @dataclass

@@ -36,6 +36,8 @@ import zlib
 import numpy as np
 import torch
 
+from ..errors import OWLCheckpointError  # noqa: F401  (defined in optimum_owl.errors)
+
 FORMAT_NAME = "owl-bitmask-v1"
 # Suffixes appended to a parameter name (`q_proj.weight` -> `q_proj.weight_bitmask`); the values keep the name.
 BITMASK_SUFFIX = "_bitmask"
@@ -44,11 +46,6 @@ SHAPE_SUFFIX = "_shape"
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # set bits per byte value (popcount lookup)
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-class OWLCheckpointError(ValueError):
-    """A compact (bitmask) checkpoint is corrupt, truncated or does not match the model; the message names the
-    tensor and says how to fix it."""
 
 
 def _int_view(tensor: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.quantizers.base import HfQuantizer
 
 from ..config import OWLPrunerConfig
+from ..errors import OWLOffloadError  # noqa: F401  (defined in optimum_owl.errors)
 from .bitmask import (
     BITMASK_SUFFIX,
     FORMAT_NAME,
@@ -48,10 +49,6 @@ METADATA_FORMAT_KEY = "owl_format"
 METADATA_CRC_KEY = "owl_crc32"
 # Set to True (e.g. by the runner) once pruning can write through Accelerate's offload hooks.
 PRUNE_ON_LOAD_SUPPORTS_OFFLOAD = False
-
-
-class OWLOffloadError(ValueError):
-    """Prune-on-load was asked for a model whose weights are offloaded (disk, or CPU next to a GPU)."""
 
 
 def offload_supported() -> bool:
