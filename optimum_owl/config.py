@@ -14,19 +14,21 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .criteria import criterion_names, get_criterion
 from .errors import OWLConfigError  # noqa: F401  (defined in optimum_owl.errors)
 from .utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "owl_config.json"
-METHODS = ("wanda", "sparsegpt", "magnitude")
+# Version of the `owl_config.json` layout (the fields below); written into the file, checked when read.
+CONFIG_FORMAT_VERSION = 1
+# The registered pruning criteria (optimum_owl.criteria); kept as a name for older imports.
+METHODS = criterion_names()
 LAYERWISE = ("owl", "uniform", "owl-auto")
 PROPAGATION = ("sequential", "dense")
 WANDA_GROUPS = ("row", "layer")
 REFINE = ("dsnot",)
-# Fields that only live for one run (data objects); never written to JSON.
-RUNTIME_FIELDS = ("dataset", "tokenizer")
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -221,7 +223,8 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         _check_number("sparsity", self.sparsity)
         if not 0.0 <= self.sparsity < 1.0:
             raise OWLConfigError(f"`sparsity` must be in [0, 1) (fraction of zeros), got {self.sparsity}; e.g. 0.7.")
-        self.method = _check_choice("method", self.method, METHODS)
+        self.method = _check_choice("method", self.method, criterion_names())
+        criterion = get_criterion(self.method)
         self.layerwise = _check_choice("layerwise", self.layerwise, LAYERWISE)
         self.propagation = _check_choice("propagation", self.propagation, PROPAGATION)
         self.wanda_group = _check_choice("wanda_group", self.wanda_group, WANDA_GROUPS)
@@ -245,10 +248,12 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         _check_number("sparsegpt_damp", self.sparsegpt_damp)
         if self.sparsegpt_damp < 0:
             raise OWLConfigError(f"`sparsegpt_damp` must be ≥ 0, got {self.sparsegpt_damp}; the paper uses 0.01.")
-        if self.propagation == "dense" and self.method == "sparsegpt":
+        if self.propagation == "dense" and criterion.updates_weights:
+            plain = ", ".join(repr(n) for n in criterion_names() if not get_criterion(n).updates_weights)
             raise OWLConfigError(
-                "`propagation`='dense' supports method 'wanda' or 'magnitude' only: SparseGPT updates weights and "
-                "needs the Hessian of every block at once. Use propagation='sequential' with method='sparsegpt'."
+                f"`propagation`='dense' supports methods that do not update weights ({plain}) only: "
+                f"{self.method!r} updates weights and needs the statistics of every block after the pruned ones "
+                f"before it. Use propagation='sequential' with method={self.method!r}."
             )
         if isinstance(self.ignore, str):
             self.ignore = [self.ignore]
@@ -288,10 +293,12 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             if not isinstance(self.refine, str) or self.refine.strip().lower() not in REFINE:
                 raise OWLConfigError(f"`refine` must be None or 'dsnot', got {self.refine!r}.")
             self.refine = self.refine.strip().lower()
-            if self.method != "wanda":
+            if self.refine not in get_criterion(self.method).refine:
+                able = [n for n in criterion_names() if self.refine in get_criterion(n).refine]
                 raise OWLConfigError(
-                    f"`refine`='dsnot' needs method='wanda' (it swaps weights using calibration statistics and keeps "
-                    f"dense values), got method={self.method!r}; set refine=None or method='wanda'."
+                    f"`refine`={self.refine!r} needs method={' or '.join(repr(n) for n in able)} (it swaps weights "
+                    f"using calibration statistics and keeps dense values), got method={self.method!r}; set "
+                    f"refine=None or method={able[0]!r}."
                 )
         if isinstance(self.dsnot_cycles, bool) or not isinstance(self.dsnot_cycles, int) or self.dsnot_cycles < 1:
             raise OWLConfigError(f"`dsnot_cycles` must be a positive integer, got {self.dsnot_cycles!r}; e.g. 50.")
@@ -355,6 +362,10 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             out[f.name] = list(value) if isinstance(value, (list, tuple)) else value
         return out
 
+    def to_json_dict(self) -> dict[str, Any]:
+        """`to_dict()` plus `format_version`: what `owl_config.json` holds."""
+        return {**self.to_dict(), "format_version": CONFIG_FORMAT_VERSION}
+
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
 
@@ -363,6 +374,12 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         """Build a config from `to_dict()` output (unknown keys are ignored with a warning)."""
         data = {**dict(config_dict), **kwargs}
         data.pop("quant_method", None)
+        version = data.pop("format_version", CONFIG_FORMAT_VERSION)
+        if not isinstance(version, int) or version > CONFIG_FORMAT_VERSION:
+            raise OWLConfigError(
+                f"This OWL config has `format_version`={version!r}; this optimum-owl reads format "
+                f"{CONFIG_FORMAT_VERSION} and earlier. Upgrade optimum-owl (`pip install -U optimum-owl`)."
+            )
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         unused = {k: v for k, v in data.items() if k not in names}
         if unused and not return_unused_kwargs:
@@ -384,7 +401,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             raise NotADirectoryError(f"`save_directory` {directory} exists and is not a directory.")
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / CONFIG_NAME
-        atomic_write_text(path, self.to_json_string())
+        atomic_write_text(path, json.dumps(self.to_json_dict(), indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod

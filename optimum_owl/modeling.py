@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -179,3 +180,15 @@ def get_blocks_and_units(
             "Check `ignore` patterns or pass the right `block_name=`."
         )
     return path, blocks, units
+
+
+def load_model(name_or_path: str, **kwargs: Any) -> nn.Module:
+    """Load a causal LM (falling back to a bare `AutoModel`, e.g. BERT) from a local path or Hub id."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except ValueError:
+        logger.info("%s (%s) is not a causal LM; loading it with AutoModel", name_or_path, config.model_type)
+        return AutoModel.from_pretrained(name_or_path, **kwargs)

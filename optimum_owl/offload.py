@@ -41,7 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import OWLConfigError
+from .errors import OWLConfigError
+from .utils import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -411,15 +412,7 @@ class BlockOffloader:
                 f"`offload_folder`={str(folder)!r} holds {path.name}, a file the offload index reads from (possibly "
                 "the original checkpoint); pruned weights are never written over it. Choose an empty `offload_folder`."
             )
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            save_file({key: value}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda tmp: save_file({key: value}, tmp))
         self._written.add(str(path))
         dataset.index[key] = {
             "safetensors_file": str(path),

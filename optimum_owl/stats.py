@@ -77,6 +77,10 @@ class Hessian:
             return torch.zeros(columns, columns, dtype=STATS_DTYPE, device=device)
         return self.h.to(device) if device is not None else self.h
 
+    def norms(self, columns: int, device: torch.device | None = None) -> torch.Tensor:
+        """‖X_j‖₂ from the diagonal of Σ x xᵀ (= Σ x_j², as `RowNorms.norms`)."""
+        return torch.diagonal(self.matrix(columns, device)).clamp_min(0).sqrt()
+
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(STATS_DTYPE)
@@ -132,6 +136,7 @@ class BlockStats:
         self.hessian = hessian
         self.stats: dict[str, RowNorms | Hessian] = {u.name: (Hessian() if hessian else RowNorms()) for u in units}
         self._reducer = _Reducer(hessian)
+        self.collected = False  # set once a `collecting()` context has run
 
     def __getitem__(self, name: str) -> RowNorms | Hessian:
         return self.stats[name]
@@ -154,6 +159,7 @@ class BlockStats:
             for h in handles:
                 h.remove()
             self._reducer.clear()
+            self.collected = True
 
     def _linear_hook(self, unit: Unit):
         acc = self.stats[unit.name]

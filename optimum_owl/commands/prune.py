@@ -153,8 +153,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import load_tokenizer
     from ..evaluation import perplexity
+    from ..modeling import load_model
     from ..pruner import OWLPruner
-    from ..saving import load_model, save_pruned
+    from ..serialization import save_pruned
 
     config = config_from_args(args)  # validate before loading anything
     if Path(args.output_dir).exists() and not args.overwrite:

@@ -5,12 +5,12 @@ Registered under `quant_method="owl"` (see `optimum_owl.integration.install`), w
 - `AutoModelForCausalLM.from_pretrained(path, quantization_config=OWLPrunerConfig(..., dataset=...))` loads the dense
   weights, then prunes them with `OWLPruner` (the report lands on `model.owl_report`).
 - `model.save_pretrained(dir)` writes `quantization_config` (without calibration data) into `config.json` and stores
-  each pruned linear weight as values + packed bitmask + shape (`optimum_owl.integration.bitmask`).
+  each pruned linear weight as values + packed bitmask + shape (`optimum_owl.bitmask`).
 - `from_pretrained(dir)` of such a checkpoint checks every compressed tensor before loading (header shapes, mask
   length, mask popcount against the number of values) and after (CRC-32), and rebuilds bit-identical dense weights.
 
 Models pruned outside `from_pretrained` (`OWLPruner.apply`) are hooked in with `mark_pruned(model, config)`; a plain
-dense export (zeros in place, no `quantization_config`) is written by `optimum_owl.checkpoint.save_dense`.
+dense export (zeros in place, no `quantization_config`) is written by `optimum_owl.serialization.save_dense`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ from torch import nn
 from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.quantizers.base import HfQuantizer
 
-from ..config import OWLPrunerConfig
-from ..errors import OWLOffloadError  # noqa: F401  (defined in optimum_owl.errors)
-from .bitmask import (
+from ..bitmask import (
     BITMASK_SUFFIX,
     FORMAT_NAME,
     SHAPE_SUFFIX,
@@ -40,6 +38,9 @@ from .bitmask import (
     stored_mask,
     worth_compressing,
 )
+from ..config import OWLPrunerConfig
+from ..engine import prune_model
+from ..errors import OWLOffloadError  # noqa: F401  (defined in optimum_owl.errors)
 
 logger = logging.getLogger(__name__)
 
@@ -47,37 +48,6 @@ QUANT_METHOD = "owl"
 # safetensors header metadata written into every shard of a compact checkpoint
 METADATA_FORMAT_KEY = "owl_format"
 METADATA_CRC_KEY = "owl_crc32"
-# Set to True (e.g. by the runner) once pruning can write through Accelerate's offload hooks.
-PRUNE_ON_LOAD_SUPPORTS_OFFLOAD = False
-
-
-def offload_supported() -> bool:
-    """Whether prune-on-load may run on a model with Accelerate-offloaded (meta) weights.
-
-    True when this module's `PRUNE_ON_LOAD_SUPPORTS_OFFLOAD` flag is set, or when `optimum_owl.runner` declares
-    `SUPPORTS_OFFLOAD = True` (the offload-aware runner does so once it can write pruned weights back into the
-    offload store).
-    """
-    if PRUNE_ON_LOAD_SUPPORTS_OFFLOAD:
-        return True
-    try:
-        from .. import runner
-    except ImportError:  # pragma: no cover - the runner ships with the package
-        return False
-    return bool(getattr(runner, "SUPPORTS_OFFLOAD", False))
-
-
-def _offloaded_params(model: nn.Module) -> list[str]:
-    return [name for name, p in model.named_parameters() if p.device.type == "meta"]
-
-
-def _refuse_offload(where: str) -> None:
-    raise OWLOffloadError(
-        f"Prune-on-load cannot run with offloaded weights ({where}): Accelerate keeps offloaded weights as meta "
-        "tensors inside its hooks, so pruning them in place would silently do nothing. Load the model without "
-        "offload (no 'disk' in `device_map`, or enough `max_memory`), prune, `save_pretrained`, and load the pruned "
-        "checkpoint with any `device_map` you like."
-    )
 
 
 # ---------------------------------------------------------------------------------------------------- which weights
@@ -248,11 +218,9 @@ class OWLHfQuantizer(HfQuantizer):
         self._checksums: dict[str, list[Any]] = {}
 
     # --- environment
-    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
-        if self.pre_quantized or offload_supported():
-            return
-        if isinstance(device_map, dict) and "disk" in {str(v) for v in device_map.values()}:
-            _refuse_offload("device_map places modules on 'disk'")
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        # Offloaded blocks (CPU or disk) are pruned through optimum_owl.offload.BlockOffloader: nothing to refuse.
+        return
 
     # --- loading a compact checkpoint
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: Any = None, **kwargs: Any):
@@ -288,9 +256,6 @@ class OWLHfQuantizer(HfQuantizer):
                 model._weight_conversions = [c for c in conversions if not _is_own_converter(c)]
             _mark_dense_model(model)
             return model
-        offloaded = _offloaded_params(model)
-        if offloaded and not offload_supported():
-            _refuse_offload(f"{len(offloaded)} parameters are offloaded, e.g. {offloaded[0]}")
         return prune_loaded_model(model, self)
 
     # --- saving
@@ -331,16 +296,14 @@ def _clean_config(config: OWLPrunerConfig) -> OWLPrunerConfig:
 
 
 def prune_loaded_model(model: nn.Module, quantizer: OWLHfQuantizer) -> nn.Module:
-    """Prune-on-load: run `OWLPruner` on a freshly loaded model with the data carried by the config."""
-    from ..pruner import OWLPruner
-
+    """Prune-on-load: run the core (`engine.prune_model`) on a freshly loaded model with the data carried by the
+    config, then attach the report and mark the model for compact saving, once."""
     config: OWLPrunerConfig = quantizer.quantization_config
+    config.validate()
     tokenizer = config.tokenizer
     if tokenizer is None and config.dataset is not None:
         tokenizer = _default_tokenizer(model)
-    pruner = OWLPruner(config)
-    report = pruner.prune(model, dataset=config.dataset, tokenizer=tokenizer)
-    model.owl_report = report
+    model.owl_report = prune_model(model, config, dataset=config.dataset, tokenizer=tokenizer)
     mark_pruned(model, config)
     return model
 
@@ -363,7 +326,7 @@ def mark_pruned(model: nn.Module, config: OWLPrunerConfig | None = None) -> nn.M
     """Attach the OWL quantizer to an in-memory pruned model so that `model.save_pretrained(dir)` writes the compact
     format and `config.json` gets `quantization_config` (without calibration data or tokenizer).
 
-    Called by `OWLPruner.prune`; idempotent. The weights are not touched.
+    Called by `OWLPruner.prune` and by prune-on-load; idempotent. The weights are not touched.
 
     Args:
         model: a transformers `PreTrainedModel` whose weights hold the pruned zeros.
@@ -387,7 +350,7 @@ def mark_pruned(model: nn.Module, config: OWLPrunerConfig | None = None) -> nn.M
     if existing is not None and not isinstance(existing, OWLHfQuantizer):
         raise ValueError(
             f"The model is already quantized with {existing.quantization_config.quant_method!r}; optimum-owl cannot "
-            "store it in its compact format. Save it with `optimum_owl.checkpoint.save_dense` instead."
+            "store it in its compact format. Save it with `optimum_owl.serialization.save_dense` instead."
         )
     if config is None:
         current = getattr(model.config, "quantization_config", None)
