@@ -124,9 +124,9 @@ def _module_lists(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers.pytorch_utils.Conv1D: weight [in, out], y = x @ W + b
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+def is_conv1d(module: nn.Module) -> bool:
+    """THE check for transformers' GPT-2 style `Conv1D` (weight stored transposed, `[in, out]`; y = x @ W + b)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -152,7 +152,7 @@ def find_units(block: nn.Module, prefix: str, ignore: list[str] | tuple[str, ...
         if isinstance(module, nn.Linear):
             if not matches_any(name, patterns):
                 units.append(Unit(name, module, "linear"))
-        elif _is_conv1d(module):
+        elif is_conv1d(module) and getattr(module, "weight", None) is not None:
             if not matches_any(name, patterns):
                 units.append(Unit(name, module, "conv1d", transposed=True))
         elif is_fused_experts(module):

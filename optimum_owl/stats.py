@@ -44,6 +44,23 @@ class RowNorms:
         mean, mean_sq = self.sum / self.tokens, self.sum_sq / self.tokens
         return (mean.to(device), mean_sq.to(device)) if device is not None else (mean, mean_sq)
 
+    def rms(self) -> torch.Tensor | None:
+        """Root mean square per feature, sqrt(Σ x_j² / tokens); `None` before any token was seen."""
+        if self.sum_sq is None or self.tokens == 0:
+            return None
+        return (self.sum_sq / self.tokens).sqrt()
+
+    def all_reduce(self) -> None:
+        """Sum Σ x², Σ x and the token count over the ranks of an initialised `torch.distributed` group."""
+        if self.sum_sq is None:
+            return
+        torch.distributed.all_reduce(self.sum_sq)
+        if self.sum is not None:
+            torch.distributed.all_reduce(self.sum)
+        t = torch.tensor([float(self.tokens)], device=self.sum_sq.device)
+        torch.distributed.all_reduce(t)
+        self.tokens = int(t.item())
+
     def norms(self, columns: int, device: torch.device | None = None) -> torch.Tensor:
         """‖X_j‖₂ over all tokens seen (zeros for a unit that saw none, e.g. an unused expert)."""
         if self.sum_sq is None:

@@ -41,6 +41,7 @@ from ..bitmask import (
 from ..config import OWLPrunerConfig
 from ..engine import prune_model
 from ..errors import OWLOffloadError  # noqa: F401  (defined in optimum_owl.errors)
+from ..modeling import is_conv1d
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +92,7 @@ def compressible_names(model: nn.Module) -> list[str]:
             excluded.update(f"{n}.weight" for n, m in model.named_modules() if m is module)
     names = []
     for module_name, module in model.named_modules():
-        is_conv1d = type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-        if not (isinstance(module, nn.Linear) or is_conv1d) or getattr(module, "weight", None) is None:
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)) or getattr(module, "weight", None) is None:
             continue
         name = f"{module_name}.weight" if module_name else "weight"
         if name not in excluded:

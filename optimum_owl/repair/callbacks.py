@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 from ..allocation import outlier_ratio, owl_allocation
 from ..masks import keep_mask_per_row
 from ..modeling import Unit, get_blocks_and_units
+from ..stats import RowNorms
 from .sparsity import ADAPTER_MARKERS, block_sparsity, prunable_params, unwrap_peft
 
 logger = logging.getLogger(__name__)
@@ -61,9 +62,6 @@ class _MaskKeeper:
                 for value in state.values():
                     if isinstance(value, torch.Tensor) and value.shape == param.shape:
                         value.masked_fill_(pruned.to(value.device), 0)
-
-    def violations(self) -> int:
-        return sum(int((p.detach() != 0)[m.to(p.device)].sum()) for p, m in self.pruned.values())
 
 
 class SparsityPreservingCallback(TrainerCallback):
@@ -187,12 +185,12 @@ def cubic_sparsity(step: int, final_sparsity: float, start_step: int, end_step: 
     return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - frac) ** 3
 
 
-class _InputNorms:
-    """Running `Σ x_j²` per input column of the linear layers of the blocks (Wanda's ‖X_j‖₂²), training only."""
+class _TrainingInputNorms:
+    """Training-time input statistics of the blocks' linear layers, in THE input-norm accumulator
+    (`stats.RowNorms`, one per unit); forward pre-hooks count training forwards only."""
 
     def __init__(self, units: list[Unit]) -> None:
-        self.sumsq: dict[str, torch.Tensor] = {}
-        self.tokens: dict[str, int] = {}
+        self.stats: dict[str, RowNorms] = {}
         self._hooks = []
         for unit in units:
             if unit.kind in ("linear", "conv1d"):
@@ -204,30 +202,24 @@ class _InputNorms:
                 return
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1]).float()
-            s = x.pow(2).sum(0)
-            self.sumsq[name] = self.sumsq[name] + s if name in self.sumsq else s
-            self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
+            self.stats.setdefault(name, RowNorms()).add(x.pow(2).sum(0), x.shape[0])
 
         return hook
 
     def norms(self, name: str) -> torch.Tensor | None:
-        if name not in self.sumsq or self.tokens.get(name, 0) == 0:
-            return None
-        return (self.sumsq[name] / self.tokens[name]).sqrt()
+        """Root mean square per input feature, `None` before any training forward."""
+        acc = self.stats.get(name)
+        return None if acc is None else acc.rms()
 
     def all_reduce(self) -> None:
         """Sum the statistics over DDP ranks so every rank computes the same scores."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
-        for name in sorted(self.sumsq):
-            torch.distributed.all_reduce(self.sumsq[name])
-            t = torch.tensor([float(self.tokens[name])], device=self.sumsq[name].device)
-            torch.distributed.all_reduce(t)
-            self.tokens[name] = int(t.item())
+        for name in sorted(self.stats):
+            self.stats[name].all_reduce()
 
     def reset(self) -> None:
-        self.sumsq.clear()
-        self.tokens.clear()
+        self.stats.clear()
 
     def remove(self) -> None:
         for h in self._hooks:
@@ -306,7 +298,7 @@ class GradualPruningCallback(TrainerCallback):
         self.keeper = _MaskKeeper()
         self.history: list[dict[str, Any]] = []
         self._units: list[list[Unit]] = []
-        self._norms: _InputNorms | None = None
+        self._norms: _TrainingInputNorms | None = None
         self._final_allocation: list[float] | None = None
         self.outlier_ratios: list[float] = []
 
@@ -339,7 +331,7 @@ class GradualPruningCallback(TrainerCallback):
                 "frozen. Prune first (OWLPruner) and repair with masked LoRA instead."
             )
         if self.criterion == "wanda":
-            self._norms = _InputNorms([u for block in self._units for u in block])
+            self._norms = _TrainingInputNorms([u for block in self._units for u in block])
         self._record_existing_zeros()
         self.keeper.install_hooks()
         if self.start_step == 0 and self.initial_sparsity > 0:
