@@ -156,7 +156,7 @@ def main() -> None:
     import gc
 
     gc.collect()
-    from optimum_owl.offload import release_freed_memory
+    from optimum_owl.memory import release_freed_memory
 
     release_freed_memory()
     after_trim = status()

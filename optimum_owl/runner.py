@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import OWLNumericalError  # noqa: F401  (defined in optimum_owl.errors)
-from .offload import release_freed_memory
+from .memory import release_freed_memory
 from .utils import map_tensors
 
 if TYPE_CHECKING:

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX, OWLCheckpointError, crc32
 from ..config import OWLPrunerConfig
-from ..integration.transformers import preflight_check
+from ..integration.preflight import preflight_check
 from ..utils import atomic_output_dir
 
 logger = logging.getLogger(__name__)
