@@ -203,7 +203,6 @@ class BlockOffloader:
             )
         self.device = resolve_device(device)
         self._folder = Path(offload_folder) if offload_folder is not None else None
-        self._own_folder = offload_folder is None
         self._active: set[int] = set()
         self._written: set[str] = set()  # files this offloader created (it may overwrite only these)
         self.writes = 0

@@ -112,7 +112,6 @@ class ResumeState:
             "finished": 0,
             "inputs_file": None,
         }
-        self.resumed_from = 0
         self._load()
 
     @classmethod
@@ -204,7 +203,6 @@ class ResumeState:
         if done < self.num_blocks and self.state.get("inputs_file"):
             raw = torch.load(self.directory / self.state["inputs_file"], map_location="cpu", weights_only=True)
             inputs = [Batch(d["hidden"], d["kwargs"], tuple(d["args"])) for d in raw]
-        self.resumed_from = done
         return done, inputs
 
     def _restore_block(self, index: int, units: Sequence[Any], scope: Callable[[int], contextlib.AbstractContextManager]) -> None:
