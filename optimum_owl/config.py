@@ -16,7 +16,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .criteria import criterion_names, get_criterion
 from .errors import OWLConfigError  # noqa: F401  (defined in optimum_owl.errors)
 from .utils import atomic_write_text
-from .validation import check_choice, check_number, parse_pattern
+from .validation import check_choice, check_number, check_range, choice_list, number_list, parse_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ CONFIG_FORMAT_VERSION = 1
 # The registered pruning criteria (optimum_owl.criteria); kept as a name for older imports.
 METHODS = criterion_names()
 LAYERWISE = ("owl", "uniform", "owl-auto", "auto", "dlp", "alphapruning", "atp")
+AUTO_FAMILIES = ("owl", "dlp", "alphapruning", "atp")  # what `layerwise="auto"` can search besides uniform
 PROPAGATION = ("sequential", "dense")
 WANDA_GROUPS = ("row", "layer")
 REFINE = ("dsnot",)
@@ -67,27 +68,20 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             Pruning criterion: `"wanda"` (|W|·‖X‖₂, no weight update), `"sparsegpt"` (OBS with weight update) or
             `"magnitude"` (|W|, one threshold per matrix).
         layerwise (`str`, *optional*, defaults to `"owl"`):
-            How sparsity is spread over blocks: `"owl"` (outlier-weighted), `"uniform"` (every block gets
-            `sparsity`), `"owl-auto"` (OWL with (M, λ) chosen on held-out calibration data), `"auto"` (the same
-            search across every family of `auto_families` and a small grid of each one's knob), or one of OWL's
-            successors: `"dlp"` (DLP, from each block's mean Wanda score, `dlp_alpha`), `"alphapruning"`
-            (AlphaPruning, data-free, from the heavy-tail exponent of each block's weight spectra,
-            `alphapruning_epsilon`), `"atp"` (ATP, sparsity rising linearly with depth, `atp_beta`). Every family
-            keeps the parameter-weighted mean block sparsity exactly at `sparsity` (docs/algorithm.md).
+            How sparsity is spread over blocks: `"owl"`, `"uniform"`, `"dlp"`, `"alphapruning"`, `"atp"` (OWL's
+            successors, docs/algorithm.md; each keeps the parameter-weighted mean at `sparsity`), `"owl-auto"` (OWL's
+            M, λ chosen on held-out calibration data) or `"auto"` (that search over every family and its knob).
         owl_m (`float`, *optional*, defaults to 5.0):
             The paper's M: a score is an outlier when it exceeds `owl_m` × the block's mean score. Must be > 0.
         owl_lambda (`float`, *optional*, defaults to 0.08):
             The paper's λ: per-block sparsities span exactly 2λ around the target. Must be ≥ 0.
         dlp_alpha (`float`, *optional*, defaults to 0.15):
-            `layerwise="dlp"`: half-width of DLP's band; block sparsities span exactly 2α around the target (before
-            clamping). The DLP paper's default. Must be ≥ 0.
+            `layerwise="dlp"`: block sparsities span 2α around the target (the DLP paper's default). ≥ 0.
         alphapruning_epsilon (`float`, *optional*, defaults to 0.2):
-            `layerwise="alphapruning"`: block sparsities are the target × (1 ± ε) before rescaling to the exact
-            mean; the AlphaPruning scripts use 0.2 for Wanda and SparseGPT on LLaMA-7B (0.3 for magnitude). In [0, 1).
+            `layerwise="alphapruning"`: block sparsities are the target × (1 ± ε), rescaled to the exact mean (the
+            AlphaPruning scripts' value for Wanda and SparseGPT). In [0, 1).
         atp_beta (`float`, *optional*, defaults to 0.005):
-            `layerwise="atp"`: ATP's common difference β, the sparsity step from one block to the next (block l of L
-            gets S − β(L−1)/2 + lβ). The ATP paper searches β in steps of 0.002 per model and sparsity; 0.005 spreads
-            30 blocks over 0.145, about OWL's 2λ = 0.16. Must be ≥ 0.
+            `layerwise="atp"`: sparsity step β from one block to the next (ATP searches it per model). ≥ 0.
         pattern (`str`, *optional*, defaults to `"unstructured"`):
             `"unstructured"` or `"N:M"`: at most N non-zeros kept in every M consecutive inputs (so `"2:4"` is 50%).
         nm_mixed (`bool`, *optional*, defaults to `False`):
@@ -141,30 +135,22 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             masks; a different config or data raises an error naming this folder. Needs
             `propagation="sequential"` and `layerwise` "owl" or "uniform".
         auto_holdout (`float`, *optional*, defaults to 0.125):
-            `layerwise="owl-auto"` / `"auto"`: fraction of the `num_samples` calibration windows held out to choose
-            among candidates (at least `min(4, num_samples // 4)` windows, and at least one); they never enter the
-            statistics used to compare candidates. The winner is then pruned once more on all windows. In (0, 0.5].
+            Searches: fraction of the calibration windows held out to choose (at least `min(4, num_samples // 4)`
+            and 1); no statistic that compares candidates sees them, the winner is refitted on all. In (0, 0.5].
         auto_owl_ms (`list[float]`, *optional*, defaults to `[3, 5, 7, 10]`):
-            `layerwise="owl-auto"` / `"auto"`: the M values searched (`owl_m` is always added).
+            Searches (`"owl-auto"`, `"auto"`): the M values searched (`owl_m` is always added).
         auto_owl_lambdas (`list[float]`, *optional*, defaults to `[0.02, 0.05, 0.08, 0.12, 0.16, 0.2]`):
-            `layerwise="owl-auto"` / `"auto"`: the λ values searched (`owl_lambda` is always added).
+            Searches: the λ values searched (`owl_lambda` is always added).
         auto_finalists (`int`, *optional*, defaults to 1):
-            `layerwise="owl-auto"` / `"auto"`: how many of the best candidates of the cheap screening are pruned
-            exactly (with `method` and sequential propagation) and scored again, next to uniform sparsity (`"auto"`:
-            the best setting of each of that many families). The configured `owl_m`, `owl_lambda` is checked
-            exactly too with `method="sparsegpt"`, and with `"auto"` whenever it screened better than uniform. A candidate replaces
-            uniform only when its held-out gain exceeds two standard errors of the mean paired difference over
-            chunks of 32 held-out tokens.
+            How many of the best screened candidates (`"auto"`: of that many families) are pruned exactly next to
+            uniform (and the configured `owl_m`, `owl_lambda`: with SparseGPT, or `"auto"` when it screened better).
+            One replaces uniform only with a held-out gain above 2 standard errors over 32-token chunks.
         auto_families (`list[str]`, *optional*, defaults to `["owl", "dlp", "alphapruning", "atp"]`):
-            `layerwise="auto"` only: the families searched besides uniform sparsity.
-        auto_dlp_alphas (`list[float]`, *optional*, defaults to `[0.05, 0.1, 0.15, 0.2, 0.25]`):
-            `layerwise="auto"` only: DLP's α values searched (`dlp_alpha` is always added).
-        auto_alphapruning_epsilons (`list[float]`, *optional*, defaults to `[0.1, 0.2, 0.3]`):
-            `layerwise="auto"` only: AlphaPruning's ε values searched (`alphapruning_epsilon` is always added).
-        auto_atp_betas (`list[float]`, *optional*):
-            `layerwise="auto"` only: ATP's β values searched (`atp_beta` is always added). `None` (default): the β
-            that spread the block sparsities over 0.08, 0.16, 0.24 and 0.32 from the first block to the last,
-            β = spread / (L − 1).
+            `layerwise="auto"`: the families searched besides uniform.
+        auto_dlp_alphas, auto_alphapruning_epsilons, auto_atp_betas (`list[float]`, *optional*):
+            `layerwise="auto"`: each family's knob values searched (defaults `[0.05, 0.1, 0.15, 0.2, 0.25]`,
+            `[0.1, 0.2, 0.3]`, and for ATP `None`: the β that spread the block sparsities over 0.08–0.32 from the
+            first block to the last); the configured knob is always added.
         refine (`str`, *optional*):
             Training-free refinement after the mask is chosen: `"dsnot"` (DSnoT-style swaps of pruned and kept
             weights within each row that lower the expected output error, keeping every row's count). Needs
@@ -253,16 +239,9 @@ class OWLPrunerConfig(QuantizationConfigMixin):
                 f"`owl_lambda` (the paper's λ) must be ≥ 0, got {self.owl_lambda}; the paper uses 0.08 "
                 "(0 gives uniform sparsity)."
             )
-        for name, low, high, hint in (
-            ("dlp_alpha", 0.0, None, "the DLP paper uses 0.15"),
-            ("alphapruning_epsilon", 0.0, 1.0, "AlphaPruning uses 0.2-0.3"),
-            ("atp_beta", 0.0, None, "e.g. 0.005; ATP searches it in steps of 0.002"),
-        ):
-            value = getattr(self, name)
-            check_number(name, value)
-            if value < low or (high is not None and value >= high):
-                bound = f"in [{low}, {high})" if high is not None else f"≥ {low}"
-                raise OWLConfigError(f"`{name}` must be {bound}, got {value}; {hint} (0 gives uniform sparsity).")
+        check_range("dlp_alpha", self.dlp_alpha, 0.0, hint="the DLP paper uses 0.15 (0 gives uniform sparsity)")
+        check_range("alphapruning_epsilon", self.alphapruning_epsilon, 0.0, 1.0, hint="AlphaPruning uses 0.2-0.3")
+        check_range("atp_beta", self.atp_beta, 0.0, hint="e.g. 0.005; ATP searches it in steps of 0.002")
         parse_pattern(self.pattern)
         self.pattern = self.pattern.strip().lower()
         for name in ("num_samples", "seqlen", "batch_size", "sparsegpt_blocksize"):
@@ -290,10 +269,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             raise OWLConfigError(f"`block_name` must be a dotted module path such as 'model.layers', got {self.block_name!r}.")
         self._validate_scale()
         if self.nm_pattern is not None and self.nm_mixed and self.layerwise not in ("owl", "uniform"):
-            raise OWLConfigError(
-                f"`nm_mixed=True` (per-block N:M) is implemented for layerwise='owl' only, got "
-                f"layerwise={self.layerwise!r}; use layerwise='owl' or nm_mixed=False."
-            )
+            raise OWLConfigError(f"`nm_mixed=True` needs layerwise='owl', got {self.layerwise!r}; or set nm_mixed=False.")
         self._validate_auto_and_refine()
 
     def _validate_auto_and_refine(self) -> None:
@@ -304,33 +280,12 @@ class OWLPrunerConfig(QuantizationConfigMixin):
                 f"`auto_holdout` must be in (0, 0.5] (fraction of the calibration windows held out), got "
                 f"{self.auto_holdout}; e.g. 0.125."
             )
-        for name, low, high in (
-            ("auto_owl_ms", 0.0, None), ("auto_owl_lambdas", None, None), ("auto_dlp_alphas", None, None),
-            ("auto_alphapruning_epsilons", None, 1.0), ("auto_atp_betas", None, None),
-        ):
-            values = getattr(self, name)
-            if values is None and name == "auto_atp_betas":
-                continue
-            if isinstance(values, (int, float)) and not isinstance(values, bool):
-                values = [values]
-            if not isinstance(values, (list, tuple)) or not values:
-                raise OWLConfigError(f"`{name}` must be a non-empty list of numbers, got {values!r}.")
-            for v in values:
-                check_number(name, v)
-                if (low is not None and v <= low) or (low is None and v < 0) or (high is not None and v >= high):
-                    bound = "> 0" if low is not None else ("in [0, 1)" if high is not None else "≥ 0")
-                    raise OWLConfigError(f"every value of `{name}` must be {bound}, got {v!r}.")
-            setattr(self, name, [float(v) for v in values])
-        families = [self.auto_families] if isinstance(self.auto_families, str) else self.auto_families
-        allowed = ("owl", "dlp", "alphapruning", "atp")
-        if not isinstance(families, (list, tuple)) or not families or any(
-            not isinstance(f, str) or f.strip().lower() not in allowed for f in families
-        ):
-            raise OWLConfigError(
-                f"`auto_families` must be a non-empty list of {', '.join(repr(a) for a in allowed)}, got "
-                f"{self.auto_families!r}; e.g. ['owl', 'dlp']."
-            )
-        self.auto_families = list(dict.fromkeys(f.strip().lower() for f in families))
+        self.auto_owl_ms = number_list("auto_owl_ms", self.auto_owl_ms, positive=True)
+        self.auto_owl_lambdas = number_list("auto_owl_lambdas", self.auto_owl_lambdas)
+        self.auto_dlp_alphas = number_list("auto_dlp_alphas", self.auto_dlp_alphas)
+        self.auto_alphapruning_epsilons = number_list("auto_alphapruning_epsilons", self.auto_alphapruning_epsilons, high=1.0)
+        self.auto_atp_betas = number_list("auto_atp_betas", self.auto_atp_betas, optional=True)
+        self.auto_families = choice_list("auto_families", self.auto_families, AUTO_FAMILIES)
         if isinstance(self.auto_finalists, bool) or not isinstance(self.auto_finalists, int) or self.auto_finalists < 1:
             raise OWLConfigError(f"`auto_finalists` must be a positive integer, got {self.auto_finalists!r}; e.g. 1.")
         if self.refine is not None:
@@ -372,12 +327,9 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             if not isinstance(value, (str, os.PathLike)) or not str(value):
                 raise OWLConfigError(f"`{name}` must be a folder path (str), got {value!r}.")
             setattr(self, name, str(value))
-        if self.checkpoint_dir is not None and (
-            self.propagation != "sequential" or self.layerwise not in ("owl", "uniform", "atp", "alphapruning")
-        ):
+        if self.checkpoint_dir is not None and (self.propagation != "sequential" or self.layerwise not in ("owl", "uniform")):
             raise OWLConfigError(
-                f"`checkpoint_dir` (resumable runs) needs propagation='sequential' and layerwise 'owl', 'uniform', "
-                f"'atp' or 'alphapruning', "
+                f"`checkpoint_dir` (resumable runs) needs propagation='sequential' and layerwise 'owl' or 'uniform', "
                 f"got propagation={self.propagation!r}, layerwise={self.layerwise!r}; drop `checkpoint_dir` or "
                 "change those fields."
             )

@@ -170,7 +170,7 @@ def test_deterministic():
 
 def test_uniform_wins_when_owl_only_hurts(monkeypatch):
     """With a scoring that penalises any spread of block sparsities, auto falls back to uniform."""
-    import optimum_owl.search as auto
+    import optimum_owl.scoring as auto
 
     monkeypatch.setattr(auto, "token_losses", _spread_losses(1.0))
     model = _tiny_llama()
@@ -202,7 +202,7 @@ def _spread_losses(sign: float):
 
 
 def test_owl_winner_is_refitted_like_a_direct_owl_run(monkeypatch):
-    import optimum_owl.search as auto
+    import optimum_owl.scoring as auto
 
     monkeypatch.setattr(auto, "token_losses", _spread_losses(-1.0))
     model = _tiny_llama()

@@ -156,9 +156,9 @@ def _rising_losses(model, ids, batch_size):
 def test_auto_searches_every_family_and_refits_the_winner_like_a_direct_run(monkeypatch):
     import copy
 
-    import optimum_owl.search as search
+    import optimum_owl.scoring as scoring
 
-    monkeypatch.setattr(search, "token_losses", _rising_losses)
+    monkeypatch.setattr(scoring, "token_losses", _rising_losses)
     model = tiny_model("llama", layers=3)
     dense = copy.deepcopy(model)
     ids = calib_ids(12)
@@ -180,14 +180,14 @@ def test_auto_searches_every_family_and_refits_the_winner_like_a_direct_run(monk
 
 
 def test_auto_keeps_uniform_when_no_family_beats_it_beyond_the_noise(monkeypatch):
-    import optimum_owl.search as search
+    import optimum_owl.scoring as scoring
 
     def noisy(model, ids, batch_size):  # the gain flips sign from one held-out window to the next: only noise
         base = _rising_losses(model, ids, batch_size)
         signs = torch.tensor([(-1.0) ** i for i in range(ids.shape[0])], dtype=torch.float64).unsqueeze(1)
         return base + signs * (1.0 - base) * 3
 
-    monkeypatch.setattr(search, "token_losses", noisy)
+    monkeypatch.setattr(scoring, "token_losses", noisy)
     report = OWLPruner(_auto_config(auto_families=["atp"])).prune(tiny_model("llama", layers=3), dataset=calib_ids(12))
     (chosen,) = [c for c in report.candidates if c.chosen]
     assert chosen.family == "uniform" and report.block_sparsities == [0.7, 0.7, 0.7]
