@@ -19,6 +19,7 @@ Environment variables:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import logging
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "sparse_linear.cpp"
 EXTENSION_NAME = "owl_sparse"
-CFLAGS = ["-O3", "-std=c++17", "-fno-math-errno"]
+CFLAGS = ["-O3", "-fno-math-errno"]
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"tried": False, "ops": None, "reason": None}
@@ -126,7 +127,7 @@ def _build() -> Any:
         fresh = not any(build_dir.glob("*.so"))
         if fresh:
             logger.info("optimum-owl: compiling the sparse CPU kernel (once, cached in %s) ...", build_dir)
-        cpp_extension.load(
+        library = cpp_extension.load(
             name=tag,
             sources=[str(SOURCE)],
             extra_cflags=CFLAGS,
@@ -134,14 +135,88 @@ def _build() -> Any:
             is_python_module=False,
             verbose=False,
         )
-    ops = torch.ops.owl_sparse
-    if not ops.cpu_supported():
+    ops = KernelOps(ctypes.CDLL(str(library)))
+    if not ops.lib.owl_cpu_supported():
         raise RuntimeError("the kernel reports that this CPU lacks AVX2/FMA/F16C/POPCNT")
     return ops
 
 
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_p = ctypes.c_void_p
+_i64 = ctypes.c_int64
+
+
+class KernelOps:
+    """Thin ctypes wrapper over the C entry points of `csrc/sparse_linear.cpp` (the GIL is released during calls).
+
+    The callers (`SparseLinear`) own the buffers and guarantee their layout; this class checks what is cheap to check.
+    """
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+        lib.owl_cpu_supported.restype = ctypes.c_int
+        lib.owl_decode.argtypes = [_p, _i64, _p, _i64, _i64, _p, ctypes.c_int, _p, _p, _p]
+        lib.owl_decode.restype = ctypes.c_int
+        lib.owl_expand.argtypes = [_p, _i64, _i64, _i64, _p, ctypes.c_int, _p, _p]
+        lib.owl_expand.restype = ctypes.c_int
+
+    @staticmethod
+    def _check(x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor) -> int:
+        if not (x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous() and x.shape[1] == mask.shape[1] * 8):
+            raise ValueError("owl kernel: x must be contiguous float32 [n, 64 * words per row]")
+        if not (mask.dtype == torch.uint8 and mask.is_contiguous() and mask.shape[1] % 8 == 0):
+            raise ValueError("owl kernel: mask must be contiguous uint8 [out, 8 * words per row]")
+        if not (offsets.dtype == torch.int64 and offsets.is_contiguous() and offsets.numel() == mask.shape[0] + 1):
+            raise ValueError("owl kernel: offsets must be contiguous int64 [out + 1]")
+        if values.dtype not in _DTYPE_CODES or not values.is_contiguous():
+            raise ValueError(f"owl kernel: values must be contiguous float32/bfloat16/float16, got {values.dtype}")
+        return _DTYPE_CODES[values.dtype]
+
+    def decode(self, x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        """float32 `x @ W^T + bias` for a padded float32 `x` of shape `[n, 64 * wpr]`."""
+        code = self._check(x, mask, values, offsets)
+        out = mask.shape[0]
+        y = torch.empty(x.shape[0], out, dtype=torch.float32)
+        b = None if bias is None else bias.data_ptr()
+        rc = self.lib.owl_decode(x.data_ptr(), x.shape[0], mask.data_ptr(), out, mask.shape[1] // 8,
+                                 values.data_ptr(), code, offsets.data_ptr(), b, y.data_ptr())
+        if rc:
+            raise RuntimeError(f"owl kernel: owl_decode failed with code {rc}")
+        return y
+
+    def expand(self, mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, r0: int, r1: int,
+               tile: torch.Tensor) -> None:
+        """Rows `[r0, r1)` of the weight, dense float32, into `tile[: r1 - r0]` (`tile`: `[rows, 64 * wpr]`)."""
+        if not (tile.dtype == torch.float32 and tile.is_contiguous() and tile.shape[0] >= r1 - r0
+                and tile.shape[1] == mask.shape[1] * 8 and 0 <= r0 <= r1 <= mask.shape[0]):
+            raise ValueError("owl kernel: bad tile for expand")
+        code = _DTYPE_CODES[values.dtype]
+        rc = self.lib.owl_expand(mask.data_ptr(), r0, r1, mask.shape[1] // 8, values.data_ptr(), code,
+                                 offsets.data_ptr(), tile.data_ptr())
+        if rc:
+            raise RuntimeError(f"owl kernel: owl_expand failed with code {rc}")
+
+    def prefill(self, x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+                bias: torch.Tensor | None, in_features: int, tile_rows: int) -> torch.Tensor:
+        """float32 `x @ W^T + bias` by tiles: expand `tile_rows` rows to a dense buffer, then one BLAS GEMM each."""
+        self._check(x, mask, values, offsets)
+        out = mask.shape[0]
+        y = torch.empty(x.shape[0], out, dtype=torch.float32)
+        rows = max(1, min(tile_rows, out))
+        tile = torch.empty(rows, x.shape[1], dtype=torch.float32)
+        xs = x[:, :in_features]
+        for r0 in range(0, out, rows):
+            r1 = min(out, r0 + rows)
+            self.expand(mask, values, offsets, r0, r1, tile)
+            torch.mm(xs, tile[: r1 - r0, :in_features].t(), out=y[:, r0:r1])
+        if bias is not None:
+            y += bias
+        return y
+
+
 def kernel() -> Any | None:
-    """The loaded kernel ops (`torch.ops.owl_sparse`), building them on first call; None when unavailable."""
+    """The loaded kernel (`KernelOps`), building it on first call; None when it cannot be used (reason logged once)."""
     if _state["tried"]:
         return _state["ops"]
     with _lock:

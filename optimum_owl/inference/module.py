@@ -186,14 +186,28 @@ class SparseLinear(nn.Module):
 
     def _forward_kernel(self, ops: Any, x2: torch.Tensor) -> torch.Tensor:
         width = self.mask.shape[1] * 8
-        xp = x2.float()
+        xp = x2 if x2.dtype == torch.float32 else x2.float()
         if width != self.in_features:
             xp = F.pad(xp, (0, width - self.in_features))
         xp = xp.contiguous()
         bias = None if self.bias is None else self.bias.float().contiguous()
-        if x2.shape[0] < self.crossover:
-            return ops.decode(xp, self.mask, self.values, self.offsets, bias)
-        return ops.prefill(xp, self.mask, self.values, self.offsets, bias, self.in_features, self._tile_rows)
+        if x2.shape[0] >= self.crossover:
+            return ops.prefill(xp, self.mask, self.values, self.offsets, bias, self.in_features, self._tile_rows)
+        # decode: the hot path of generation; the buffers' layout was checked once (`_kernel_args`)
+        y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
+        rc = ops.lib.owl_decode(xp.data_ptr(), xp.shape[0], *self._kernel_args(ops),
+                                None if bias is None else bias.data_ptr(), y.data_ptr())
+        if rc:
+            raise RuntimeError(f"owl kernel: owl_decode failed with code {rc}")
+        return y
+
+    def _kernel_args(self, ops: Any) -> tuple:
+        key = (self.mask.data_ptr(), self.values.data_ptr(), self.offsets.data_ptr(), self.values.dtype)
+        if getattr(self, "_args_key", None) != key:  # first call, or the buffers moved (`.to()`, load_state_dict)
+            code = ops._check(torch.empty(0, self.mask.shape[1] * 8), self.mask, self.values, self.offsets)
+            self._args = (key[0], self.out_features, self.mask.shape[1] // 8, key[1], code, key[2])
+            self._args_key = key
+        return self._args
 
 
 # --------------------------------------------------------------------------------------------------- model level

@@ -13,24 +13,17 @@
 // Decode (few tokens): one pass over each row's mask. For every mask byte, the next 8 packed values are loaded,
 // expanded to their lanes with a 256-entry permutation table (vpermps), zeroed where the mask bit is clear, and
 // multiplied into up to 4 tokens' accumulators. A weight byte is read once per group of 4 tokens.
-// Prefill (many tokens): rows are expanded tile by tile into a small dense float32 buffer and multiplied with
-// at::mm (BLAS), so the cost stays that of a dense GEMM plus the expansion.
+// Prefill (many tokens): `owl_expand` expands a tile of rows into a small dense float32 buffer that the Python side
+// multiplies with torch.mm (BLAS), so the cost stays that of a dense GEMM plus the expansion.
 // Rows are split over torch's intra-op thread pool (at::parallel_for), so torch.set_num_threads applies.
-// Only the AVX2 + FMA + F16C path exists; the functions carry target attributes, and the Python loader calls them
-// only after checking the CPU flags (and each entry point checks again).
+// Only the AVX2 + FMA + F16C path exists (no AVX-512 path: none could be run or verified where this was written);
+// the functions carry target attributes, the Python loader calls them only after checking the CPU flags, and each
+// entry point checks again. Plain C entry points (ctypes) keep the first build short: only ATen/Parallel.h.
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
+#include <ATen/Parallel.h>  // at::parallel_for: torch's intra-op pool (only light headers: fast first build)
 
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -38,18 +31,17 @@
 
 namespace {
 
-// kPerm[m][lane]: index among the packed values of the value that lands in `lane` (bits of m below lane);
-// kLanes[m][lane]: all ones where bit `lane` of m is set.
+// perm[m][lane]: index among the packed values of the value that lands in `lane` (the set bits of m below lane);
+// lanes where bit `lane` of m is clear get the sign bit set (vpermps ignores it, vblendvps zeroes those lanes).
+// 256 x 32 bytes = 8 KiB, stays in L1.
 struct Tables {
   alignas(32) int32_t perm[256][8];
-  alignas(32) int32_t lanes[256][8];
   Tables() {
     for (int m = 0; m < 256; ++m) {
       int k = 0;
       for (int lane = 0; lane < 8; ++lane) {
         bool on = (m >> lane) & 1;
-        perm[m][lane] = on ? k : 0;
-        lanes[m][lane] = on ? -1 : 0;
+        perm[m][lane] = on ? k : (int32_t)0x80000000;
         k += on;
       }
     }
@@ -65,11 +57,13 @@ bool cpu_ok() {
 
 // Load 8 consecutive stored values as float32.
 OWL_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-OWL_AVX2 inline __m256 load8(const c10::BFloat16* p) {
+struct bf16 { uint16_t bits; };
+struct fp16 { uint16_t bits; };
+OWL_AVX2 inline __m256 load8(const bf16* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-OWL_AVX2 inline __m256 load8(const c10::Half* p) {
+OWL_AVX2 inline __m256 load8(const fp16* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
@@ -77,8 +71,7 @@ OWL_AVX2 inline __m256 load8(const c10::Half* p) {
 template <typename T>
 OWL_AVX2 inline __m256 expand(const T* p, unsigned m) {
   __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.perm[m]));
-  __m256 on = _mm256_load_ps(reinterpret_cast<const float*>(kTables.lanes[m]));
-  return _mm256_and_ps(_mm256_permutevar8x32_ps(load8(p), idx), on);
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(load8(p), idx), _mm256_setzero_ps(), _mm256_castsi256_ps(idx));
 }
 
 OWL_AVX2 inline float hsum(__m256 v) {
@@ -109,12 +102,12 @@ OWL_AVX2 inline void row_dot(const Args& a, int64_t r, int64_t t0) {
   for (int t = 0; t < NT; ++t)
     for (int j = 0; j < A; ++j) acc[t][j] = _mm256_setzero_ps();
   for (int64_t w = 0; w < a.wpr; ++w) {
-    const uint64_t bits = m[w];
-    if (!bits) continue;
+    if (!m[w]) continue;
+    const uint8_t* mb = reinterpret_cast<const uint8_t*>(m + w);
     const float* xw = xb + w * 64;
 #pragma GCC unroll 8
     for (int k = 0; k < 8; ++k) {
-      const unsigned byte = static_cast<unsigned>(bits >> (8 * k)) & 0xffu;
+      const unsigned byte = mb[k];
       const __m256 e = expand(v, byte);
       v += _mm_popcnt_u32(byte);
       for (int t = 0; t < NT; ++t)
@@ -168,94 +161,44 @@ OWL_AVX2 void expand_rows(const Args& a, int64_t r0, int64_t r1, int64_t tile_r0
   }
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values, const at::Tensor& offsets,
-                  const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(cpu_ok(), "owl_sparse: this CPU lacks AVX2/FMA/F16C/POPCNT; use the pure-PyTorch path");
-  TORCH_CHECK(x.device().is_cpu() && mask.device().is_cpu() && values.device().is_cpu(), "owl_sparse: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "owl_sparse: x must be [n, 64*wpr] float32");
-  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 2 && mask.is_contiguous() && mask.size(1) % 8 == 0,
-              "owl_sparse: mask must be contiguous uint8 [out, 8*wpr]");
-  TORCH_CHECK(x.size(1) == mask.size(1) * 8, "owl_sparse: x width ", x.size(1), " != 64 * words per row ", mask.size(1) * 8);
-  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.is_contiguous() && offsets.numel() == mask.size(0) + 1,
-              "owl_sparse: offsets must be int64 [out + 1]");
-  TORCH_CHECK(values.is_contiguous() && values.dim() == 1, "owl_sparse: values must be 1-D contiguous");
-  const int64_t nnz = offsets.data_ptr<int64_t>()[mask.size(0)];
-  TORCH_CHECK(values.numel() >= nnz + 16, "owl_sparse: values need 16 padding elements after the ", nnz, " non-zeros");
-  if (bias.has_value() && bias->defined())
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == mask.size(0),
-                "owl_sparse: bias must be float32 [out]");
-}
-
-Args make_args(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values, const at::Tensor& offsets,
-               const c10::optional<at::Tensor>& bias, at::Tensor& y) {
-  Args a;
-  a.mask = reinterpret_cast<const uint64_t*>(mask.data_ptr<uint8_t>());
-  a.values = values.data_ptr();
-  a.offsets = offsets.data_ptr<int64_t>();
-  a.x = x.data_ptr<float>();
-  a.bias = (bias.has_value() && bias->defined()) ? bias->data_ptr<float>() : nullptr;
-  a.y = y.data_ptr<float>();
-  a.wpr = mask.size(1) / 8;
-  a.n = x.size(0);
-  a.ldx = x.size(1);
-  a.out = mask.size(0);
-  return a;
-}
-
 template <typename F>
-void by_dtype(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    default: TORCH_CHECK(false, "owl_sparse: values must be float32, bfloat16 or float16, got ", t);
+int by_dtype(int code, F&& f) {
+  switch (code) {
+    case 0: f(float{}); return 0;
+    case 1: f(bf16{}); return 0;
+    case 2: f(fp16{}); return 0;
+    default: return 1;
   }
 }
 
-at::Tensor sparse_decode(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values, const at::Tensor& offsets,
-                         const c10::optional<at::Tensor>& bias) {
-  check_inputs(x, mask, values, offsets, bias);
-  at::Tensor y = at::empty({x.size(0), mask.size(0)}, x.options());
-  const Args a = make_args(x, mask, values, offsets, bias, y);
-  by_dtype(values.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    at::parallel_for(0, a.out, 16, [&](int64_t r0, int64_t r1) { decode_rows<T>(a, r0, r1); });
-  });
-  return y;
-}
-
-at::Tensor sparse_prefill(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
-                          const at::Tensor& offsets, const c10::optional<at::Tensor>& bias, int64_t in_features,
-                          int64_t tile_rows) {
-  check_inputs(x, mask, values, offsets, bias);
-  TORCH_CHECK(tile_rows > 0 && in_features > 0 && in_features <= x.size(1), "owl_sparse: bad tile_rows / in_features");
-  at::Tensor y = at::empty({x.size(0), mask.size(0)}, x.options());
-  const Args a = make_args(x, mask, values, offsets, bias, y);
-  const int64_t rows = std::min<int64_t>(tile_rows, a.out);
-  at::Tensor tile = at::empty({rows, x.size(1)}, x.options());
-  at::Tensor xs = x.narrow(1, 0, in_features);
-  by_dtype(values.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    for (int64_t r0 = 0; r0 < a.out; r0 += rows) {
-      const int64_t r1 = std::min(a.out, r0 + rows);
-      float* t = tile.data_ptr<float>();
-      at::parallel_for(r0, r1, 8, [&](int64_t b, int64_t e) { expand_rows<T>(a, b, e, r0, t); });
-      at::Tensor w = tile.narrow(0, 0, r1 - r0).narrow(1, 0, in_features);
-      at::Tensor dst = y.narrow(1, r0, r1 - r0);
-      at::mm_out(dst, xs, w.t());
-    }
-  });
-  if (a.bias) y.add_(*bias);
-  return y;
-}
-
-bool cpu_supported() { return cpu_ok(); }
-
 }  // namespace
 
-TORCH_LIBRARY(owl_sparse, m) {
-  m.def("decode(Tensor x, Tensor mask, Tensor values, Tensor offsets, Tensor? bias) -> Tensor", &sparse_decode);
-  m.def("prefill(Tensor x, Tensor mask, Tensor values, Tensor offsets, Tensor? bias, int in_features, int tile_rows) -> Tensor",
-        &sparse_prefill);
-  m.def("cpu_supported() -> bool", &cpu_supported);
+// C entry points, called through ctypes (optimum_owl/inference/kernel.py). The caller guarantees the layout above
+// (SparseLinear builds and owns these buffers). dtype: 0 float32, 1 bfloat16, 2 float16. Return 0 on success.
+extern "C" {
+
+int owl_cpu_supported() { return cpu_ok() ? 1 : 0; }
+
+// y[n, out] = x[n, 64*wpr] @ W^T (+ bias[out]).
+int owl_decode(const float* x, int64_t n, const uint8_t* mask, int64_t out, int64_t wpr, const void* values,
+               int dtype, const int64_t* offsets, const float* bias, float* y) {
+  if (!cpu_ok()) return 2;
+  Args a{reinterpret_cast<const uint64_t*>(mask), values, offsets, x, bias, y, wpr, n, 64 * wpr, out};
+  return by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) { decode_rows<T>(a, r0, r1); });
+  });
 }
+
+// Rows [r0, r1) of W as dense float32 into tile[(r - r0) * 64 * wpr + c] (for the prefill GEMM done by torch).
+int owl_expand(const uint8_t* mask, int64_t r0, int64_t r1, int64_t wpr, const void* values, int dtype,
+               const int64_t* offsets, float* tile) {
+  if (!cpu_ok()) return 2;
+  Args a{reinterpret_cast<const uint64_t*>(mask), values, offsets, nullptr, nullptr, nullptr, wpr, 0, 0, 0};
+  return by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(r0, r1, 8, [&](int64_t b, int64_t e) { expand_rows<T>(a, b, e, r0, tile); });
+  });
+}
+
+}  // extern "C"
