@@ -28,7 +28,7 @@ def test_smollm2_sparse_greedy_generation_identical_to_dense_with_zeros(dtype):
     tokenizer = AutoTokenizer.from_pretrained(SMOLLM, gguf_file=GGUF)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # 60% unstructured, magnitude per row (as a pruned model would be)
-        for name, module in model.named_modules():
+        for module in model.modules():
             if isinstance(module, nn.Linear) and module is not model.get_output_embeddings():
                 w = module.weight
                 k = int(0.6 * w.shape[1])

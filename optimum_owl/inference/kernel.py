@@ -202,14 +202,16 @@ class KernelOps:
         """float32 `x @ W^T + bias` by tiles: expand `tile_rows` rows to a dense buffer, then one BLAS GEMM each."""
         self._check(x, mask, values, offsets)
         out = mask.shape[0]
-        y = torch.empty(x.shape[0], out, dtype=torch.float32)
+        # y^T row blocks are contiguous, so each tile's GEMM writes straight into its place (no strided output)
+        y_t = torch.empty(out, x.shape[0], dtype=torch.float32)
         rows = max(1, min(tile_rows, out))
         tile = torch.empty(rows, x.shape[1], dtype=torch.float32)
-        xs = x[:, :in_features]
+        xs_t = x[:, :in_features].t()
         for r0 in range(0, out, rows):
             r1 = min(out, r0 + rows)
             self.expand(mask, values, offsets, r0, r1, tile)
-            torch.mm(xs, tile[: r1 - r0, :in_features].t(), out=y[:, r0:r1])
+            torch.mm(tile[: r1 - r0, :in_features], xs_t, out=y_t[r0:r1])
+        y = y_t.t()
         if bias is not None:
             y += bias
         return y

@@ -22,10 +22,12 @@ from .kernel import kernel
 
 logger = logging.getLogger(__name__)
 
-# Calls with at least this many tokens use the prefill kernel (tile expansion + GEMM); see docs/inference.md.
-DEFAULT_CROSSOVER = 12
-# Rows expanded per prefill tile are chosen so that a float32 tile takes about this many bytes.
-TILE_BYTES = 1 << 20
+# Calls with at least this many tokens use the prefill path (tile expansion + GEMM); measured with
+# `bench/inference.py crossover` (docs/inference.md).
+DEFAULT_CROSSOVER = 32
+# Rows expanded per prefill tile are chosen so that a float32 tile takes about this many bytes (fewer, larger GEMMs
+# were faster than L2-sized tiles on the benchmark machine).
+TILE_BYTES = 4 << 20
 
 _warned: set[str] = set()
 
@@ -61,7 +63,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("offsets", packed.offsets, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self._nnz = packed.nnz
-        self._tile_rows = max(16, TILE_BYTES // (4 * self.mask.shape[1] * 8))
+        self._tile_rows = max(64, TILE_BYTES // (4 * self.mask.shape[1] * 8))
 
     # ----------------------------------------------------------------------------------------- construction
     @classmethod
