@@ -6,7 +6,7 @@ Modes:
   sparse ones share embeddings, norms and head with the dense one of their dtype) and, per sparsity level, alternates
   them: batch-1 greedy decode (random prompt of `--prompt-len` tokens, exactly `--new-tokens` new tokens; the rate
   excludes the first token) and one prefill forward of `--prefill` tokens (`logits_to_keep=1`, as generate does).
-  Each figure is the best of `--repeats` alternated runs. Weight bytes read per decoded token are computed from the
+  Each decode figure is the best of `--repeats` alternated runs (prefill: `--prefill-repeats`). Weight bytes read per decoded token are computed from the
   stored tensors, so every speed-up is reported beside its memory-traffic limit (dense bytes / sparse bytes).
 - `rss`: saves the pruned model (dense checkpoint + compact checkpoint) and measures, each in a fresh subprocess, the
   peak RSS of loading it dense (`from_pretrained`) and straight into the sparse form (`load_sparse`), fp32 and bf16,
@@ -28,7 +28,6 @@ import copy
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -179,10 +178,11 @@ def run_speed(args: argparse.Namespace) -> dict:
             for name in order:
                 rate, _ = time_decode(variants[name], prompt, args.new_tokens)
                 level[name]["decode_tok_s"].append(rate)
-                if args.prefill:
+                if args.prefill and rep < args.prefill_repeats:
                     level[name]["prefill_s"].append(time_prefill(variants[name], prefill_ids))
                 print(f"sparsity {sparsity} rep {rep} {name}: decode {rate:.3f} tok/s"
-                      + (f", prefill {level[name]['prefill_s'][-1]:.2f} s" if args.prefill else ""), flush=True)
+                      + (f", prefill {level[name]['prefill_s'][-1]:.2f} s" if args.prefill and rep < args.prefill_repeats
+                         else ""), flush=True)
         summary = {}
         base = max(level["dense_fp32"]["decode_tok_s"])
         best_dense = max(base, max(level["dense_bf16"]["decode_tok_s"]))
@@ -246,7 +246,13 @@ def run_crossover(args: argparse.Namespace) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ RSS
 def _peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """VmHWM: this process's peak resident set (anonymous + mapped file pages). Not `ru_maxrss`, which a child
+    started by fork + exec inherits from its parent's size at fork time."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def rss_child(args: argparse.Namespace) -> None:
@@ -315,7 +321,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill", type=int, default=512, help="prefill length (0: skip)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="alternated decode runs per variant")
+    parser.add_argument("--prefill-repeats", type=int, default=1, help="alternated prefill runs per variant")
     parser.add_argument("--work-dir", default="/tmp/owl-inference-bench")
     parser.add_argument("--rss-sparsity", type=float, default=0.7)
     parser.add_argument("--json", default=None, help="write the result here")
