@@ -7,7 +7,7 @@ Models:
   untied head), pruned with magnitude at a uniform 70% (the checkpoint size depends only on the sparsity).
 
 For each dtype (fp32, fp16, bf16) the pruned model is saved twice, compact (`save_pretrained`) and dense
-(`optimum_owl.checkpoint.save_dense`), reloaded (weights checked bit-identical), and each checkpoint is loaded
+(`optimum_owl.serialization.save_dense`), reloaded (weights checked bit-identical), and each checkpoint is loaded
 `--repeats` times with `from_pretrained` (median wall time, page cache warm for both).
 
 Usage:
@@ -33,8 +33,8 @@ from transformers.utils import logging as hf_logging
 
 import optimum_owl  # noqa: F401  (registers the "owl" quantizer)
 from optimum_owl import OWLPruner, OWLPrunerConfig
-from optimum_owl.checkpoint import save_dense, size_summary
 from optimum_owl.integration.transformers import compressible_names
+from optimum_owl.serialization import save_dense, size_summary
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 SPARSITY = 0.7

@@ -70,7 +70,7 @@ class Phases:
 
 
 def instrument(ph: Phases) -> None:
-    from optimum_owl import offload, pruner, runner
+    from optimum_owl import offload, passes, runner
 
     def wrap(owner, attr, label, gen=False):
         fn = getattr(owner, attr)
@@ -87,15 +87,15 @@ def instrument(ph: Phases) -> None:
 
     wrap(runner.BlockRunner, "capture", "capture")
     wrap(runner.BlockRunner, "forward", lambda a, k: "forward (outputs)" if k.get("keep_outputs", True) else "forward (stats)")
-    wrap(pruner.OWLPruner, "prune_block", "prune units")
+    wrap(passes, "prune_block", "prune units")
     wrap(offload.BlockOffloader, "_write_back", "write-back")
-    orig_ratios = pruner.block_outlier_ratios
+    orig_ratios = passes.block_outlier_ratios
 
     def ratios(*a, **k):
         with ph("outlier ratios"):
             return orig_ratios(*a, **k)
 
-    pruner.block_outlier_ratios = ratios
+    passes.block_outlier_ratios = ratios
 
     from accelerate.hooks import AlignDevicesHook
 
@@ -156,7 +156,7 @@ def main() -> None:
     import gc
 
     gc.collect()
-    from optimum_owl.offload import release_freed_memory
+    from optimum_owl.memory import release_freed_memory
 
     release_freed_memory()
     after_trim = status()

@@ -1,16 +1,21 @@
-"""OWL: outlier ratios -> per-block sparsity. Pure functions of numbers and score tensors.
+"""Allocation: how much sparsity each block gets. Pure functions of numbers and score tensors (no model, no I/O).
 
-Outlier ratio of a block (Layerwise Outlier Distribution, as a fraction): the share of all the block's Wanda scores
-|W_ij|·‖X_j‖₂ (every prunable matrix concatenated) that exceed M times their mean.
+Every allocation family lives here as a small pure function; the passes (optimum_owl.passes) feed them the
+numbers they need and turn the result into `BlockPlan`s.
 
-Allocation: with r̃_i = (D_i − min D)/(max D − min D), block i gets s_i = S + 2λ·(mean r̃ − r̃_i). The mean is S and
-the spread max − min is 2λ; equal ratios give the uniform allocation (the reference divides by zero there).
+- `uniform_plans`: every block gets the target.
+- OWL (Yin et al. 2023). Outlier ratio of a block (Layerwise Outlier Distribution, as a fraction): the share of all
+  the block's Wanda scores |W_ij|·‖X_j‖₂ (every prunable matrix together) that exceed M times their mean
+  (`outlier_ratios`). With r̃_i = (D_i − min D)/(max D − min D), block i gets s_i = S + 2λ·(mean r̃ − r̃_i)
+  (`owl_allocation`): the mean is S and the spread max − min is 2λ; equal ratios give the uniform allocation (the
+  reference divides by zero there). `mixed_nm_allocation` is the per-block N:M variant.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -20,16 +25,56 @@ logger = logging.getLogger(__name__)
 MAX_BLOCK_SPARSITY = 0.999
 
 
-def outlier_ratio(scores: Iterable[torch.Tensor], owl_m: float) -> float:
-    """Fraction of all values in `scores` (taken together) above `owl_m` × their mean."""
-    scores = list(scores)
-    total = sum(float(s.sum(dtype=torch.float64)) for s in scores)
-    count = sum(s.numel() for s in scores)
+@dataclass
+class BlockPlan:
+    """What block i is pruned to: a sparsity (unstructured) or a kept count n of every m (N:M)."""
+
+    sparsity: float
+    nm: tuple[int, int] | None = None
+
+
+def outlier_ratios(scores: Callable[[], Iterable[torch.Tensor]], owl_ms: Sequence[float]) -> list[float]:
+    """For each M in `owl_ms`: the fraction of all values yielded by `scores()` (taken together) above M × their mean.
+
+    `scores` is called twice (once for the mean, once for the counts) so that a caller can compute one matrix's
+    scores at a time instead of holding a block-sized buffer.
+    """
+    total, count = 0.0, 0
+    for s in scores():
+        total += float(s.sum(dtype=torch.float64))
+        count += s.numel()
     if count == 0:
-        return 0.0
-    threshold = owl_m * total / count
-    above = sum(int((s > threshold).sum()) for s in scores)
-    return above / count
+        return [0.0 for _ in owl_ms]
+    mean = total / count
+    above = [0] * len(owl_ms)
+    for s in scores():
+        for k, m in enumerate(owl_ms):
+            above[k] += int((s > m * mean).sum())
+    return [a / count for a in above]
+
+
+def outlier_ratio(scores: Iterable[torch.Tensor], owl_m: float) -> float:
+    """`outlier_ratios` for one M over a list of score tensors."""
+    scores = list(scores)
+    return outlier_ratios(lambda: scores, [owl_m])[0]
+
+
+def uniform_plans(sparsity: float, nm: tuple[int, int] | None, num_blocks: int) -> list[BlockPlan]:
+    """Every block gets the target sparsity (or the fixed N:M pattern)."""
+    return [BlockPlan(sparsity, nm) for _ in range(num_blocks)]
+
+
+def owl_plans(
+    ratios: Sequence[float], sparsity: float, owl_lambda: float, nm: tuple[int, int] | None = None
+) -> tuple[list[BlockPlan], bool]:
+    """OWL plans from outlier ratios: `owl_allocation` (unstructured) or `mixed_nm_allocation` (N:M).
+
+    Returns `(plans, clamped)` (`clamped`: the unstructured bounds changed the formula's values)."""
+    if nm is not None:
+        kept = mixed_nm_allocation(ratios, nm[0], nm[1], owl_lambda)
+        return [BlockPlan(1.0 - k / nm[1], (k, nm[1])) for k in kept], False
+    sparsities, clamped = owl_allocation(ratios, sparsity, owl_lambda)
+    return [BlockPlan(s) for s in sparsities], clamped
 
 
 def normalise(ratios: Sequence[float]) -> list[float]:

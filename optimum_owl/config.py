@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,49 +13,31 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .criteria import criterion_names, get_criterion
+from .errors import OWLConfigError  # noqa: F401  (defined in optimum_owl.errors)
 from .utils import atomic_write_text
+from .validation import check_choice, check_number, parse_pattern
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "owl_config.json"
-METHODS = ("wanda", "sparsegpt", "magnitude")
+# Version of the `owl_config.json` layout (the fields below); written into the file, checked when read.
+CONFIG_FORMAT_VERSION = 1
+# The registered pruning criteria (optimum_owl.criteria); kept as a name for older imports.
+METHODS = criterion_names()
 LAYERWISE = ("owl", "uniform", "owl-auto")
 PROPAGATION = ("sequential", "dense")
 WANDA_GROUPS = ("row", "layer")
 REFINE = ("dsnot",)
-# Fields that only live for one run (data objects); never written to JSON.
-RUNTIME_FIELDS = ("dataset", "tokenizer")
-
-
-class OWLConfigError(ValueError):
-    """A field of `OWLPrunerConfig` has a value that cannot work; the message names the field and the fix."""
-
-
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """Parse `"unstructured"` (-> `None`) or an `"N:M"` string (-> `(n, m)`).
-
-    `"N:M"` follows the hardware (NVIDIA) convention: **at most `n` non-zeros are kept in every group of `m`
-    consecutive input weights**, so `"2:4"` is 50% sparse and `"1:4"` is 75% sparse. (The OWL reference code's
-    `prune_n` counts *pruned* weights instead; `"5:8"` there is `"3:8"` here.)
-    """
-    if not isinstance(pattern, str):
-        raise OWLConfigError(f"`pattern` must be a string such as 'unstructured' or '2:4', got {pattern!r}.")
-    text = pattern.strip().lower()
-    if text == "unstructured":
-        return None
-    parts = text.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise OWLConfigError(
-            f"`pattern` must be 'unstructured' or 'N:M' with integers N < M (N non-zeros kept in every M), "
-            f"got {pattern!r}; for example pattern='2:4'."
-        )
-    n, m = (int(p) for p in parts)
-    if not 0 < n < m:
-        raise OWLConfigError(
-            f"`pattern` N:M needs 0 < N < M (N non-zeros kept in every M weights), got {n}:{m}; "
-            f"for example '2:4' keeps 2 of every 4."
-        )
-    return n, m
+# Fields with a fixed set of values (the CLI derives its `choices` from here); callables, so that criteria
+# registered after import are included.
+FIELD_CHOICES = {
+    "method": criterion_names,
+    "layerwise": lambda: LAYERWISE,
+    "propagation": lambda: PROPAGATION,
+    "wanda_group": lambda: WANDA_GROUPS,
+    "refine": lambda: REFINE,
+}
 
 
 @dataclass
@@ -221,17 +202,18 @@ class OWLPrunerConfig(QuantizationConfigMixin):
     # ----------------------------------------------------------------------------------------------- validation
     def validate(self) -> None:
         """Check every field; raise `OWLConfigError` naming the field and the fix."""
-        _check_number("sparsity", self.sparsity)
+        check_number("sparsity", self.sparsity)
         if not 0.0 <= self.sparsity < 1.0:
             raise OWLConfigError(f"`sparsity` must be in [0, 1) (fraction of zeros), got {self.sparsity}; e.g. 0.7.")
-        self.method = _check_choice("method", self.method, METHODS)
-        self.layerwise = _check_choice("layerwise", self.layerwise, LAYERWISE)
-        self.propagation = _check_choice("propagation", self.propagation, PROPAGATION)
-        self.wanda_group = _check_choice("wanda_group", self.wanda_group, WANDA_GROUPS)
-        _check_number("owl_m", self.owl_m)
+        self.method = check_choice("method", self.method, criterion_names())
+        criterion = get_criterion(self.method)
+        self.layerwise = check_choice("layerwise", self.layerwise, LAYERWISE)
+        self.propagation = check_choice("propagation", self.propagation, PROPAGATION)
+        self.wanda_group = check_choice("wanda_group", self.wanda_group, WANDA_GROUPS)
+        check_number("owl_m", self.owl_m)
         if self.owl_m <= 0:
             raise OWLConfigError(f"`owl_m` (the paper's M) must be > 0, got {self.owl_m}; the paper uses 5.")
-        _check_number("owl_lambda", self.owl_lambda)
+        check_number("owl_lambda", self.owl_lambda)
         if self.owl_lambda < 0:
             raise OWLConfigError(
                 f"`owl_lambda` (the paper's λ) must be ≥ 0, got {self.owl_lambda}; the paper uses 0.08 "
@@ -245,13 +227,15 @@ class OWLPrunerConfig(QuantizationConfigMixin):
                 raise OWLConfigError(f"`{name}` must be a positive integer, got {value!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise OWLConfigError(f"`seed` must be an integer, got {self.seed!r}.")
-        _check_number("sparsegpt_damp", self.sparsegpt_damp)
+        check_number("sparsegpt_damp", self.sparsegpt_damp)
         if self.sparsegpt_damp < 0:
             raise OWLConfigError(f"`sparsegpt_damp` must be ≥ 0, got {self.sparsegpt_damp}; the paper uses 0.01.")
-        if self.propagation == "dense" and self.method == "sparsegpt":
+        if self.propagation == "dense" and criterion.updates_weights:
+            plain = ", ".join(repr(n) for n in criterion_names() if not get_criterion(n).updates_weights)
             raise OWLConfigError(
-                "`propagation`='dense' supports method 'wanda' or 'magnitude' only: SparseGPT updates weights and "
-                "needs the Hessian of every block at once. Use propagation='sequential' with method='sparsegpt'."
+                f"`propagation`='dense' supports methods that do not update weights ({plain}) only: "
+                f"{self.method!r} updates weights and needs the statistics of every block after the pruned ones "
+                f"before it. Use propagation='sequential' with method={self.method!r}."
             )
         if isinstance(self.ignore, str):
             self.ignore = [self.ignore]
@@ -267,7 +251,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
 
     def _validate_auto_and_refine(self) -> None:
         """Fields of `layerwise="owl-auto"` and of the `refine` step."""
-        _check_number("auto_holdout", self.auto_holdout)
+        check_number("auto_holdout", self.auto_holdout)
         if not 0.0 < self.auto_holdout <= 0.5:
             raise OWLConfigError(
                 f"`auto_holdout` must be in (0, 0.5] (fraction of the calibration windows held out), got "
@@ -280,7 +264,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             if not isinstance(values, (list, tuple)) or not values:
                 raise OWLConfigError(f"`{name}` must be a non-empty list of numbers, got {values!r}.")
             for v in values:
-                _check_number(name, v)
+                check_number(name, v)
                 if (low is not None and v <= low) or (low is None and v < 0):
                     bound = "> 0" if low is not None else "≥ 0"
                     raise OWLConfigError(f"every value of `{name}` must be {bound}, got {v!r}.")
@@ -291,14 +275,16 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             if not isinstance(self.refine, str) or self.refine.strip().lower() not in REFINE:
                 raise OWLConfigError(f"`refine` must be None or 'dsnot', got {self.refine!r}.")
             self.refine = self.refine.strip().lower()
-            if self.method != "wanda":
+            if self.refine not in get_criterion(self.method).refine:
+                able = [n for n in criterion_names() if self.refine in get_criterion(n).refine]
                 raise OWLConfigError(
-                    f"`refine`='dsnot' needs method='wanda' (it swaps weights using calibration statistics and keeps "
-                    f"dense values), got method={self.method!r}; set refine=None or method='wanda'."
+                    f"`refine`={self.refine!r} needs method={' or '.join(repr(n) for n in able)} (it swaps weights "
+                    f"using calibration statistics and keeps dense values), got method={self.method!r}; set "
+                    f"refine=None or method={able[0]!r}."
                 )
         if isinstance(self.dsnot_cycles, bool) or not isinstance(self.dsnot_cycles, int) or self.dsnot_cycles < 1:
             raise OWLConfigError(f"`dsnot_cycles` must be a positive integer, got {self.dsnot_cycles!r}; e.g. 50.")
-        _check_number("dsnot_threshold", self.dsnot_threshold)
+        check_number("dsnot_threshold", self.dsnot_threshold)
         if not 0.0 <= self.dsnot_threshold < 1.0:
             raise OWLConfigError(f"`dsnot_threshold` must be in [0, 1), got {self.dsnot_threshold}; e.g. 0.001.")
 
@@ -358,6 +344,10 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             out[f.name] = list(value) if isinstance(value, (list, tuple)) else value
         return out
 
+    def to_json_dict(self) -> dict[str, Any]:
+        """`to_dict()` plus `format_version`: what `owl_config.json` holds."""
+        return {**self.to_dict(), "format_version": CONFIG_FORMAT_VERSION}
+
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
 
@@ -366,6 +356,12 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         """Build a config from `to_dict()` output (unknown keys are ignored with a warning)."""
         data = {**dict(config_dict), **kwargs}
         data.pop("quant_method", None)
+        version = data.pop("format_version", CONFIG_FORMAT_VERSION)
+        if not isinstance(version, int) or version > CONFIG_FORMAT_VERSION:
+            raise OWLConfigError(
+                f"This OWL config has `format_version`={version!r}; this optimum-owl reads format "
+                f"{CONFIG_FORMAT_VERSION} and earlier. Upgrade optimum-owl (`pip install -U optimum-owl`)."
+            )
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         unused = {k: v for k, v in data.items() if k not in names}
         if unused and not return_unused_kwargs:
@@ -387,7 +383,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             raise NotADirectoryError(f"`save_directory` {directory} exists and is not a directory.")
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / CONFIG_NAME
-        atomic_write_text(path, self.to_json_string())
+        atomic_write_text(path, json.dumps(self.to_json_dict(), indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod
@@ -404,14 +400,3 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         if "quantization_config" in data and "sparsity" not in data:
             data = data["quantization_config"]
         return cls.from_dict(data, **overrides)
-
-
-def _check_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise OWLConfigError(f"`{name}` must be a finite number, got {value!r}.")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value.strip().lower() not in choices:
-        raise OWLConfigError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}, got {value!r}.")
-    return value.strip().lower()

@@ -18,14 +18,12 @@ from typing import Any
 
 import torch
 
+from .errors import CalibrationDataError  # noqa: F401  (defined in optimum_owl.errors)
+
 logger = logging.getLogger(__name__)
 
 # Give up searching for a long-enough document after this many draws (then fall back to the joined stream).
 MAX_DRAWS_FACTOR = 20
-
-
-class CalibrationDataError(ValueError):
-    """The calibration source cannot give `num_samples` windows of `seqlen` tokens; the message says why and how."""
 
 
 def describe_source(dataset: Any) -> str:
@@ -114,7 +112,7 @@ def _materialise(dataset: Any, text_column: str) -> list[Any]:
     if isinstance(dataset, (str, os.PathLike)):
         path = Path(dataset)
         if path.exists():
-            return _read_file(path, text_column)
+            return read_texts(path, text_column, documents=True)
         if str(dataset).endswith((".txt", ".jsonl", ".json")):
             raise CalibrationDataError(f"Calibration file {dataset} does not exist.")
         try:
@@ -172,7 +170,15 @@ def _ids_list(ids: Any) -> list[int]:
     return [int(i) for i in ids]
 
 
-def _read_file(path: Path, text_column: str) -> list[str]:
+def read_texts(path: str | os.PathLike, text_column: str = "text", *, documents: bool) -> list[str]:
+    """THE reader of local text files, for calibration (`documents=True`) and evaluation (`documents=False`).
+
+    `.jsonl`: the `text_column` of every row, in order (a row without it raises `CalibrationDataError` naming the
+    line); empty texts are dropped for calibration and kept for evaluation (which joins the rows in order).
+    Any other file is UTF-8 text: for calibration it is split on blank lines into documents (a file with a single
+    paragraph is one document); for evaluation it is one text.
+    """
+    path = Path(path)
     if path.suffix == ".jsonl":
         texts = []
         with path.open(encoding="utf-8") as fh:
@@ -185,10 +191,12 @@ def _read_file(path: Path, text_column: str) -> list[str]:
                     raise CalibrationDataError(f"{path}:{line_no} is not valid JSON: {err}") from err
                 if text_column not in row:
                     raise CalibrationDataError(f"{path}:{line_no} has no {text_column!r} key; set `text_column=`.")
-                if row[text_column]:
+                if row[text_column] or not documents:
                     texts.append(row[text_column])
         return texts
     text = path.read_text(encoding="utf-8")
+    if not documents:
+        return [text]
     parts = [p for p in text.split("\n\n") if p.strip()]
     # A plain text file with few paragraphs is one document; many paragraphs are many documents.
     return parts if len(parts) > 1 else [text]

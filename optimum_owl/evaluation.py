@@ -7,7 +7,6 @@ equals the mean over tokens).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,17 +17,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import read_texts
+
 logger = logging.getLogger(__name__)
 
 
 def load_texts(source: Any, text_column: str = "text") -> list[str]:
     """Texts from a string, a list of strings, a `.txt`/`.jsonl` path, or a `datasets.Dataset`."""
     if isinstance(source, (str, os.PathLike)) and Path(source).exists():
-        path = Path(source)
-        if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as fh:
-                return [json.loads(line)[text_column] for line in fh if line.strip()]
-        return [path.read_text(encoding="utf-8")]
+        return read_texts(source, text_column, documents=False)
     if isinstance(source, str):
         return [source]
     if hasattr(source, "column_names"):

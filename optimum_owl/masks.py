@@ -69,11 +69,6 @@ def apply_keep_mask_(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-def sparsity_of(weight: torch.Tensor) -> float:
-    """Fraction of exact zeros."""
-    return float((weight == 0).sum().item()) / max(weight.numel(), 1)
-
-
 def is_valid_nm(weight: torch.Tensor, n: int, m: int) -> bool:
     """True when every group of `m` consecutive inputs of every row holds at most `n` non-zeros."""
     rows, cols = weight.shape

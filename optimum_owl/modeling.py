@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from .errors import OWLModelError  # noqa: F401  (defined in optimum_owl.errors)
 from .utils import matches_any
 
 logger = logging.getLogger(__name__)
@@ -33,10 +35,6 @@ KNOWN_BLOCK_PATHS = (
 )
 # Router and gating matrices decide where tokens go; pruning them is never intended.
 DEFAULT_IGNORE = ("*shared_expert_gate", "*.router", "*.router.*", "*.mlp.gate", "*.block_sparse_moe.gate")
-
-
-class OWLModelError(ValueError):
-    """The model's structure does not fit what the pruner needs; the message says which fix to apply."""
 
 
 @dataclass(eq=False)
@@ -126,9 +124,9 @@ def _module_lists(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers.pytorch_utils.Conv1D: weight [in, out], y = x @ W + b
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+def is_conv1d(module: nn.Module) -> bool:
+    """THE check for transformers' GPT-2 style `Conv1D` (weight stored transposed, `[in, out]`; y = x @ W + b)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -154,7 +152,7 @@ def find_units(block: nn.Module, prefix: str, ignore: list[str] | tuple[str, ...
         if isinstance(module, nn.Linear):
             if not matches_any(name, patterns):
                 units.append(Unit(name, module, "linear"))
-        elif _is_conv1d(module):
+        elif is_conv1d(module) and getattr(module, "weight", None) is not None:
             if not matches_any(name, patterns):
                 units.append(Unit(name, module, "conv1d", transposed=True))
         elif is_fused_experts(module):
@@ -182,3 +180,15 @@ def get_blocks_and_units(
             "Check `ignore` patterns or pass the right `block_name=`."
         )
     return path, blocks, units
+
+
+def load_model(name_or_path: str, **kwargs: Any) -> nn.Module:
+    """Load a causal LM (falling back to a bare `AutoModel`, e.g. BERT) from a local path or Hub id."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except ValueError:
+        logger.info("%s (%s) is not a causal LM; loading it with AutoModel", name_or_path, config.model_type)
+        return AutoModel.from_pretrained(name_or_path, **kwargs)

@@ -1,8 +1,9 @@
-"""Block-by-block execution: capture the inputs of block 0 once, then run any block over all calibration batches.
+"""Block-by-block execution: capture the inputs of block 0 once, then THE block loop (`BlockRunner.run_blocks`).
 
-The runner knows nothing about criteria: the pruner asks it to run block i (optionally inside a statistics
-context) and gets the outputs back, which become block i+1's inputs. Hidden states are kept per batch, on the
-block's device or on CPU (`offload_activations`).
+Every pass over the model (the OWL outlier pass, the sequential and dense prune passes, owl-auto's exact passes and
+refit, the report, snapshots) is one call of `run_blocks` with what it needs per block: which statistics to
+collect, what to do with the block (`visit`), and which outputs feed the next block. The runner knows nothing
+about criteria. Hidden states are kept per batch, on the block's device or on CPU (`offload_activations`).
 """
 
 from __future__ import annotations
@@ -11,26 +12,24 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from .offload import release_freed_memory
+from .errors import OWLNumericalError  # noqa: F401  (defined in optimum_owl.errors)
+from .memory import release_freed_memory
+from .utils import map_tensors
+
+if TYPE_CHECKING:
+    from .stats import BlockStats
 
 logger = logging.getLogger(__name__)
-
-# Blocks whose weights Accelerate offloads (CPU/disk) are pruned through optimum_owl.offload.BlockOffloader, which
-# writes the pruned weights back into a new offload store; prune-on-load checks this flag before allowing offload.
-SUPPORTS_OFFLOAD = True
 
 
 class _StopForward(Exception):
     """Raised by the capture hook once block 0's inputs are recorded, to skip the rest of the model."""
-
-
-class OWLNumericalError(FloatingPointError):
-    """A block produced NaN or Inf activations."""
 
 
 @dataclass
@@ -43,15 +42,7 @@ class Batch:
 
 
 def _move(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, tuple):
-        return tuple(_move(v, device) for v in value)
-    if isinstance(value, list):
-        return [_move(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: _move(v, device) for k, v in value.items()}
-    return value
+    return map_tensors(value, lambda t: t.to(device, non_blocking=True))
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -130,8 +121,13 @@ class BlockRunner:
         return captured
 
     # ------------------------------------------------------------------------------------------------ blocks
+    def block_scope(self, index: int) -> contextlib.AbstractContextManager:
+        """Block `index` with real weights on its execution device (a no-op for models held in memory)."""
+        return self.block_context(index, self.blocks[index])
+
     @contextlib.contextmanager
     def block_on_device(self, index: int) -> Iterator[nn.Module]:
+        """`block_scope`, then hand the heap pages freed by the block's work back to the OS."""
         block = self.blocks[index]
         try:
             with self.block_context(index, block):
@@ -139,6 +135,59 @@ class BlockRunner:
         finally:
             # the block's activations, statistics and scores are freed: hand heap pages glibc kept back to the OS
             release_freed_memory()
+
+    def run_blocks(
+        self,
+        inputs: list[Batch] | None,
+        visit: Callable[[int, BlockStats | None], None],
+        *,
+        statistics: Callable[[int], BlockStats | None] | None = None,
+        propagate: Literal["none", "dense", "pruned"] = "none",
+        done: Callable[[int, list[Batch] | None], None] | None = None,
+        start: int = 0,
+        desc: str | None = None,
+    ) -> list[Batch] | None:
+        """THE block loop: for each block from `start`, on its device: statistics, `visit`, propagation.
+
+        Args:
+            inputs: block `start`'s inputs (`None` when `propagate="none"`).
+            visit: `visit(i, stats)` does the pass's work on block i (prune it, take its outlier ratio, ...).
+            statistics: `statistics(i)` gives block i's `BlockStats` (or `None`: nothing to collect). A fresh one
+                (not yet `collected`) is filled by a forward of block i over `inputs` before `visit`; one already
+                collected (e.g. the dense pass's statistics of block 0) is passed through as is.
+            propagate: `"dense"`: the statistics forward also gives the next block's inputs (outputs of the block
+                *before* `visit`, one forward per block); `"pruned"`: after `visit`, a second forward gives the
+                outputs of the visited (pruned) block; `"none"`: no forward besides the statistics.
+            done: `done(i, next_inputs)` after block i (still inside its device scope; `next_inputs` is `None`
+                after the last block or without propagation).
+            start: first block to run (resumed runs).
+            desc: progress-bar label (`None`: no bar).
+
+        Returns:
+            The outputs of the last block run when propagating (`None` after the last block).
+        """
+        n = len(self.blocks)
+        for i in tqdm(range(start, n), desc=desc, leave=False, disable=desc is None):
+            last = i == n - 1
+            outputs: list[Batch] | None = None
+            with self.block_on_device(i):
+                stats = statistics(i) if statistics is not None else None
+                fresh = stats is not None and not stats.collected
+                if propagate == "dense":
+                    with stats.collecting() if fresh else contextlib.nullcontext():
+                        outputs = self.forward(i, inputs, keep_outputs=not last)
+                else:
+                    if fresh:
+                        with stats.collecting():
+                            self.forward(i, inputs, keep_outputs=False)
+                visit(i, stats)
+                del stats
+                if propagate == "pruned" and not last:
+                    outputs = self.forward(i, inputs)
+                if done is not None:
+                    done(i, outputs)
+            inputs = outputs
+        return inputs
 
     @torch.no_grad()
     def forward(self, index: int, inputs: list[Batch], keep_outputs: bool = True) -> list[Batch] | None:
@@ -165,13 +214,7 @@ class BlockRunner:
 
 
 def _detach(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, tuple):
-        return tuple(_detach(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _detach(v) for k, v in value.items()}
-    return value
+    return map_tensors(value, lambda t: t.detach())
 
 
 def _input_device(model: nn.Module) -> torch.device:

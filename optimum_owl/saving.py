@@ -1,63 +1,10 @@
-"""Loading models for pruning and saving pruned models (atomically, with the report and the config)."""
+"""Deprecated name of `optimum_owl.serialization` (saving) and `optimum_owl.modeling.load_model`."""
 
 from __future__ import annotations
 
-import logging
-import os
-from pathlib import Path
-from typing import Any
+import warnings
 
-from torch import nn
+from .modeling import load_model  # noqa: F401
+from .serialization.save import save_pruned  # noqa: F401
 
-from .config import OWLPrunerConfig
-from .report import PruneReport
-from .utils import atomic_output_dir
-
-logger = logging.getLogger(__name__)
-
-
-def load_model(name_or_path: str, **kwargs: Any) -> nn.Module:
-    """Load a causal LM (falling back to a bare `AutoModel`, e.g. BERT) from a local path or Hub id."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(name_or_path)
-    try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except ValueError:
-        logger.info("%s (%s) is not a causal LM; loading it with AutoModel", name_or_path, config.model_type)
-        return AutoModel.from_pretrained(name_or_path, **kwargs)
-
-
-def save_pruned(
-    model: nn.Module,
-    save_dir: str | os.PathLike,
-    report: PruneReport | None = None,
-    config: OWLPrunerConfig | None = None,
-    tokenizer: Any = None,
-    overwrite: bool = False,
-    dense: bool = False,
-) -> Path:
-    """Write the pruned model, tokenizer, `owl_report.json` and `owl_config.json` to `save_dir` in one rename.
-
-    The weights go in optimum-owl's compact format (values + packed bitmask per pruned weight, loading needs
-    `import optimum_owl`) unless `dense` is true: then they are plain safetensors with the zeros in place and
-    `config.json` has no `quantization_config`, as written by `optimum_owl.checkpoint.save_dense`.
-
-    Raises `FileExistsError` if `save_dir` exists and `overwrite` is false. An interrupted save leaves nothing.
-    """
-    with atomic_output_dir(save_dir, overwrite=overwrite) as tmp:
-        if dense:
-            from .checkpoint import _plain_model
-
-            with _plain_model(model):
-                model.save_pretrained(tmp)
-        else:
-            model.save_pretrained(tmp)
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(tmp)
-        if report is not None:
-            report.save(tmp)
-        if config is not None:
-            config.save_pretrained(tmp)
-    logger.info("Saved pruned model (%s format) to %s", "dense" if dense else "compact", save_dir)
-    return Path(save_dir)
+warnings.warn("`optimum_owl.saving` was renamed `optimum_owl.serialization`.", DeprecationWarning, stacklevel=2)

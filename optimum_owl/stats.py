@@ -44,6 +44,23 @@ class RowNorms:
         mean, mean_sq = self.sum / self.tokens, self.sum_sq / self.tokens
         return (mean.to(device), mean_sq.to(device)) if device is not None else (mean, mean_sq)
 
+    def rms(self) -> torch.Tensor | None:
+        """Root mean square per feature, sqrt(Σ x_j² / tokens); `None` before any token was seen."""
+        if self.sum_sq is None or self.tokens == 0:
+            return None
+        return (self.sum_sq / self.tokens).sqrt()
+
+    def all_reduce(self) -> None:
+        """Sum Σ x², Σ x and the token count over the ranks of an initialised `torch.distributed` group."""
+        if self.sum_sq is None:
+            return
+        torch.distributed.all_reduce(self.sum_sq)
+        if self.sum is not None:
+            torch.distributed.all_reduce(self.sum)
+        t = torch.tensor([float(self.tokens)], device=self.sum_sq.device)
+        torch.distributed.all_reduce(t)
+        self.tokens = int(t.item())
+
     def norms(self, columns: int, device: torch.device | None = None) -> torch.Tensor:
         """‖X_j‖₂ over all tokens seen (zeros for a unit that saw none, e.g. an unused expert)."""
         if self.sum_sq is None:
@@ -76,6 +93,10 @@ class Hessian:
         if self.h is None:
             return torch.zeros(columns, columns, dtype=STATS_DTYPE, device=device)
         return self.h.to(device) if device is not None else self.h
+
+    def norms(self, columns: int, device: torch.device | None = None) -> torch.Tensor:
+        """‖X_j‖₂ from the diagonal of Σ x xᵀ (= Σ x_j², as `RowNorms.norms`)."""
+        return torch.diagonal(self.matrix(columns, device)).clamp_min(0).sqrt()
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -132,6 +153,7 @@ class BlockStats:
         self.hessian = hessian
         self.stats: dict[str, RowNorms | Hessian] = {u.name: (Hessian() if hessian else RowNorms()) for u in units}
         self._reducer = _Reducer(hessian)
+        self.collected = False  # set once a `collecting()` context has run
 
     def __getitem__(self, name: str) -> RowNorms | Hessian:
         return self.stats[name]
@@ -154,6 +176,7 @@ class BlockStats:
             for h in handles:
                 h.remove()
             self._reducer.clear()
+            self.collected = True
 
     def _linear_hook(self, unit: Unit):
         acc = self.stats[unit.name]

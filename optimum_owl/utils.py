@@ -1,4 +1,5 @@
-"""Small helpers shared by every layer: atomic file and directory writes, name matching."""
+"""Small helpers shared by every layer: THE atomic writers (file, text, folder), THE nested-structure walker, name
+matching."""
 
 from __future__ import annotations
 
@@ -8,22 +9,47 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """`write(tmp)` writes a temporary file beside `path`, which then replaces `path` in one rename.
+
+    An interruption leaves the old file (or none), never a half-written one. Returns `path`.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically (`atomic_write`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def map_tensors(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """`value` with `fn` applied to every tensor inside nested tuples, lists and dicts (other leaves kept)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(map_tensors(v, fn) for v in value)
+    if isinstance(value, list):
+        return [map_tensors(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    return value
 
 
 @contextlib.contextmanager

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from optimum_owl import OWLPruner, OWLPrunerConfig
-from optimum_owl.auto import SCREEN_SUFFIX, beats_uniform, holdout_count
 from optimum_owl.config import OWLConfigError
 from optimum_owl.report import PruneReport
+from optimum_owl.search import SCREEN_SUFFIX, beats_uniform, holdout_count
 
 torch.set_num_threads(1)
 
@@ -132,18 +132,20 @@ def test_holdout_windows_never_touch_statistics():
     ids_b[N - k :] = _ids(n=k, seed=99)
     states = []
     for ids in (ids_a, ids_b):
-        from optimum_owl.auto import split_holdout
+        from optimum_owl.engine import prepare
         from optimum_owl.modeling import get_blocks_and_units
-        from optimum_owl.pruner import PruneState
+        from optimum_owl.passes import RunState, outlier_pass
+        from optimum_owl.runner import BlockRunner
+        from optimum_owl.search import split_holdout
 
-        pruner = OWLPruner(_config())
         model = _tiny_llama()
         path, blocks, units = get_blocks_and_units(model)
-        state = PruneState(model=model, path=path, blocks=blocks, units=units)
+        state = RunState(config=_config(), model=model, path=path, blocks=blocks, units=units,
+                         runner=BlockRunner(model, blocks))
         with torch.no_grad():
-            pruner._prepare(state, "owl-auto", ids, None)
-            split_holdout(pruner, state)
-            pruner.outlier_pass(state)
+            prepare(state, "owl-auto", ids, None)
+            split_holdout(state)
+            outlier_pass(state)
         states.append(state)
     a, b = states
     assert torch.equal(a.holdout_ids, ids_a[N - k :]) and torch.equal(b.holdout_ids, ids_b[N - k :])
@@ -168,7 +170,7 @@ def test_deterministic():
 
 def test_uniform_wins_when_owl_only_hurts(monkeypatch):
     """With a scoring that penalises any spread of block sparsities, auto falls back to uniform."""
-    import optimum_owl.auto as auto
+    import optimum_owl.search as auto
 
     monkeypatch.setattr(auto, "window_losses", _spread_losses(1.0))
     model = _tiny_llama()
@@ -200,7 +202,7 @@ def _spread_losses(sign: float):
 
 
 def test_owl_winner_is_refitted_like_a_direct_owl_run(monkeypatch):
-    import optimum_owl.auto as auto
+    import optimum_owl.search as auto
 
     monkeypatch.setattr(auto, "window_losses", _spread_losses(-1.0))
     model = _tiny_llama()

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 import optimum_owl  # noqa: F401
 from optimum_owl import OWLPruner, OWLPrunerConfig
 from optimum_owl.integration import transformers as owl_tf
-from optimum_owl.integration.transformers import OWLHfQuantizer, OWLOffloadError, mark_pruned
+from optimum_owl.integration.transformers import OWLHfQuantizer, mark_pruned
 from optimum_owl.modeling import get_blocks_and_units
 
 from .conftest import ASSETS, calib_ids, needs_assets, tiny_model
@@ -94,29 +94,6 @@ def test_prune_on_load_text_data_uses_the_models_tokenizer(tmp_path):
     assert unit_sparsity(model) == pytest.approx(0.5, abs=0.01)
     model.save_pretrained(tmp_path)
     assert "dataset" not in json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-
-
-def test_prune_on_load_refuses_disk_offload(dense_dir, tmp_path, monkeypatch):
-    from optimum_owl import runner
-
-    monkeypatch.setattr(runner, "SUPPORTS_OFFLOAD", False)  # the refusal path, for runners without offload support
-    config = OWLPrunerConfig(sparsity=0.5, method="magnitude", layerwise="uniform")
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    with pytest.raises(OWLOffloadError, match="device_map places modules on 'disk'"):
-        AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=config, device_map=device_map,
-                                             offload_folder=str(tmp_path / "off"))
-    with pytest.raises(OWLOffloadError, match="meta tensors"):  # "auto" only shows the offload after loading
-        AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=config, device_map="auto",
-                                             max_memory={"cpu": "30KB"}, offload_folder=str(tmp_path / "off2"))
-
-
-def test_offload_flag(monkeypatch):
-    from optimum_owl import runner
-
-    assert owl_tf.offload_supported() is True  # the runner prunes offloaded blocks (optimum_owl.offload)
-    monkeypatch.setattr(runner, "SUPPORTS_OFFLOAD", False)
-    assert owl_tf.offload_supported() is False
 
 
 def test_compact_checkpoint_loads_with_disk_offload(dense_dir, tmp_path):

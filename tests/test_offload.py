@@ -120,7 +120,9 @@ def test_heap_retention_limited_only_for_offloaded_models(checkpoint, calib, tmp
     OWLPruner(_config(layerwise="uniform")).prune(_load_offloaded(checkpoint, tmp_path / "offload"), dataset=calib)
     assert calls  # set before the capture (embeddings read from the store) and checked per offloaded block
     monkeypatch.undo()
-    if offload._glibc():  # glibc: mallopt accepted the fixed thresholds
+    from optimum_owl import memory
+
+    if memory.glibc():  # glibc: mallopt accepted the fixed thresholds
         assert offload.limit_heap_retention() is True
 
 

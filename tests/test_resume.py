@@ -14,9 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from optimum_owl import OWLConfigError, OWLPruner, OWLPrunerConfig
-from optimum_owl.checkpointing import STATE_FILE, CheckpointMismatchError
 from optimum_owl.modeling import get_blocks_and_units
 from optimum_owl.offload import BlockOffloader
+from optimum_owl.resume import STATE_FILE, CheckpointMismatchError
 
 NUM_LAYERS = 4
 DEVICE_MAP = {
@@ -77,15 +77,17 @@ def _load(path: Path, offload: Path | None = None):
 def _count_calls(monkeypatch, fail_at: int | None = None) -> list[int]:
     """Record which blocks get pruned; raise `Interrupted` before pruning block `fail_at`."""
     calls: list[int] = []
-    original = OWLPruner.prune_block
+    from optimum_owl import passes
 
-    def spy(self, state, index, stats, plan):
+    original = passes.prune_block
+
+    def spy(state, index, stats, plan):
         if fail_at is not None and index == fail_at:
             raise Interrupted(f"interrupted at block {index}")
         calls.append(index)
-        return original(self, state, index, stats, plan)
+        return original(state, index, stats, plan)
 
-    monkeypatch.setattr(OWLPruner, "prune_block", spy)
+    monkeypatch.setattr(passes, "prune_block", spy)
     return calls
 
 
@@ -139,7 +141,7 @@ def test_outlier_pass_is_not_repeated(checkpoint, calib, tmp_path, monkeypatch):
         raise AssertionError("the outlier pass ran again")
 
     with monkeypatch.context() as m:
-        m.setattr("optimum_owl.pruner.block_outlier_ratios", no_forward)
+        m.setattr("optimum_owl.passes.block_outlier_ratios", no_forward)
         report = OWLPruner(_config(checkpoint_dir=str(ckpt))).prune(_load(checkpoint), dataset=calib)
     ref = OWLPruner(_config()).prune(_load(checkpoint), dataset=calib)
     assert [b.outlier_ratio for b in report.blocks] == [b.outlier_ratio for b in ref.blocks]
@@ -198,14 +200,14 @@ def test_killed_process_resumes(checkpoint, calib, tmp_path):
         import os, sys, torch
         from transformers import AutoModelForCausalLM
         from optimum_owl import OWLPruner, OWLPrunerConfig
-        from optimum_owl import checkpointing
+        from optimum_owl import resume
         if sys.argv[1] == "kill":
-            original = checkpointing.RunCheckpoint.block_done
+            original = resume.ResumeState.block_done
             def block_done(self, index, units, next_inputs):
                 original(self, index, units, next_inputs)
                 if index == 1:
                     os._exit(17)
-            checkpointing.RunCheckpoint.block_done = block_done
+            resume.ResumeState.block_done = block_done
         model = AutoModelForCausalLM.from_pretrained({str(checkpoint)!r})
         cfg = OWLPrunerConfig(sparsity=0.5, owl_m=3.0, num_samples=8, seqlen=16, batch_size=4,
                               checkpoint_dir={str(ckpt)!r})

@@ -20,8 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data import load_tokenizer
     from ..evaluation import perplexity
-    from ..modeling import get_blocks_and_units
-    from ..saving import load_model
+    from ..modeling import get_blocks_and_units, load_model
 
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.tokenizer or args.model)

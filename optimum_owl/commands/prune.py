@@ -12,113 +12,110 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Optional `OWLPrunerConfig` fields exposed as flags with `default=argparse.SUPPRESS`: a flag that is not given leaves
-# the attribute out of the namespace, so the config's own default applies (defaults are never restated here).
-OPTIONAL_FIELDS = (
-    "wanda_group",
-    "sparsegpt_blocksize",
-    "sparsegpt_damp",
-    "offload_activations",
-    "device",
-    "offload_folder",
-    "checkpoint_dir",
-    "auto_owl_ms",
-    "auto_owl_lambdas",
-    "auto_holdout",
-    "auto_finalists",
-    "refine",
-    "dsnot_cycles",
-    "dsnot_threshold",
-)
+# Help text per `OWLPrunerConfig` field exposed as `--field-name`, in help groups. Everything else about a flag is
+# derived from the config field: its type (from the default), `choices` (`config.FIELD_CHOICES`), the shown default,
+# and `default=argparse.SUPPRESS`, so a flag that is not given leaves the field out and the config's own default
+# applies (defaults are never restated here).
+FLAG_HELP: dict[str, dict[str, str]] = {
+    "pruning": {
+        "sparsity": "target mean sparsity in [0, 1)",
+        "method": "pruning criterion",
+        "layerwise": "how sparsity is spread over blocks",
+        "owl_m": "the paper's M (outlier threshold multiple)",
+        "owl_lambda": "the paper's λ (spread of block sparsities is 2λ)",
+        "pattern": "'unstructured' or N:M (N non-zeros kept per M), e.g. 2:4",
+        "nm_mixed": "with OWL and N:M: per-block N (mean kept at N/M)",
+        "propagation": "sequential (exact) or dense (faster approximation)",
+        "num_samples": "calibration windows",
+        "seqlen": "tokens per calibration window",
+        "batch_size": "calibration windows run through a block at once",
+        "seed": "seed of the calibration sampling",
+        "block_name": "dotted path of the block list, e.g. model.layers",
+        "ignore": "module-name glob (or re:regex) never pruned; repeat the flag for several",
+        "text_column": "text column of a .jsonl / datasets calibration source",
+    },
+    "criteria": {
+        "wanda_group": "Wanda comparison group: row (paper) or layer",
+        "sparsegpt_blocksize": "SparseGPT columns per lazy batch update (the paper's B)",
+        "sparsegpt_damp": "SparseGPT dampening, fraction of the mean Hessian diagonal",
+    },
+    "refinement (DSnoT)": {
+        "refine": "training-free mask refinement after pruning; needs --method wanda",
+        "dsnot_cycles": "--refine dsnot: most swaps per row",
+        "dsnot_threshold": "--refine dsnot: stop a row when a swap gains less than this fraction",
+    },
+    "owl-auto (--layerwise owl-auto)": {
+        "auto_owl_ms": "M values searched (--owl-m is always added)",
+        "auto_owl_lambdas": "λ values searched (--owl-lambda is always added)",
+        "auto_holdout": "fraction of calibration windows held out to score candidates, in (0, 0.5]",
+        "auto_finalists": "best screened OWL candidates pruned exactly and scored again",
+    },
+    "memory and resuming (docs/scale.md)": {
+        "offload_activations": "keep calibration activations on CPU between blocks",
+        "device": "move each block to this device for its turn (auto, cpu, cuda:0, ...); unset: where it lives",
+        "offload_folder": "folder for the pruned weights of disk-offloaded blocks (device_map models)",
+        "checkpoint_dir": "folder for resumable runs: rerun the same command to continue after the last block",
+    },
+}
+# Every config field with a flag (all of them optional: the config's default applies when the flag is absent).
+OPTIONAL_FIELDS = tuple(name for group in FLAG_HELP.values() for name in group)
 
 
-def _config_default(name: str) -> Any:
-    """The default of `OWLPrunerConfig.<name>` (for help texts)."""
+def _field(name: str) -> dataclasses.Field:
     from ..config import OWLPrunerConfig
 
     for f in dataclasses.fields(OWLPrunerConfig):
         if f.name == name:
-            return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            return f
     raise KeyError(f"OWLPrunerConfig has no field `{name}`.")
+
+
+def _config_default(name: str) -> Any:
+    """The default of `OWLPrunerConfig.<name>` (for help texts and the flag's type)."""
+    f = _field(name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _flag_kwargs(name: str) -> dict[str, Any]:
+    """argparse keyword arguments of the flag of config field `name`, derived from the field."""
+    from ..config import FIELD_CHOICES
+
+    default = _config_default(name)
+    if isinstance(default, bool):
+        return {"action": "store_true"}
+    if isinstance(default, list):
+        if not default:  # a list of strings given one per flag (`--ignore a --ignore b`)
+            return {"action": "append", "metavar": name.upper().removesuffix("S")}
+        return {"type": type(default[0]), "nargs": "+", "metavar": name.rsplit("_", 1)[-1].upper().removesuffix("S")}
+    kwargs: dict[str, Any] = {}
+    if isinstance(default, (int, float)):
+        kwargs["type"] = type(default)
+    if name in FIELD_CHOICES:
+        kwargs.update(type=str.lower, choices=FIELD_CHOICES[name]())
+    return kwargs
+
+
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments that map one-to-one onto `OWLPrunerConfig` fields."""
-    g = p.add_argument_group("pruning")
-    g.add_argument("--sparsity", type=float, default=0.7, help="target mean sparsity in [0, 1) (default 0.7)")
-    g.add_argument("--method", default="wanda", help="wanda | sparsegpt | magnitude")
-    g.add_argument("--layerwise", default="owl", help="owl | uniform | owl-auto")
-    g.add_argument("--owl-m", type=float, default=5.0, help="the paper's M (outlier threshold multiple)")
-    g.add_argument("--owl-lambda", type=float, default=0.08, help="the paper's λ (spread of block sparsities is 2λ)")
-    g.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M (N non-zeros kept per M), e.g. 2:4")
-    g.add_argument("--nm-mixed", action="store_true", help="with OWL and N:M: per-block N (mean kept at N/M)")
-    g.add_argument("--propagation", default="sequential", help="sequential (exact) | dense (faster approximation)")
-    g.add_argument("--num-samples", type=int, default=128)
-    g.add_argument("--seqlen", type=int, default=2048)
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--block-name", default=None, help="dotted path of the block list, e.g. model.layers")
-    g.add_argument("--ignore", action="append", default=[], help="module-name glob (or re:regex) never pruned")
-    g.add_argument("--text-column", default="text")
-    add_optional_config_arguments(p)
-
-
-def add_optional_config_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags for the `OPTIONAL_FIELDS`; each help text shows the config's default."""
-    from ..config import REFINE, WANDA_GROUPS
-
-    def add(group: argparse._ArgumentGroup, name: str, text: str, **kwargs: Any) -> None:
-        default = _config_default(name)  # also fails loudly if the field is renamed or removed
-        shown = " ".join(str(v) for v in default) if isinstance(default, list) else default
-        shown = "not set" if shown is None else shown
-        group.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS, help=f"{text} (default: {shown})",
-                           **kwargs)
-
-    g = p.add_argument_group("criteria")
-    add(g, "wanda_group", "Wanda comparison group: row (paper) or layer", choices=WANDA_GROUPS)
-    add(g, "sparsegpt_blocksize", "SparseGPT columns per lazy batch update (the paper's B)", type=int,
-        metavar="N")
-    add(g, "sparsegpt_damp", "SparseGPT dampening, fraction of the mean Hessian diagonal", type=float,
-        metavar="FRACTION")
-
-    g = p.add_argument_group("refinement (DSnoT)")
-    add(g, "refine", "training-free mask refinement after pruning; needs --method wanda", choices=REFINE)
-    add(g, "dsnot_cycles", "--refine dsnot: most swaps per row", type=int, metavar="N")
-    add(g, "dsnot_threshold", "--refine dsnot: stop a row when a swap gains less than this fraction", type=float,
-        metavar="FRACTION")
-
-    g = p.add_argument_group("owl-auto (--layerwise owl-auto)")
-    add(g, "auto_owl_ms", "M values searched (--owl-m is always added)", type=float, nargs="+", metavar="M")
-    add(g, "auto_owl_lambdas", "λ values searched (--owl-lambda is always added)", type=float, nargs="+",
-        metavar="LAMBDA")
-    add(g, "auto_holdout", "fraction of calibration windows held out to score candidates, in (0, 0.5]", type=float,
-        metavar="FRACTION")
-    add(g, "auto_finalists", "best screened OWL candidates pruned exactly and scored again", type=int, metavar="N")
-
-    g = p.add_argument_group("memory and resuming (docs/scale.md)")
-    add(g, "offload_activations", "keep calibration activations on CPU between blocks", action="store_true")
-    add(g, "device", "move each block to this device for its turn (auto, cpu, cuda:0, ...); unset: where it lives")
-    add(g, "offload_folder", "folder for the pruned weights of disk-offloaded blocks (device_map models)",
-        metavar="DIR")
-    add(g, "checkpoint_dir", "folder for resumable runs: rerun the same command to continue after the last block",
-        metavar="DIR")
+    """One flag per `OWLPrunerConfig` field of `FLAG_HELP`; each help text shows the config's default."""
+    for title, fields in FLAG_HELP.items():
+        group = p.add_argument_group(title)
+        for name, text in fields.items():
+            default = _config_default(name)  # also fails loudly if the field is renamed or removed
+            shown = " ".join(str(v) for v in default) if isinstance(default, list) else default
+            shown = "not set" if shown is None or shown == "" else shown
+            group.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS, help=f"{text} (default: {shown})",
+                               **_flag_kwargs(name))
 
 
 def config_from_args(args: argparse.Namespace) -> OWLPrunerConfig:
-    """Build and validate the `OWLPrunerConfig`; optional flags that were not given keep the config's defaults."""
+    """Build and validate the `OWLPrunerConfig`; flags that were not given keep the config's defaults."""
     from ..config import OWLPrunerConfig
 
-    optional = {name: getattr(args, name) for name in OPTIONAL_FIELDS if hasattr(args, name)}
-    return OWLPrunerConfig(
-        sparsity=args.sparsity, method=args.method, layerwise=args.layerwise, owl_m=args.owl_m,
-        owl_lambda=args.owl_lambda, pattern=args.pattern, nm_mixed=args.nm_mixed, propagation=args.propagation,
-        num_samples=args.num_samples, seqlen=args.seqlen, batch_size=args.batch_size, seed=args.seed,
-        block_name=args.block_name, ignore=args.ignore, text_column=args.text_column, **optional,
-    )
+    return OWLPrunerConfig(**{name: getattr(args, name) for name in OPTIONAL_FIELDS if hasattr(args, name)})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -153,8 +150,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import load_tokenizer
     from ..evaluation import perplexity
+    from ..modeling import load_model
     from ..pruner import OWLPruner
-    from ..saving import load_model, save_pruned
+    from ..serialization import save_pruned
 
     config = config_from_args(args)  # validate before loading anything
     if Path(args.output_dir).exists() and not args.overwrite:

@@ -51,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
     from transformers import AutoTokenizer
 
+    from ..modeling import load_model
     from ..repair import RepairConfig, repair, save_masked_adapter, save_repaired
-    from ..saving import load_model
 
     if Path(args.output).exists() and not args.overwrite:
         raise FileExistsError(f"--output {args.output} already exists; pass --overwrite to replace it.")

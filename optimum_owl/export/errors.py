@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import importlib
 
+from ..errors import UnsupportedArchitectureError  # noqa: F401  (defined in optimum_owl.errors)
+
 INSTALL_HINT = 'pip install "optimum-owl[onnx]"  (installs onnx, onnxruntime and onnxscript)'
-
-
-class UnsupportedArchitectureError(ValueError):
-    """The model's architecture has no verified ONNX export path; the message lists the supported ones."""
 
 
 def require_onnx(*modules: str) -> None:

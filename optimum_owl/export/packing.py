@@ -1,13 +1,16 @@
 """Pure pack/unpack math of the compact ONNX weight storage: a keep-mask packed 8 weights per byte plus the
 non-zero values in row-major order.
 
-Bit order is little-endian within each byte: weight `k` of the flattened tensor lives in byte `k // 8`, bit
+The bits are packed by THE codec (`optimum_owl.bitmask.pack_bits`). Bit order is little-endian within each byte: weight `k` of the flattened tensor lives in byte `k // 8`, bit
 `k % 8` (value `1 << (k % 8)`). The graph-side decoder in `optimum_owl.export.storage` uses the same order.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from ..bitmask import pack_bits, unpack_bits
 
 
 def pack_mask(mask: np.ndarray) -> np.ndarray:
@@ -27,7 +30,7 @@ def pack_mask(mask: np.ndarray) -> np.ndarray:
     ```
     """
     flat = np.ascontiguousarray(mask, dtype=bool).reshape(-1)
-    return np.packbits(flat, bitorder="little")
+    return pack_bits(torch.from_numpy(flat)).numpy()
 
 
 def unpack_mask(packed: np.ndarray, numel: int) -> np.ndarray:
@@ -43,7 +46,7 @@ def unpack_mask(packed: np.ndarray, numel: int) -> np.ndarray:
     packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
     if packed.size * 8 < numel:
         raise ValueError(f"`packed` holds {packed.size * 8} bits but `numel` is {numel}; the mask is truncated.")
-    return np.unpackbits(packed, count=numel, bitorder="little").astype(bool)
+    return unpack_bits(torch.from_numpy(packed), numel).numpy()
 
 
 def encode_bitmask(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..utils import atomic_write
+
 PLOT_NAME = "owl_sparsity.png"
 PLOT_HINT = 'pip install "optimum-owl[plot]"  (installs matplotlib)'
 
@@ -62,11 +64,4 @@ def plot_block_sparsity(report: Any, path: str | os.PathLike, title: str | None 
         title or f"{cfg.get('method', '?')} + {cfg.get('layerwise', '?')}: mean sparsity {report.sparsity:.3f}", fontsize=10
     )
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..errors import HubUploadError  # noqa: F401  (defined in optimum_owl.errors)
 from ..utils import atomic_write_text
 from .card import render_model_card
 from .plot import PLOT_NAME, plot_block_sparsity
@@ -24,10 +25,6 @@ logger = logging.getLogger(__name__)
 REPORT_NAME = "owl_report.json"
 CONFIG_NAME = "owl_config.json"
 ONNX_METADATA = "owl_onnx.json"
-
-
-class HubUploadError(RuntimeError):
-    """An upload failed; the message names the local folder that was kept and the command to retry."""
 
 
 def write_card(

@@ -5,19 +5,18 @@ Registered under `quant_method="owl"` (see `optimum_owl.integration.install`), w
 - `AutoModelForCausalLM.from_pretrained(path, quantization_config=OWLPrunerConfig(..., dataset=...))` loads the dense
   weights, then prunes them with `OWLPruner` (the report lands on `model.owl_report`).
 - `model.save_pretrained(dir)` writes `quantization_config` (without calibration data) into `config.json` and stores
-  each pruned linear weight as values + packed bitmask + shape (`optimum_owl.integration.bitmask`).
+  each pruned linear weight as values + packed bitmask + shape (`optimum_owl.bitmask`).
 - `from_pretrained(dir)` of such a checkpoint checks every compressed tensor before loading (header shapes, mask
   length, mask popcount against the number of values) and after (CRC-32), and rebuilds bit-identical dense weights.
 
 Models pruned outside `from_pretrained` (`OWLPruner.apply`) are hooked in with `mark_pruned(model, config)`; a plain
-dense export (zeros in place, no `quantization_config`) is written by `optimum_owl.checkpoint.save_dense`.
+dense export (zeros in place, no `quantization_config`) is written by `optimum_owl.serialization.save_dense`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from typing import Any
 
 import torch
@@ -25,62 +24,26 @@ from torch import nn
 from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.quantizers.base import HfQuantizer
 
-from ..config import OWLPrunerConfig
-from .bitmask import (
+from ..bitmask import (
     BITMASK_SUFFIX,
     FORMAT_NAME,
     SHAPE_SUFFIX,
     OWLCheckpointError,
-    check_parts,
     compress,
     crc32,
     decompress,
-    popcount,
     stored_mask,
     worth_compressing,
 )
+from ..config import OWLPrunerConfig
+from ..engine import prune_model
+from ..errors import OWLOffloadError  # noqa: F401  (defined in optimum_owl.errors)
+from ..modeling import is_conv1d
+from .preflight import METADATA_CRC_KEY, METADATA_FORMAT_KEY, preflight_check
 
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "owl"
-# safetensors header metadata written into every shard of a compact checkpoint
-METADATA_FORMAT_KEY = "owl_format"
-METADATA_CRC_KEY = "owl_crc32"
-# Set to True (e.g. by the runner) once pruning can write through Accelerate's offload hooks.
-PRUNE_ON_LOAD_SUPPORTS_OFFLOAD = False
-
-
-class OWLOffloadError(ValueError):
-    """Prune-on-load was asked for a model whose weights are offloaded (disk, or CPU next to a GPU)."""
-
-
-def offload_supported() -> bool:
-    """Whether prune-on-load may run on a model with Accelerate-offloaded (meta) weights.
-
-    True when this module's `PRUNE_ON_LOAD_SUPPORTS_OFFLOAD` flag is set, or when `optimum_owl.runner` declares
-    `SUPPORTS_OFFLOAD = True` (the offload-aware runner does so once it can write pruned weights back into the
-    offload store).
-    """
-    if PRUNE_ON_LOAD_SUPPORTS_OFFLOAD:
-        return True
-    try:
-        from .. import runner
-    except ImportError:  # pragma: no cover - the runner ships with the package
-        return False
-    return bool(getattr(runner, "SUPPORTS_OFFLOAD", False))
-
-
-def _offloaded_params(model: nn.Module) -> list[str]:
-    return [name for name, p in model.named_parameters() if p.device.type == "meta"]
-
-
-def _refuse_offload(where: str) -> None:
-    raise OWLOffloadError(
-        f"Prune-on-load cannot run with offloaded weights ({where}): Accelerate keeps offloaded weights as meta "
-        "tensors inside its hooks, so pruning them in place would silently do nothing. Load the model without "
-        "offload (no 'disk' in `device_map`, or enough `max_memory`), prune, `save_pretrained`, and load the pruned "
-        "checkpoint with any `device_map` you like."
-    )
 
 
 # ---------------------------------------------------------------------------------------------------- which weights
@@ -124,8 +87,7 @@ def compressible_names(model: nn.Module) -> list[str]:
             excluded.update(f"{n}.weight" for n, m in model.named_modules() if m is module)
     names = []
     for module_name, module in model.named_modules():
-        is_conv1d = type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-        if not (isinstance(module, nn.Linear) or is_conv1d) or getattr(module, "weight", None) is None:
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)) or getattr(module, "weight", None) is None:
             continue
         name = f"{module_name}.weight" if module_name else "weight"
         if name not in excluded:
@@ -258,11 +220,9 @@ class OWLHfQuantizer(HfQuantizer):
         self._checksums: dict[str, list[Any]] = {}
 
     # --- environment
-    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
-        if self.pre_quantized or offload_supported():
-            return
-        if isinstance(device_map, dict) and "disk" in {str(v) for v in device_map.values()}:
-            _refuse_offload("device_map places modules on 'disk'")
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        # Offloaded blocks (CPU or disk) are pruned through optimum_owl.offload.BlockOffloader: nothing to refuse.
+        return
 
     # --- loading a compact checkpoint
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: Any = None, **kwargs: Any):
@@ -298,9 +258,6 @@ class OWLHfQuantizer(HfQuantizer):
                 model._weight_conversions = [c for c in conversions if not _is_own_converter(c)]
             _mark_dense_model(model)
             return model
-        offloaded = _offloaded_params(model)
-        if offloaded and not offload_supported():
-            _refuse_offload(f"{len(offloaded)} parameters are offloaded, e.g. {offloaded[0]}")
         return prune_loaded_model(model, self)
 
     # --- saving
@@ -341,16 +298,14 @@ def _clean_config(config: OWLPrunerConfig) -> OWLPrunerConfig:
 
 
 def prune_loaded_model(model: nn.Module, quantizer: OWLHfQuantizer) -> nn.Module:
-    """Prune-on-load: run `OWLPruner` on a freshly loaded model with the data carried by the config."""
-    from ..pruner import OWLPruner
-
+    """Prune-on-load: run the core (`engine.prune_model`) on a freshly loaded model with the data carried by the
+    config, then attach the report and mark the model for compact saving, once."""
     config: OWLPrunerConfig = quantizer.quantization_config
+    config.validate()
     tokenizer = config.tokenizer
     if tokenizer is None and config.dataset is not None:
         tokenizer = _default_tokenizer(model)
-    pruner = OWLPruner(config)
-    report = pruner.prune(model, dataset=config.dataset, tokenizer=tokenizer)
-    model.owl_report = report
+    model.owl_report = prune_model(model, config, dataset=config.dataset, tokenizer=tokenizer)
     mark_pruned(model, config)
     return model
 
@@ -373,7 +328,7 @@ def mark_pruned(model: nn.Module, config: OWLPrunerConfig | None = None) -> nn.M
     """Attach the OWL quantizer to an in-memory pruned model so that `model.save_pretrained(dir)` writes the compact
     format and `config.json` gets `quantization_config` (without calibration data or tokenizer).
 
-    Called by `OWLPruner.prune`; idempotent. The weights are not touched.
+    Called by `OWLPruner.prune` and by prune-on-load; idempotent. The weights are not touched.
 
     Args:
         model: a transformers `PreTrainedModel` whose weights hold the pruned zeros.
@@ -397,7 +352,7 @@ def mark_pruned(model: nn.Module, config: OWLPrunerConfig | None = None) -> nn.M
     if existing is not None and not isinstance(existing, OWLHfQuantizer):
         raise ValueError(
             f"The model is already quantized with {existing.quantization_config.quant_method!r}; optimum-owl cannot "
-            "store it in its compact format. Save it with `optimum_owl.checkpoint.save_dense` instead."
+            "store it in its compact format. Save it with `optimum_owl.serialization.save_dense` instead."
         )
     if config is None:
         current = getattr(model.config, "quantization_config", None)
@@ -411,121 +366,6 @@ def mark_pruned(model: nn.Module, config: OWLPrunerConfig | None = None) -> nn.M
     model.quantization_method = QUANT_METHOD
     _mark_dense_model(model)
     return model
-
-
-# ---------------------------------------------------------------------------------------------------- preflight
-def _model_shape(model: nn.Module, name: str) -> tuple[int, ...] | None:
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    candidates = [name]
-    if prefix:
-        candidates += [name.removeprefix(prefix + "."), f"{prefix}.{name}"]
-    for candidate in candidates:
-        try:
-            return tuple(model.get_parameter(candidate).shape)
-        except AttributeError:
-            continue
-    return None
-
-
-def preflight_check(checkpoint_files: list[str], model: nn.Module | None = None) -> dict[str, list[Any]]:
-    """Check every bitmask-compressed tensor of a checkpoint before transformers loads it.
-
-    Reads the safetensors headers, the small shape tensors and the packed masks (not the values), and raises
-    `OWLCheckpointError` naming the file or tensor when a file cannot be parsed (corrupt or truncated), a companion
-    tensor is missing, a dtype is wrong, the recorded shape differs from the model's, the mask length does not fit the
-    shape, or the mask's popcount differs from the number of stored values.
-
-    Returns:
-        The CRC-32 table stored in the files' metadata (checked later, tensor by tensor, while loading).
-    """
-    from safetensors import safe_open
-
-    files = [str(f) for f in checkpoint_files]
-    location: dict[str, str] = {}
-    checksums: dict[str, list[Any]] = {}
-    for file in files:
-        if not file.endswith(".safetensors"):
-            continue
-        try:
-            with safe_open(file, framework="pt") as handle:
-                for key in handle.keys():
-                    location[key] = file
-                metadata = handle.metadata() or {}
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-            raise OWLCheckpointError(
-                f"Cannot read checkpoint file {file}: {err}. The file is corrupt or truncated; re-download it or "
-                "re-save the model."
-            ) from err
-        if METADATA_CRC_KEY in metadata:
-            try:
-                checksums.update(json.loads(metadata[METADATA_CRC_KEY]))
-            except json.JSONDecodeError as err:
-                raise OWLCheckpointError(f"Corrupt `{METADATA_CRC_KEY}` metadata in {file}: {err}.") from err
-    compressed = sorted(k.removesuffix(BITMASK_SUFFIX) for k in location if k.endswith(BITMASK_SUFFIX))
-    for name in compressed:
-        missing = [name + s for s in ("", SHAPE_SUFFIX) if name + s not in location]
-        if missing:
-            raise OWLCheckpointError(
-                f"`{name}` is stored compressed but {missing} is missing from the checkpoint files (truncated or "
-                "partially copied shards?); re-download or re-save the checkpoint."
-            )
-    # one pass per file: read the small shape tensors and the packed masks, and the values' header entries
-    parts: dict[str, dict[str, Any]] = {name: {} for name in compressed}
-    wanted: dict[str, list[tuple[str, str]]] = {}
-    for name in compressed:
-        for suffix, role in (("", "values"), (BITMASK_SUFFIX, "bitmask"), (SHAPE_SUFFIX, "shape")):
-            wanted.setdefault(location[name + suffix], []).append((name, role))
-    for file, items in wanted.items():
-        try:
-            with safe_open(file, framework="pt") as handle:
-                for name, role in items:
-                    if role == "values":
-                        values_slice = handle.get_slice(name)
-                        parts[name]["values"] = (
-                            math.prod(values_slice.get_shape()),
-                            _safetensors_dtype(values_slice.get_dtype()),
-                        )
-                    else:
-                        parts[name][role] = handle.get_tensor(name + (BITMASK_SUFFIX if role == "bitmask" else SHAPE_SUFFIX))
-        except Exception as err:  # noqa: BLE001
-            raise OWLCheckpointError(f"Cannot read compressed tensors from {file}: {err}; the file is corrupt.") from err
-    for name in compressed:
-        shape, bitmask = parts[name]["shape"], parts[name]["bitmask"]
-        values_numel, values_dtype = parts[name]["values"]
-        if shape.dtype != torch.int64 or shape.dim() != 1:
-            raise OWLCheckpointError(f"`{name}{SHAPE_SUFFIX}` must be a 1-D int64 tensor, got {shape.dtype} {list(shape.shape)}.")
-        expected = _model_shape(model, name) if model is not None else None
-        check_parts(
-            values_numel,
-            values_dtype,
-            bitmask.numel(),
-            bitmask.dtype,
-            shape.tolist(),
-            name,
-            expected_shape=expected,
-            nonzeros=popcount(bitmask) if bitmask.dtype == torch.uint8 else None,
-        )
-    if compressed:
-        logger.info("Compact checkpoint: %d bitmask-compressed weights passed the preflight check", len(compressed))
-    return checksums
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "BOOL": torch.bool,
-}
-
-
-def _safetensors_dtype(name: str) -> torch.dtype:
-    return _SAFETENSORS_DTYPES.get(name, torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------- registration

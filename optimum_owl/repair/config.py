@@ -9,26 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import RepairConfigError, RepairDataError, RepairModelError, RepairWarning  # noqa: F401  (defined in optimum_owl.errors)
 from ..utils import atomic_write_text
 
 REPAIR_CONFIG_NAME = "repair_config.json"
 METHODS = ("masked_lora", "full_ft")
-
-
-class RepairConfigError(ValueError):
-    """A field of `RepairConfig` (or an argument of `repair`) cannot work; the message names it and the fix."""
-
-
-class RepairDataError(ValueError):
-    """The training or evaluation data of a repair run is unusable; the message names the argument."""
-
-
-class RepairModelError(ValueError):
-    """The model cannot be repaired as given (quantized base layers, no prunable weights, ...)."""
-
-
-class RepairWarning(UserWarning):
-    """Something about the repair run is probably not what the user meant (e.g. the model has no zeros)."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modeling import is_conv1d
 from ..utils import atomic_output_dir, matches_any
 from .config import RepairConfig, RepairConfigError, RepairModelError, RepairWarning
 from .sparsity import detect_nm, prunable_params, unwrap_peft, zeros_lost
@@ -187,7 +188,7 @@ def resolve_targets(model: nn.Module, config: RepairConfig) -> tuple[list[str], 
     Raises `RepairConfigError` (naming `target_modules`) when nothing matches, `RepairModelError` when the model
     has no prunable linear weights at all.
     """
-    params = [pp for pp in prunable_params(model) if isinstance(pp.module, nn.Linear) or _is_conv1d(pp.module)]
+    params = [pp for pp in prunable_params(model) if isinstance(pp.module, nn.Linear) or is_conv1d(pp.module)]
     if not params:
         raise RepairModelError(
             "Cannot repair `model`: its transformer blocks hold no nn.Linear / Conv1D weights that LoRA can adapt."
@@ -209,15 +210,11 @@ def resolve_targets(model: nn.Module, config: RepairConfig) -> tuple[list[str], 
     return names, any_zeros
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 def build_lora_config(model: nn.Module, config: RepairConfig, targets: list[str]) -> Any:
     """A `peft.LoraConfig` for `targets` with `MaskedLoraLinear` registered for `nn.Linear`/`Conv1D` bases."""
     _require_peft()
     base = unwrap_peft(model)
-    kinds = {_is_conv1d(base.get_submodule(t)) for t in targets}
+    kinds = {is_conv1d(base.get_submodule(t)) for t in targets}
     if len(kinds) > 1:
         raise RepairConfigError(
             "`target_modules` mixes nn.Linear and GPT-2 Conv1D layers; PEFT needs one `fan_in_fan_out` setting. "
@@ -299,7 +296,7 @@ def _nm_patterns(model: nn.Module) -> dict[str, tuple[int, int]]:
     for pp in prunable_params(model):
         w = pp.param.detach()
         if w.dim() == 2:
-            w2 = w.t() if _is_conv1d(pp.module) else w
+            w2 = w.t() if is_conv1d(pp.module) else w
             nm = detect_nm(w2)
             if nm is not None:
                 out[pp.name] = nm
@@ -337,7 +334,7 @@ def merge_masked_lora(peft_model: Any, verify: bool = True) -> nn.Module:
         mods = {pp.name: pp for pp in prunable_params(model)}
         for name, (n, m) in patterns.items():
             w = mods[name].param.detach()
-            w = w.t() if _is_conv1d(mods[name].module) else w
+            w = w.t() if is_conv1d(mods[name].module) else w
             if not is_valid_nm(w, n, m):
                 raise RuntimeError(f"Merged weight `{name}` is no longer {n}:{m} sparse.")
     return model

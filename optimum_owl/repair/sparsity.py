@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -109,3 +110,35 @@ def detect_nm(weight: torch.Tensor, candidates: tuple[tuple[int, int], ...] = ((
             if is_valid_nm(weight, n, m):
                 return n, m
     return None
+
+
+class MaskKeeper:
+    """Pruned-position masks for trainable parameters, enforced on gradients (hooks) and on weights (`apply`)."""
+
+    def __init__(self) -> None:
+        self.pruned: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
+        self._hooks: list[Any] = []
+
+    def set(self, name: str, param: nn.Parameter, pruned: torch.Tensor) -> None:
+        self.pruned[name] = (param, pruned)
+
+    def install_hooks(self) -> None:
+        self.remove_hooks()
+        for param, pruned in self.pruned.values():
+            if param.requires_grad:
+                self._hooks.append(param.register_hook(lambda g, m=pruned: g.masked_fill(m.to(g.device), 0)))
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    @torch.no_grad()
+    def apply(self, optimizer: Any = None) -> None:
+        for param, pruned in self.pruned.values():
+            param.data.masked_fill_(pruned.to(param.device), 0)
+            state = getattr(optimizer, "state", {}).get(param) if optimizer is not None else None
+            if isinstance(state, dict):
+                for value in state.values():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                        value.masked_fill_(pruned.to(value.device), 0)

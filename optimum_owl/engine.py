@@ -1,0 +1,188 @@
+"""The core of a pruning run: config -> data -> runner -> statistics -> allocation -> criterion -> masks -> report.
+
+`prune_model(model, config, dataset, tokenizer)` prunes in place and returns the `PruneReport`. It keeps every bit
+of run state in one `passes.RunState`, so any number of runs may go on at once. It neither attaches the report to
+the model nor touches saving or the transformers plugin: the callers above (`OWLPruner`, prune-on-load) do.
+
+Passes over the calibration data (L = number of blocks, one "forward" = one block over all batches):
+
+| layerwise / propagation | forwards | what happens |
+|---|---|---|
+| uniform, sequential | 2L − 1 | per block: statistics forward, prune, forward of the pruned block |
+| owl, sequential | 3L − 1 | dense outlier pass (L), then the uniform loop with s_i (block 0 reuses the dense statistics) |
+| uniform or owl, dense | L | one dense pass; every block pruned from dense-input statistics (approximation) |
+| criterion without statistics (magnitude), uniform | 0 | no calibration data needed |
+| owl-auto | see optimum_owl.search | |
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import passes, search
+from .allocation import BlockPlan
+from .config import OWLPrunerConfig
+from .data import describe_source, get_calibration_data
+from .errors import OWLConfigError
+from .modeling import get_blocks_and_units
+from .offload import make_block_offloader
+from .passes import RunState
+from .report import BlockReport, ModuleReport, PruneReport
+from .resume import ResumeState
+from .runner import BlockRunner
+
+logger = logging.getLogger(__name__)
+
+
+def prune_model(
+    model: nn.Module, config: OWLPrunerConfig, dataset: Any = None, tokenizer: Any = None, block_context: Any = None
+) -> PruneReport:
+    """Prune `model` in place with `config` and return the report (not attached to the model).
+
+    `block_context` (optional) is a callable `(index, block) -> context manager` that makes a block's weights
+    real on its execution device; by default one is made for Accelerate-offloaded models and for `config.device`.
+    """
+    start = time.perf_counter()
+    path, blocks, units = get_blocks_and_units(model, config.block_name, config.ignore)
+    if block_context is None:
+        block_context = make_block_offloader(model, config.device, config.offload_folder)
+    runner = BlockRunner(model, blocks, offload_activations=config.offload_activations, block_context=block_context)
+    state = RunState(config=config, model=model, path=path, blocks=blocks, units=units, runner=runner)
+    layerwise = effective_layerwise(state)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            calibration = prepare(state, layerwise, dataset, tokenizer)
+            open_resume(state)
+            plans = run(state, layerwise)
+    finally:
+        model.train(was_training)
+    state.timings["total"] = time.perf_counter() - start
+    report = build_report(state, plans, calibration)
+    logger.info("Pruned %s: sparsity %.4f over %d weights", type(model).__name__, report.sparsity, report.total_params)
+    return report
+
+
+def effective_layerwise(state: RunState) -> str:
+    cfg = state.config
+    if cfg.nm_pattern is not None and cfg.layerwise != "uniform" and not cfg.nm_mixed:
+        state.warn(
+            f"layerwise={cfg.layerwise!r} with a fixed N:M pattern {cfg.pattern} gives every block the same "
+            "pattern; OWL is skipped. Set nm_mixed=True for per-block N:M."
+        )
+        return "uniform"
+    if cfg.layerwise == "owl" and len(state.blocks) < 2:
+        state.warnings.append("OWL needs at least two blocks; one block gets the uniform target.")
+    return cfg.layerwise
+
+
+def needs_data(state: RunState, layerwise: str) -> bool:
+    return state.criterion.needs_data or layerwise != "uniform"
+
+
+def prepare(state: RunState, layerwise: str, dataset: Any, tokenizer: Any) -> dict[str, Any]:
+    """Calibration windows -> block 0's inputs (`state.inputs0`); returns the report's calibration entry."""
+    cfg = state.config
+    if not needs_data(state, layerwise):
+        return {"source": f"none ({cfg.method} pruning needs no data)"}
+    dataset = dataset if dataset is not None else cfg.dataset
+    tokenizer = tokenizer if tokenizer is not None else cfg.tokenizer
+    model_cfg = getattr(state.model, "config", None)
+    max_pos = getattr(model_cfg, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and cfg.seqlen > max_pos:
+        raise OWLConfigError(f"`seqlen`={cfg.seqlen} exceeds the model's max_position_embeddings={max_pos}; lower `seqlen`.")
+    t = time.perf_counter()
+    ids = get_calibration_data(dataset, tokenizer, cfg.num_samples, cfg.seqlen, cfg.seed, cfg.text_column)
+    vocab = getattr(model_cfg, "vocab_size", None)
+    if isinstance(vocab, int) and int(ids.max()) >= vocab:
+        raise OWLConfigError(
+            f"Calibration token id {int(ids.max())} is outside the model's vocabulary ({vocab}); "
+            "pass the model's own tokenizer."
+        )
+    state.timings["calibration_data"] = time.perf_counter() - t
+    state.calibration_ids = ids
+    t = time.perf_counter()
+    state.inputs0 = state.runner.capture(ids, cfg.batch_size)
+    state.timings["capture"] = time.perf_counter() - t
+    return {"source": describe_source(dataset), "num_samples": int(ids.shape[0]), "seqlen": int(ids.shape[1])}
+
+
+def open_resume(state: RunState) -> None:
+    if state.config.checkpoint_dir is not None:
+        state.resume = ResumeState.open(state.config, state.path, state.units, state.inputs0)
+
+
+def run(state: RunState, layerwise: str) -> list[BlockPlan]:
+    """The passes for `layerwise` and `propagation`; returns the per-block plans."""
+    cfg = state.config
+    uniform = passes.uniform(state)
+    if not needs_data(state, layerwise):
+        passes.prune_pass(state, uniform)
+        return uniform
+    if cfg.propagation == "dense":
+        if layerwise == "owl-auto":
+            raise OWLConfigError("`layerwise='owl-auto'` needs propagation='sequential'.")
+        if layerwise == "uniform":
+            passes.dense_prune(state, uniform, from_outlier_pass=False)
+            return uniform
+        passes.outlier_pass(state)
+        plans = passes.plan(state, state.outlier_ratios or [])
+        passes.dense_prune(state, plans, from_outlier_pass=True)
+        return plans
+    if layerwise == "uniform":
+        passes.prune_pass(state, uniform)
+        return uniform
+    if layerwise == "owl-auto":
+        search.split_holdout(state)  # held-out windows must not enter the outlier statistics
+        passes.outlier_pass(state)
+        return search.choose_and_prune(state)
+    passes.outlier_pass(state)
+    plans = passes.plan(state, state.outlier_ratios or [])
+    passes.prune_pass(state, plans)
+    return plans
+
+
+def build_report(state: RunState, plans: list[BlockPlan], calibration: dict[str, Any]) -> PruneReport:
+    model = state.model
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    report = PruneReport(
+        config=state.config.to_dict(),
+        model={"class": type(model).__name__, "name_or_path": name, "block_path": state.path},
+        timings={k: round(v, 4) for k, v in state.timings.items()},
+        warnings=list(state.warnings),
+        calibration=calibration,
+        candidates=list(state.candidates),
+    )
+    for i, units in enumerate(state.units):
+        block_zeros = block_params = 0
+        with state.runner.block_scope(i):  # offloaded weights are meta tensors outside their block's scope
+            for u in units:
+                w = u.weight()
+                zeros = int((w == 0).sum())
+                block_zeros += zeros
+                block_params += w.numel()
+                report.modules.append(
+                    ModuleReport(u.name, i, list(u.shape), round(plans[i].sparsity, 12), zeros / max(w.numel(), 1), w.numel())
+                )
+        ratio = state.outlier_ratios[i] if state.outlier_ratios is not None else None
+        report.blocks.append(
+            BlockReport(
+                index=i,
+                name=f"{state.path}.{i}",
+                outlier_ratio=ratio,
+                target_sparsity=round(plans[i].sparsity, 12),
+                achieved_sparsity=block_zeros / max(block_params, 1),
+                num_params=block_params,
+                nm=list(plans[i].nm) if plans[i].nm else None,
+            )
+        )
+        report.total_params += block_params
+        report.total_zeros += block_zeros
+    return report
+

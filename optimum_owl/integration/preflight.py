@@ -1,0 +1,134 @@
+"""Checks of a compact checkpoint's files before transformers loads them (headers, companions, mask lengths,
+popcounts), with the CRC-32 table the writer stored in the safetensors metadata."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX, OWLCheckpointError, check_parts, popcount
+
+logger = logging.getLogger(__name__)
+
+# safetensors header metadata written into every shard of a compact checkpoint
+METADATA_FORMAT_KEY = "owl_format"
+METADATA_CRC_KEY = "owl_crc32"
+
+
+def _model_shape(model: nn.Module, name: str) -> tuple[int, ...] | None:
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [name]
+    if prefix:
+        candidates += [name.removeprefix(prefix + "."), f"{prefix}.{name}"]
+    for candidate in candidates:
+        try:
+            return tuple(model.get_parameter(candidate).shape)
+        except AttributeError:
+            continue
+    return None
+
+
+def preflight_check(checkpoint_files: list[str], model: nn.Module | None = None) -> dict[str, list[Any]]:
+    """Check every bitmask-compressed tensor of a checkpoint before transformers loads it.
+
+    Reads the safetensors headers, the small shape tensors and the packed masks (not the values), and raises
+    `OWLCheckpointError` naming the file or tensor when a file cannot be parsed (corrupt or truncated), a companion
+    tensor is missing, a dtype is wrong, the recorded shape differs from the model's, the mask length does not fit the
+    shape, or the mask's popcount differs from the number of stored values.
+
+    Returns:
+        The CRC-32 table stored in the files' metadata (checked later, tensor by tensor, while loading).
+    """
+    from safetensors import safe_open
+
+    files = [str(f) for f in checkpoint_files]
+    location: dict[str, str] = {}
+    checksums: dict[str, list[Any]] = {}
+    for file in files:
+        if not file.endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():
+                    location[key] = file
+                metadata = handle.metadata() or {}
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise OWLCheckpointError(
+                f"Cannot read checkpoint file {file}: {err}. The file is corrupt or truncated; re-download it or "
+                "re-save the model."
+            ) from err
+        if METADATA_CRC_KEY in metadata:
+            try:
+                checksums.update(json.loads(metadata[METADATA_CRC_KEY]))
+            except json.JSONDecodeError as err:
+                raise OWLCheckpointError(f"Corrupt `{METADATA_CRC_KEY}` metadata in {file}: {err}.") from err
+    compressed = sorted(k.removesuffix(BITMASK_SUFFIX) for k in location if k.endswith(BITMASK_SUFFIX))
+    for name in compressed:
+        missing = [name + s for s in ("", SHAPE_SUFFIX) if name + s not in location]
+        if missing:
+            raise OWLCheckpointError(
+                f"`{name}` is stored compressed but {missing} is missing from the checkpoint files (truncated or "
+                "partially copied shards?); re-download or re-save the checkpoint."
+            )
+    # one pass per file: read the small shape tensors and the packed masks, and the values' header entries
+    parts: dict[str, dict[str, Any]] = {name: {} for name in compressed}
+    wanted: dict[str, list[tuple[str, str]]] = {}
+    for name in compressed:
+        for suffix, role in (("", "values"), (BITMASK_SUFFIX, "bitmask"), (SHAPE_SUFFIX, "shape")):
+            wanted.setdefault(location[name + suffix], []).append((name, role))
+    for file, items in wanted.items():
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for name, role in items:
+                    if role == "values":
+                        values_slice = handle.get_slice(name)
+                        parts[name]["values"] = (
+                            math.prod(values_slice.get_shape()),
+                            _safetensors_dtype(values_slice.get_dtype()),
+                        )
+                    else:
+                        parts[name][role] = handle.get_tensor(name + (BITMASK_SUFFIX if role == "bitmask" else SHAPE_SUFFIX))
+        except Exception as err:  # noqa: BLE001
+            raise OWLCheckpointError(f"Cannot read compressed tensors from {file}: {err}; the file is corrupt.") from err
+    for name in compressed:
+        shape, bitmask = parts[name]["shape"], parts[name]["bitmask"]
+        values_numel, values_dtype = parts[name]["values"]
+        if shape.dtype != torch.int64 or shape.dim() != 1:
+            raise OWLCheckpointError(f"`{name}{SHAPE_SUFFIX}` must be a 1-D int64 tensor, got {shape.dtype} {list(shape.shape)}.")
+        expected = _model_shape(model, name) if model is not None else None
+        check_parts(
+            values_numel,
+            values_dtype,
+            bitmask.numel(),
+            bitmask.dtype,
+            shape.tolist(),
+            name,
+            expected_shape=expected,
+            nonzeros=popcount(bitmask) if bitmask.dtype == torch.uint8 else None,
+        )
+    if compressed:
+        logger.info("Compact checkpoint: %d bitmask-compressed weights passed the preflight check", len(compressed))
+    return checksums
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+
+
+def _safetensors_dtype(name: str) -> torch.dtype:
+    return _SAFETENSORS_DTYPES.get(name, torch.uint8)

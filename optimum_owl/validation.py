@@ -1,0 +1,46 @@
+"""Field checks shared by the configs: numbers, choices, N:M patterns. Each error names the field and the fix."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .errors import OWLConfigError
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """Parse `"unstructured"` (-> `None`) or an `"N:M"` string (-> `(n, m)`).
+
+    `"N:M"` follows the hardware (NVIDIA) convention: **at most `n` non-zeros are kept in every group of `m`
+    consecutive input weights**, so `"2:4"` is 50% sparse and `"1:4"` is 75% sparse. (The OWL reference code's
+    `prune_n` counts *pruned* weights instead; `"5:8"` there is `"3:8"` here.)
+    """
+    if not isinstance(pattern, str):
+        raise OWLConfigError(f"`pattern` must be a string such as 'unstructured' or '2:4', got {pattern!r}.")
+    text = pattern.strip().lower()
+    if text == "unstructured":
+        return None
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise OWLConfigError(
+            f"`pattern` must be 'unstructured' or 'N:M' with integers N < M (N non-zeros kept in every M), "
+            f"got {pattern!r}; for example pattern='2:4'."
+        )
+    n, m = (int(p) for p in parts)
+    if not 0 < n < m:
+        raise OWLConfigError(
+            f"`pattern` N:M needs 0 < N < M (N non-zeros kept in every M weights), got {n}:{m}; "
+            f"for example '2:4' keeps 2 of every 4."
+        )
+    return n, m
+
+
+def check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise OWLConfigError(f"`{name}` must be a finite number, got {value!r}.")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in choices:
+        raise OWLConfigError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}, got {value!r}.")
+    return value.strip().lower()

@@ -1,0 +1,168 @@
+"""The layering of docs/architecture.md, checked on the source: no import cycle (function-local imports count), the
+core never imports the layers above it, no `from .x import _private` across modules, no module over ~400 lines,
+and the criterion registry / re-entrant engine behave as documented."""
+
+from __future__ import annotations
+
+import ast
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from optimum_owl import OWLPruner, OWLPrunerConfig
+
+from .conftest import calib_ids, tiny_model
+
+PACKAGE = Path(__file__).resolve().parents[1] / "optimum_owl"
+# Modules above the core: the core (everything else) must never import them, even inside a function.
+UPPER = ("optimum_owl.pruner", "optimum_owl.serialization", "optimum_owl.integration", "optimum_owl.export",
+         "optimum_owl.hub", "optimum_owl.repair", "optimum_owl.commands", "optimum_owl.cli", "optimum_owl.demo",
+         "optimum_owl.__main__", "optimum_owl.evaluation")
+# Deprecated re-export shims of renamed modules (they only import their new home).
+SHIMS = ("optimum_owl.auto", "optimum_owl.checkpoint", "optimum_owl.checkpointing", "optimum_owl.saving",
+         "optimum_owl.integration.bitmask")
+MAX_LINES = 420
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(imported module, imported names) for every import in the file, at any depth."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            names = [a.name for a in node.names]
+            if target.startswith("optimum_owl"):
+                out.append((target, names))
+                # `from . import x` imports the submodule x
+                out.extend((f"{target}.{n}", []) for n in names if (PACKAGE.parent / (target + "." + n).replace(".", "/")).with_suffix(".py").exists() or (PACKAGE.parent / (target + "." + n).replace(".", "/")).is_dir())
+        elif isinstance(node, ast.Import):
+            out.extend((a.name, []) for a in node.names if a.name.startswith("optimum_owl"))
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for mod, path in modules.items():
+        for target, _ in _imports(path):
+            while target and target not in modules:
+                target = target.rsplit(".", 1)[0] if "." in target else ""
+            if target and target != mod and target != "optimum_owl":
+                graph[mod].add(target)
+    return graph
+
+
+def _in(mod: str, prefixes) -> bool:
+    return any(mod == p or mod.startswith(p + ".") for p in prefixes)
+
+
+def test_no_import_cycle():
+    graph = {m: {t for t in ts if not _in(t, SHIMS)} for m, ts in _graph().items() if not _in(m, SHIMS)}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(graph.get(m, ())):
+            if state.get(t) == 1:
+                cycle = stack[stack.index(t):] + [t]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_core_never_imports_the_layers_above():
+    # the package root (`import optimum_owl`) is the public entry point, above everything
+    core = {m: ts for m, ts in _graph().items() if m != "optimum_owl" and not _in(m, UPPER) and not _in(m, SHIMS)}
+    bad = [(m, t) for m, ts in core.items() for t in ts if _in(t, UPPER)]
+    assert bad == []
+
+
+def test_no_private_names_imported_across_modules():
+    bad = []
+    for path in PACKAGE.rglob("*.py"):
+        for target, names in _imports(path):
+            bad += [(str(path.relative_to(PACKAGE)), target, n) for n in names if n.startswith("_") and n != "__all__"]
+    assert bad == []
+
+
+def test_modules_stay_small():
+    big = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert big == {}
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def test_a_new_criterion_is_one_registration():
+    from optimum_owl.criteria import Criterion, criterion_names, get_criterion, register_criterion, registry
+    from optimum_owl.masks import apply_keep_mask_, keep_mask_per_row
+
+    def prune(task):  # keep the largest |W| per row, like magnitude but per row
+        apply_keep_mask_(task.weight, keep_mask_per_row(task.weight.abs().float(), task.sparsity))
+
+    def screen(weight, norms, settings):
+        return weight.abs().float(), "row"
+
+    toy = Criterion("toy_rowmag", "none", False, prune, screen)
+    register_criterion(toy)
+    try:
+        assert "toy_rowmag" in criterion_names() and get_criterion("TOY_ROWMAG") is toy
+        model = tiny_model("llama", layers=2)
+        report = OWLPruner(OWLPrunerConfig(sparsity=0.5, method="toy_rowmag", layerwise="uniform")).prune(model)
+        assert report.calibration["source"].startswith("none")  # statistics="none": no data needed
+        assert report.sparsity == pytest.approx(0.5, abs=0.01)
+        with pytest.raises(ValueError, match="already registered"):
+            register_criterion(Criterion("toy_rowmag", "none", False, prune, screen))
+    finally:
+        registry._REGISTRY.pop("toy_rowmag", None)
+    with pytest.raises(Exception, match="toy_rowmag"):
+        OWLPrunerConfig(method="toy_rowmag")
+
+
+def test_pruner_is_reentrant():
+    """Two runs with one pruner at once (threads) give what each gives alone: no run state on the pruner."""
+    pruner = OWLPruner(OWLPrunerConfig(sparsity=0.5, num_samples=4, seqlen=16, batch_size=2))
+    models = [tiny_model("llama", layers=3, seed=s) for s in (0, 1)]
+    refs = [tiny_model("llama", layers=3, seed=s) for s in (0, 1)]
+    for ref in refs:
+        OWLPruner(pruner.config).prune(ref, dataset=calib_ids(4, 16))
+    errors = []
+
+    def work(m):
+        try:
+            pruner.prune(m, dataset=calib_ids(4, 16))
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for m, ref in zip(models, refs):
+        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
+    assert set(vars(pruner)) == {"config", "model", "tokenizer"}
