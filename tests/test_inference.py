@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from optimum_owl.bitmask import compress
 from optimum_owl.inference import SparseLinear, densify, sparsify
 from optimum_owl.inference import kernel as kernel_mod
 from optimum_owl.inference.format import from_checkpoint_parts, pack_dense, to_checkpoint_parts, unpack_dense
-from optimum_owl.integration.bitmask import compress
 
 from .conftest import ARCH_KWARGS, tiny_model
 

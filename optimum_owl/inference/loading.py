@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..integration.bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX, OWLCheckpointError, crc32
-from .module import SparseLinear, _is_conv1d, _set_submodule
+from ..bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX, OWLCheckpointError, crc32, decompress
+from .module import SparseLinear, is_conv1d, set_submodule
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,6 @@ def load_sparse(
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from ..integration.bitmask import decompress
     from ..integration.transformers import mark_pruned
 
     path = Path(path)
@@ -118,7 +117,7 @@ def load_sparse(
                 f"`{name}` in {path} names no module of {type(model).__name__}; the checkpoint does not belong to "
                 "this config. Load it with `from_pretrained` instead."
             ) from err
-        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             raise OWLCheckpointError(f"`{name}` is stored compressed but `{module_name}` is a {type(module).__name__}.")
         values, bitmask, shape = (read(k) for k in parts)
         expected = checksums.get(name)
@@ -136,10 +135,10 @@ def load_sparse(
         dims = shape.tolist()
         numel = dims[0] * dims[1] if len(dims) == 2 else 0
         sparsity = 1.0 - values.numel() / numel if numel else 0.0
-        transposed = _is_conv1d(module)
+        transposed = is_conv1d(module)
         if sparsity >= min_sparsity:
             new = SparseLinear.from_checkpoint_parts(values, bitmask, dims, bias, transposed=transposed, name=name)
-            _set_submodule(model, module_name, new)
+            set_submodule(model, module_name, new)
             sparse_count += 1
         else:
             dense = decompress(values, bitmask, shape, name=name, expected_shape=tuple(module.weight.shape))

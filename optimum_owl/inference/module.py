@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX
+from ..modeling import is_conv1d as _modeling_is_conv1d
 from .format import Packed, from_checkpoint_parts, pack_dense, to_checkpoint_parts, unpack_dense, unpack_dense_torch
 from .kernel import kernel
 
@@ -38,8 +40,9 @@ def _log_once(key: str, message: str) -> None:
         logger.info(message)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+def is_conv1d(module: nn.Module) -> bool:
+    """A GPT-2 `Conv1D` with a weight (stored `[in, out]`)."""
+    return _modeling_is_conv1d(module) and getattr(module, "weight", None) is not None
 
 
 class SparseLinear(nn.Module):
@@ -68,7 +71,7 @@ class SparseLinear(nn.Module):
     # ----------------------------------------------------------------------------------------- construction
     @classmethod
     def from_dense(cls, module: nn.Module) -> SparseLinear:
-        transposed = _is_conv1d(module)
+        transposed = is_conv1d(module)
         if not (isinstance(module, nn.Linear) or transposed):
             raise TypeError(f"SparseLinear.from_dense expects nn.Linear or GPT-2 Conv1D, got {type(module).__name__}.")
         packed = pack_dense(module.weight, transposed=transposed)
@@ -130,8 +133,6 @@ class SparseLinear(nn.Module):
 
     # ----------------------------------------------------------------------------------------- state dict
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        from ..integration.bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX
-
         values, bitmask, shape = to_checkpoint_parts(self.packed(), self.transposed)
         destination[prefix + "weight"] = values
         destination[prefix + "weight" + BITMASK_SUFFIX] = bitmask
@@ -141,8 +142,6 @@ class SparseLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        from ..integration.bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX
-
         keys = [prefix + "weight", prefix + "weight" + BITMASK_SUFFIX, prefix + "weight" + SHAPE_SUFFIX]
         if all(k in state_dict for k in keys):
             values, bitmask, shape = (state_dict[k] for k in keys)
@@ -267,7 +266,7 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.3, *, modules: list[str] 
             raise ValueError(f"`{name}` has dtype {weight.dtype}; sparsify supports float32, bfloat16 and float16.")
         if _weight_sparsity(weight) < min_sparsity:
             continue
-        _set_submodule(model, name, SparseLinear.from_dense(module))
+        set_submodule(model, name, SparseLinear.from_dense(module))
         converted += 1
     logger.info("sparsify: %d of %d eligible linears now sparse (min_sparsity=%.2f)", converted, len(names), min_sparsity)
     if converted and hasattr(model, "save_pretrained") and getattr(model, "hf_quantizer", None) is None:
@@ -282,11 +281,12 @@ def densify(model: nn.Module) -> nn.Module:
     place, and return the model."""
     names = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
     for name in names:
-        _set_submodule(model, name, model.get_submodule(name).to_dense())
+        set_submodule(model, name, model.get_submodule(name).to_dense())
     return model
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called `name` (dotted path) by `module`."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
