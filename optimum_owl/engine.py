@@ -167,7 +167,7 @@ def build_report(state: RunState, plans: list[BlockPlan], calibration: dict[str,
         warnings=list(state.warnings),
         calibration=calibration,
         candidates=list(state.candidates),
-        allocation=allocation_summary(state, plans),
+        allocation=allocation_summary(state),
     )
     owl_like = report.allocation.get("family") == "owl"
     for i, units in enumerate(state.units):
@@ -200,8 +200,7 @@ def build_report(state: RunState, plans: list[BlockPlan], calibration: dict[str,
     return report
 
 
-
-def allocation_summary(state: RunState, plans: list[BlockPlan]) -> dict[str, Any]:
+def allocation_summary(state: RunState) -> dict[str, Any]:
     """Family, knob and block-metric name of the allocation applied (for a search: the chosen candidate's)."""
     cfg = state.config
     chosen = next((c for c in state.candidates if c.chosen), None)
