@@ -210,6 +210,7 @@ def run(args: argparse.Namespace) -> None:
                 "block_sparsities": [round(b.target_sparsity, 4) for b in report.blocks],
                 "chosen": None if chosen is None else _candidate(chosen),
                 "candidates": [_candidate(c) for c in report.candidates],
+                "timings": report.timings,
             }
             data["rows"].append(row)
             done.add(cell_key(row))
@@ -234,8 +235,38 @@ def describe_choice(c: dict | None) -> str:
         return "uniform"
     if family == "owl" and c.get("owl_m") is not None:
         return f"OWL M={c['owl_m']:g}, λ={c['owl_lambda']:g}"
-    knob = c.get("knob")
-    return f"{family} {knob}" if knob else str(family)
+    names = {"owl": "OWL", "dlp": "DLP", "alphapruning": "AlphaPruning", "atp": "ATP"}
+    symbols = {"dlp_alpha": "α", "alphapruning_epsilon": "ε", "atp_beta": "β"}
+    knob = ", ".join(f"{symbols.get(k, k)}={v:g}" for k, v in (c.get("knob") or {}).items())
+    return f"{names.get(family, family)} {knob}".strip()
+
+
+def _verdicts(by: dict, sparsities: list[float]) -> list[str]:
+    """Per cell: the best fixed family and how auto / owl-auto compare with uniform, OWL's defaults and that best."""
+    fixed = ("uniform", "owl", "dlp", "alphapruning", "atp")
+    lines = [
+        "| criterion | sparsity | best fixed rule (ppl) | vs uniform | auto (choice) | auto vs uniform | auto vs OWL | "
+        "auto vs best fixed |",
+        "|---|---:|---|---:|---|---:|---:|---:|",
+    ]
+    for method in ("wanda", "sparsegpt"):
+        for s in sparsities:
+            cells = {f: by[(f"{method}-{f}", s)]["ppl"] for f in fixed if (f"{method}-{f}", s) in by}
+            if "uniform" not in cells:
+                continue
+            best = min(cells, key=cells.get)
+            row = f"| {method} | {s:.0%} | {LABELS[f'{method}-{best}']} ({cells[best]:.2f}) | "
+            row += f"{cells[best] / cells['uniform'] - 1:+.1%} | "
+            auto = by.get((f"{method}-auto", s))
+            if auto is None:
+                row += "not computed | – | – | – |"
+            else:
+                a = auto["ppl"]
+                owl = f"{a / cells['owl'] - 1:+.1%}" if "owl" in cells else "–"
+                row += f"{a:.2f} ({describe_choice(auto['chosen'])}) | {a / cells['uniform'] - 1:+.1%} | {owl} | "
+                row += f"{a / cells[best] - 1:+.1%} |"
+            lines.append(row)
+    return lines
 
 
 def render(args: argparse.Namespace) -> None:
@@ -262,10 +293,17 @@ def render(args: argparse.Namespace) -> None:
     for r in sorted(rows, key=lambda r: (r["key"], r["sparsity"])):
         if r["layerwise"] in ("owl-auto", "auto"):
             blocks = r["block_sparsities"]
-            shown = f"{blocks[0]:.3f} × {len(blocks)}" if len(set(blocks)) == 1 else ", ".join(f"{x:.3f}" for x in blocks)
+            if len(set(blocks)) == 1:
+                shown = f"{blocks[0]:.3f} × {len(blocks)}"
+            elif len(blocks) > 8:  # first, last and range of a deep model
+                shown = f"{blocks[0]:.3f} (first) … {blocks[-1]:.3f} (last); min {min(blocks):.3f}, max {max(blocks):.3f}"
+            else:
+                shown = ", ".join(f"{x:.3f}" for x in blocks)
             chosen.append(f"| {r['label']} | {r['sparsity']:.0%} | {describe_choice(r['chosen'])} | {shown} |")
     print()
     print("\n".join(chosen))
+    print()
+    print("\n".join(_verdicts(by, sparsities)))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, method in zip(axes, ("wanda", "sparsegpt")):

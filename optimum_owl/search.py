@@ -22,12 +22,13 @@ depend on the candidate:
    *cheaply* with Wanda scores |W|·‖X_j‖₂ from those kept norms (|W| for magnitude; the Wanda proxy also stands in
    for SparseGPT): no statistics forward, one full-model forward on the held-out windows. Candidates with the same
    per-block sparsities share one score; along each knob (ascending) a sequence (OWL: one per M) stops after two
-   values in a row that do not improve its best loss. (Norms from the *dense* pass were tried first and ranked
+   values in a row that do not improve its best loss. `auto` searches OWL by coordinates: λ along the configured
+   M, then the other Ms at the best λ (about 7 candidates instead of about 19 on SmolLM2). (Norms from the *dense* pass were tried first and ranked
    candidates poorly on stories260K: a pruned prefix changes the inputs of later blocks.)
 5. **Exact check**: the `auto_finalists` best candidates of the screening (`auto`: the best of as many different
-   families) are pruned for real and scored again (`auto` also OWL with the configured `owl_m`, `owl_lambda` when
-   it screened better than uniform; with SparseGPT always). A finalist replaces uniform sparsity only if its held-out loss is lower by more than
-   `MIN_GAIN_SE` (2) standard errors of the mean paired difference (`beats_uniform`); the lowest loss among such
+   families) are pruned for real and scored again (also OWL with the configured `owl_m`, `owl_lambda`: with
+   SparseGPT always, with `auto` when it screened better than uniform). A finalist replaces uniform sparsity only if
+   its held-out loss is lower by more than `MIN_GAIN_SE` (2) standard errors of the mean paired difference (`beats_uniform`); the lowest loss among such
    finalists wins, else uniform. The paired samples are chunks of `CHUNK_TOKENS` (32) consecutive predicted tokens
    (`chunk_losses`), not whole windows: with 16 calibration windows only 2–4 are held out, and a standard error
    from 2–4 window differences is itself so noisy that a real gain rarely clears two of them (the search turned
@@ -196,22 +197,32 @@ def _atp_betas(state: RunState, num_blocks: int) -> list[float]:
     return sorted(set(betas) | {float(cfg.atp_beta)})
 
 
-def _sequences(state: RunState, families: Sequence[str]) -> list[list[_Option]]:
-    """The candidates of each family, as sequences along an ascending knob (screened with early stopping)."""
+def _sequences(state: RunState, families: Sequence[str], wide: bool) -> list:
+    """The candidates of each family, as sequences along an ascending knob (screened with early stopping). A
+    sequence may be a function of the candidates screened before it (`auto`'s second OWL stage)."""
     cfg = state.config
     n = len(state.blocks)
-    out: list[list[_Option]] = []
+    out: list = []
     if "owl" in families:
         ms = sorted(set(cfg.auto_owl_ms) | {float(cfg.owl_m)})
         lambdas = sorted(set(cfg.auto_owl_lambdas) | {float(cfg.owl_lambda)})
         per_block: list[list[float]] = []  # dense weights, cached dense statistics: no forward
         each_block(state, lambda i: per_block.append(block_outlier_ratios(state.units[i], state.dense_stats[i], ms)))
-        for k, m in enumerate(ms):
-            ratios = [per_block[i][k] for i in range(n)]
-            out.append(
-                [_Option("owl", {"owl_m": m, "owl_lambda": lam}, plan(state, ratios, owl_lambda=lam, record=False))
-                 for lam in lambdas]
-            )
+
+        def owl(m: float, lam: float) -> _Option:
+            ratios = [per_block[i][ms.index(m)] for i in range(n)]
+            return _Option("owl", {"owl_m": m, "owl_lambda": lam}, plan(state, ratios, owl_lambda=lam, record=False))
+
+        if not wide:  # owl-auto: every M along λ
+            out += [[owl(m, lam) for lam in lambdas] for m in ms]
+        else:  # auto: λ along the configured M, then the other Ms at its best λ (a coordinate search, fewer forwards)
+            out.append([owl(float(cfg.owl_m), lam) for lam in lambdas])
+
+            def other_ms(done: list[_Option]) -> list[_Option]:
+                best = min((o for o in done if o.family == "owl"), key=lambda o: o.sort_key).knob["owl_lambda"]
+                return [owl(m, best) for m in ms if m != float(cfg.owl_m)]
+
+            out.append(other_ms)
     grids = {
         "dlp": ("dlp_alpha", sorted(set(cfg.auto_dlp_alphas) | {float(cfg.dlp_alpha)})),
         "alphapruning": (
@@ -248,7 +259,7 @@ def choose_and_prune(state: RunState) -> list[BlockPlan]:
     start = time.perf_counter()
     dense = _snapshot(state)
     base = _Option("uniform", {}, uniform(state))
-    sequences = _sequences(state, families)
+    sequences = _sequences(state, families, wide)
 
     # ---- exact uniform first: the baseline, and the pruned-prefix input norms that the screening reuses
     norms: list[dict[str, torch.Tensor]] = []
@@ -274,7 +285,7 @@ def choose_and_prune(state: RunState) -> list[BlockPlan]:
     screen(base)
     for sequence in sequences:
         best, stale = math.inf, 0
-        for option in sequence:
+        for option in sequence(screened) if callable(sequence) else sequence:
             loss = screen(option)
             if loss < best - 1e-12:
                 best, stale = loss, 0

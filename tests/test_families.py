@@ -165,6 +165,9 @@ def test_auto_searches_every_family_and_refits_the_winner_like_a_direct_run(monk
     report = OWLPruner(_auto_config()).prune(model, dataset=ids)
     screened = {c.family for c in report.candidates if c.layerwise.endswith(", screened")}
     assert screened == {"uniform", "owl", "dlp", "alphapruning", "atp"}
+    # OWL by coordinates: λ along the configured M = 5 (0.05, 0.08, 0.15), then M = 3 at the best λ
+    owl = [c.knob for c in report.candidates if c.layerwise == "owl, screened"]
+    assert [k["owl_m"] for k in owl] == [5.0, 5.0, 5.0, 3.0] and owl[-1]["owl_lambda"] in (0.05, 0.08, 0.15)
     exact = [c for c in report.candidates if not c.layerwise.endswith(", screened")]
     assert exact[0].family == "uniform" and exact[0].gain_z is None
     assert any(c.family == "owl" and c.knob == {"owl_m": 5.0, "owl_lambda": 0.08} for c in exact)  # paper default
