@@ -305,8 +305,9 @@ def render(args: argparse.Namespace) -> None:
     print()
     print("\n".join(_verdicts(by, sparsities)))
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, method in zip(axes, ("wanda", "sparsegpt")):
+    methods = [m for m in ("wanda", "sparsegpt") if any(k.startswith(m + "-") for k in keys)]
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4.2), squeeze=False)
+    for ax, method in zip(axes[0], methods):
         for key in keys:
             if not key.startswith(method + "-"):
                 continue
