@@ -60,6 +60,8 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     Raises `FileExistsError` when `path` exists and `overwrite` is false.
     """
     final = Path(path)
+    if final.exists() and not final.is_dir():
+        raise FileExistsError(f"Output path {final} exists and is not a folder; remove it or choose another path.")
     if final.exists() and not overwrite:
         raise FileExistsError(f"Output directory {final} already exists; pass overwrite=True (CLI: --overwrite).")
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +78,32 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_dir(
+    path: str | os.PathLike, overwrite: bool = False, flag: str = "--output-dir", protected: dict[str, str] | None = None
+) -> None:
+    """Refuse an output folder before any work starts (the CLI calls this first).
+
+    Refuses `path` when it exists and is a file, exists without `overwrite`, or is, contains or lies inside one of the
+    `protected` local paths (`{description: path}`, e.g. the input model: replacing the output would delete it).
+    Non-local `protected` entries (Hub ids) are ignored. Raises `FileExistsError` or `ValueError` naming `flag`.
+    """
+    final = Path(path)
+    if final.exists() and not final.is_dir():
+        raise FileExistsError(f"{flag} {final} exists and is not a folder; remove it or choose another path.")
+    resolved = final.resolve()
+    for what, other in (protected or {}).items():
+        if other is None or not Path(other).exists():
+            continue
+        theirs = Path(other).resolve()
+        if resolved == theirs or theirs in resolved.parents or resolved in theirs.parents:
+            relation = "is" if resolved == theirs else ("is inside" if theirs in resolved.parents else "contains")
+            raise ValueError(
+                f"{flag} {final} {relation} the {what} {other}; writing there would delete it. Choose a folder outside it."
+            )
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{flag} {final} exists; pass --overwrite to replace it.")
 
 
 def matches_any(name: str, patterns: list[str] | tuple[str, ...]) -> bool:

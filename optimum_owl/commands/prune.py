@@ -144,8 +144,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
 
     from ..data import load_tokenizer
@@ -153,10 +151,10 @@ def run(args: argparse.Namespace) -> int:
     from ..modeling import load_model
     from ..pruner import OWLPruner
     from ..serialization import save_pruned
+    from ..utils import check_output_dir
 
     config = config_from_args(args)  # validate before loading anything
-    if Path(args.output_dir).exists() and not args.overwrite:
-        raise FileExistsError(f"--output-dir {args.output_dir} exists; pass --overwrite to replace it.")
+    check_output_dir(args.output_dir, args.overwrite, protected={"input model": args.model})
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = load_model(args.model, dtype=dtype)
     tokenizer = load_tokenizer(args.tokenizer or args.model)

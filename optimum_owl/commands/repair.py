@@ -47,15 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from transformers import AutoTokenizer
 
     from ..modeling import load_model
     from ..repair import RepairConfig, repair, save_masked_adapter, save_repaired
+    from ..utils import check_output_dir
 
-    if Path(args.output).exists() and not args.overwrite:
-        raise FileExistsError(f"--output {args.output} already exists; pass --overwrite to replace it.")
+    check_output_dir(args.output, args.overwrite, flag="--output", protected={"input model": args.model})
     targets: str | list[str] = "pruned"
     if args.targets:
         targets = args.targets[0] if len(args.targets) == 1 and args.targets[0] in ("pruned", "all") else list(args.targets)
