@@ -38,3 +38,56 @@ def test_1_overwrite_onto_a_file_is_refused_without_a_stray_copy(tmp_path, capsy
     assert "not a folder" in capsys.readouterr().err
     assert target.read_text() == "not a folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "model", "out.bin"]
+
+
+# ---------------------------------------------------------------------------------------------------------- item 2
+def _resumable_run(tmp_path, method="wanda"):
+    import torch
+
+    from optimum_owl import OWLPruner, OWLPrunerConfig
+
+    from .conftest import calib_ids, tiny_model
+
+    ckpt = tmp_path / "resume"
+    config = OWLPrunerConfig(sparsity=0.5, method=method, num_samples=4, seqlen=16, batch_size=2, checkpoint_dir=str(ckpt))
+    OWLPruner(config).prune(tiny_model("llama"), dataset=calib_ids(4, 16))
+
+    def rerun():
+        model = tiny_model("llama")
+        OWLPruner(config).prune(model, dataset=calib_ids(4, 16))
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    return ckpt, rerun, torch
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_2_a_corrupted_resume_file_is_refused_naming_it(tmp_path, damage, method):
+    from optimum_owl import OWLConfigError
+
+    ckpt, rerun, _ = _resumable_run(tmp_path, method)
+    victim = ckpt / "block_00001.pt"
+    data = bytearray(victim.read_bytes())
+    if damage == "flip":
+        mid = len(data) // 2
+        data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
+    else:
+        data = data[: len(data) // 2]
+    victim.write_bytes(bytes(data))
+    with pytest.raises(OWLConfigError, match=r"block_00001\.pt.*(checksum|truncated).*delete"):
+        rerun()
+
+
+def test_2_a_resume_folder_of_an_older_format_is_refused_naming_the_file(tmp_path):
+    import json
+
+    from optimum_owl import OWLConfigError
+
+    ckpt, rerun, _ = _resumable_run(tmp_path)
+    state_file = ckpt / "owl_checkpoint.json"
+    state = json.loads(state_file.read_text())
+    state["version"] = 2  # the format before checksums
+    state.pop("checksums", None)
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(OWLConfigError, match=r"owl_checkpoint\.json.*format 2.*[Dd]elete"):
+        rerun()
