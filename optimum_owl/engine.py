@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from .allocation import BlockPlan
 from .config import OWLPrunerConfig
 from .data import describe_source, get_calibration_data
 from .errors import OWLConfigError
-from .modeling import get_blocks_and_units
+from .modeling import PRUNED_ZERO_SHARE, get_blocks_and_units, zero_share
 from .offload import make_block_offloader
 from .passes import RunState
 from .report import BlockReport, ModuleReport, PruneReport
@@ -53,6 +54,7 @@ def prune_model(
         block_context = make_block_offloader(model, config.device, config.offload_folder)
     runner = BlockRunner(model, blocks, offload_activations=config.offload_activations, block_context=block_context)
     state = RunState(config=config, model=model, path=path, blocks=blocks, units=units, runner=runner)
+    warn_if_pruned(state)
     layerwise = effective_layerwise(state)
     was_training = model.training
     model.eval()
@@ -67,6 +69,19 @@ def prune_model(
     report = build_report(state, plans, calibration)
     logger.info("Pruned %s: sparsity %.4f over %d weights", type(model).__name__, report.sparsity, report.total_params)
     return report
+
+
+def warn_if_pruned(state: RunState) -> None:
+    """Pruning an already pruned model compounds the sparsity: say so (a `UserWarning` and a report warning)."""
+    share = zero_share(state.units)
+    if share is not None and share > PRUNED_ZERO_SHARE:
+        msg = (
+            f"The block weights are already {share:.4f} zero: this model was pruned before. Pruning it again "
+            "compounds the sparsity (the allocation assumes a dense model, and the achieved sparsity will not "
+            "match the target); prune the dense model instead."
+        )
+        warnings.warn(msg, UserWarning, stacklevel=4)  # once: the CLI routes warnings through logging
+        state.warnings.append(msg)
 
 
 def effective_layerwise(state: RunState) -> str:

@@ -192,3 +192,21 @@ def load_model(name_or_path: str, **kwargs: Any) -> nn.Module:
     except ValueError:
         logger.info("%s (%s) is not a causal LM; loading it with AutoModel", name_or_path, config.model_type)
         return AutoModel.from_pretrained(name_or_path, **kwargs)
+
+
+# Dense checkpoints have (almost) no exact zeros; above this share of zero block weights a model counts as pruned.
+PRUNED_ZERO_SHARE = 0.05
+
+
+def zero_share(units: list[list[Unit]]) -> float | None:
+    """Share of exact zeros among the block weights held in memory (offloaded `meta` weights are skipped);
+    `None` when no weight is in memory."""
+    zeros = total = 0
+    for block in units:
+        for unit in block:
+            w = unit.weight()
+            if w.device.type == "meta":
+                continue
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return zeros / total if total else None

@@ -91,3 +91,39 @@ def test_2_a_resume_folder_of_an_older_format_is_refused_naming_the_file(tmp_pat
     state_file.write_text(json.dumps(state))
     with pytest.raises(OWLConfigError, match=r"owl_checkpoint\.json.*format 2.*[Dd]elete"):
         rerun()
+
+
+# ---------------------------------------------------------------------------------------------------------- item 3
+def test_3_pruning_an_already_pruned_model_warns_in_python(recwarn):
+    from optimum_owl import OWLPruner, OWLPrunerConfig
+
+    from .conftest import calib_ids, tiny_model
+
+    model = tiny_model("llama")
+    config = OWLPrunerConfig(sparsity=0.5, num_samples=4, seqlen=16, batch_size=2)
+    OWLPruner(config).prune(model, dataset=calib_ids(4, 16))
+    assert not [w for w in recwarn if "already" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"already 0\.\d+ zero.*compound"):
+        report = OWLPruner(config).prune(model, dataset=calib_ids(4, 16))
+    assert any("already" in w for w in report.warnings)
+
+
+def test_3_cli_refuses_to_prune_a_pruned_model_unless_allowed(tmp_path, capsys):
+    src, text = _saved_model_and_text(tmp_path)
+    assert main(_prune_args(src, text, tmp_path / "p1")) == 0
+    capsys.readouterr()
+    assert main(_prune_args(tmp_path / "p1", text, tmp_path / "p2")) == 2
+    err = capsys.readouterr().err
+    assert "already" in err and "--allow-pruned" in err
+    assert not (tmp_path / "p2").exists()
+    with pytest.warns(UserWarning, match="already"):
+        assert main(_prune_args(tmp_path / "p1", text, tmp_path / "p2", "--allow-pruned")) == 0
+
+
+def test_3_readme_snippet_does_not_prune_the_same_model_twice():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = readme.split("## Use it", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    calls = [line for line in snippet.splitlines() if ".prune(model" in line or ".apply(model" in line]
+    assert len([c for c in calls if not c.lstrip().startswith("#")]) == 1, calls

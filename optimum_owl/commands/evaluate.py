@@ -20,14 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data import load_tokenizer
     from ..evaluation import perplexity
-    from ..modeling import get_blocks_and_units, load_model
+    from ..modeling import get_blocks_and_units, load_model, zero_share
 
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     ppl = perplexity(model, tokenizer, args.text, seqlen=args.seqlen, batch_size=args.batch_size,
                      max_windows=args.max_windows, add_bos=args.add_bos)
-    _, _, units = get_blocks_and_units(model)
-    zeros = sum(int((u.weight() == 0).sum()) for us in units for u in us)
-    total = sum(u.numel for us in units for u in us)
-    print(f"perplexity {ppl:.4f} (seqlen {args.seqlen}); block-weight sparsity {zeros / max(total, 1):.4f}")
+    share = zero_share(get_blocks_and_units(model)[2]) or 0.0
+    print(f"perplexity {ppl:.4f} (seqlen {args.seqlen}); block-weight sparsity {share:.4f}")
     return 0

@@ -135,6 +135,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-seqlen", type=int, default=None, help="window for --eval-text (default: --seqlen)")
     p.add_argument("--eval-max-windows", type=int, default=None)
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
+    p.add_argument("--allow-pruned", action="store_true",
+                   help="prune MODEL even if its block weights are already sparse (the sparsities compound)")
     p.add_argument("--dense-checkpoint", action="store_true",
                    help="save plain dense safetensors (zeros in place, no quantization_config) for engines that do "
                    "not read optimum-owl's compact bitmask format; loading the default compact format needs "
@@ -148,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import load_tokenizer
     from ..evaluation import perplexity
-    from ..modeling import load_model
+    from ..modeling import PRUNED_ZERO_SHARE, get_blocks_and_units, load_model, zero_share
     from ..pruner import OWLPruner
     from ..serialization import save_pruned
     from ..utils import check_output_dir
@@ -157,6 +159,12 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.output_dir, args.overwrite, protected={"input model": args.model})
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = load_model(args.model, dtype=dtype)
+    share = zero_share(get_blocks_and_units(model, config.block_name, config.ignore)[2])
+    if share is not None and share > PRUNED_ZERO_SHARE and not args.allow_pruned:
+        raise ValueError(
+            f"{args.model} is already pruned ({share:.4f} of its block weights are zero); pruning it again compounds "
+            "the sparsity. Prune the dense model, or pass --allow-pruned."
+        )
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     eval_seqlen = args.eval_seqlen or config.seqlen
     before = None
