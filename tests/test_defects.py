@@ -127,3 +127,34 @@ def test_3_readme_snippet_does_not_prune_the_same_model_twice():
     snippet = readme.split("## Use it", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     calls = [line for line in snippet.splitlines() if ".prune(model" in line or ".apply(model" in line]
     assert len([c for c in calls if not c.lstrip().startswith("#")]) == 1, calls
+
+
+# ---------------------------------------------------------------------------------------------------------- item 4
+def test_4_cli_keeps_the_checkpoint_dtype_by_default(tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    src, text = _saved_model_and_text(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(src)
+    assert main(_prune_args(src, text, tmp_path / "out")) == 0
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as fh:
+        dtypes = {fh.get_slice(k).get_dtype() for k in fh.keys() if not k.endswith(("_bitmask", "_shape"))}
+    assert dtypes == {"BF16"}
+
+
+@pytest.mark.parametrize("alias", ["fp16", "half", "bf16", "fp32"])
+def test_4_dtype_aliases_are_accepted(alias):
+    from optimum_owl.cli import build_parser
+
+    args = build_parser().parse_args(["prune", "M", "-o", "O", "--dtype", alias])
+    assert args.dtype == {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32"}[alias]
+
+
+def test_4_an_unknown_dtype_is_one_clear_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "M", "-o", "O", "--dtype", "int8"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--dtype" in err and "float16" in err and "Traceback" not in err

@@ -1,0 +1,18 @@
+"""One module per `optimum-owl` subcommand (see `optimum_owl.cli`), plus argument types they share."""
+
+from __future__ import annotations
+
+import argparse
+
+DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16",
+          "fp16": "float16", "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def dtype_arg(value: str) -> str:
+    """`--dtype` values: a canonical torch dtype name (`float32`, `float16`, `bfloat16`) or `auto`; aliases accepted."""
+    try:
+        return DTYPES[value.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"unknown dtype {value!r}; use auto, float32, float16 or bfloat16 (aliases fp32, fp16, half, bf16)"
+        ) from None

@@ -7,6 +7,8 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
+from . import dtype_arg
+
 if TYPE_CHECKING:
     from ..config import OWLPrunerConfig
 
@@ -134,7 +136,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-text", default=None, help=".txt/.jsonl to measure perplexity on, before and after")
     p.add_argument("--eval-seqlen", type=int, default=None, help="window for --eval-text (default: --seqlen)")
     p.add_argument("--eval-max-windows", type=int, default=None)
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
+    p.add_argument("--dtype", default="auto", type=dtype_arg,
+                   help="dtype to load and prune in: auto (the checkpoint's own, default) | float32 | bfloat16 | float16")
     p.add_argument("--allow-pruned", action="store_true",
                    help="prune MODEL even if its block weights are already sparse (the sparsities compound)")
     p.add_argument("--dense-checkpoint", action="store_true",
