@@ -170,36 +170,72 @@ def _ids_list(ids: Any) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _row_text(row: Any, where: str, text_column: str) -> str:
+    if isinstance(row, str):
+        return row
+    if not isinstance(row, dict):
+        raise CalibrationDataError(f"{where} is a JSON {type(row).__name__}, not an object with {text_column!r}.")
+    if text_column not in row:
+        raise CalibrationDataError(f"{where} has no {text_column!r} key (keys: {sorted(row)}); set the text column.")
+    value = row[text_column]
+    if value is not None and not isinstance(value, str):
+        raise CalibrationDataError(f"{where}: {text_column!r} is {type(value).__name__}, not a string.")
+    return value or ""
+
+
 def read_texts(path: str | os.PathLike, text_column: str = "text", *, documents: bool) -> list[str]:
     """THE reader of local text files, for calibration (`documents=True`) and evaluation (`documents=False`).
 
-    `.jsonl`: the `text_column` of every row, in order (a row without it raises `CalibrationDataError` naming the
-    line); empty texts are dropped for calibration and kept for evaluation (which joins the rows in order).
+    `.jsonl`: the `text_column` of every row (one JSON object per line), in order. `.json`: an array of strings or of
+    such objects. Empty texts are dropped for calibration and kept for evaluation (which joins the rows in order).
     Any other file is UTF-8 text: for calibration it is split on blank lines into documents (a file with a single
-    paragraph is one document); for evaluation it is one text.
+    paragraph is one document; an empty file gives none); for evaluation it is one text.
+
+    Raises `FileNotFoundError` for a missing path, and `CalibrationDataError` naming the file (and line) for a
+    folder, bad JSON, a row that is not an object with a string `text_column`, or bytes that are not UTF-8.
     """
     path = Path(path)
-    if path.suffix == ".jsonl":
-        texts = []
-        with path.open(encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist.")
+    if path.is_dir():
+        raise CalibrationDataError(f"{path} is a folder; pass a .txt, .jsonl or .json file.")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CalibrationDataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
+    if path.suffix in (".jsonl", ".json"):
+        if path.suffix == ".jsonl":
+            rows = []
+            for line_no, line in enumerate(raw.splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise CalibrationDataError(f"{path}:{line_no} is not valid JSON: {err}") from err
-                if text_column not in row:
-                    raise CalibrationDataError(f"{path}:{line_no} has no {text_column!r} key; set `text_column=`.")
-                if row[text_column] or not documents:
-                    texts.append(row[text_column])
-        return texts
-    text = path.read_text(encoding="utf-8")
+                    raise CalibrationDataError(f"{path}:{line_no} is not valid JSON: {err}") from None
+                if not isinstance(row, dict):
+                    raise CalibrationDataError(
+                        f"{path}:{line_no} is a JSON {type(row).__name__}, not an object with {text_column!r}."
+                    )
+                rows.append((f"{path}:{line_no}", row))
+        else:
+            try:
+                data = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise CalibrationDataError(f"{path} is not valid JSON: {err}") from None
+            if not isinstance(data, list):
+                raise CalibrationDataError(
+                    f"{path} holds a JSON {type(data).__name__}; expected an array of strings or of objects with "
+                    f"{text_column!r} (or use .jsonl, one object per line)."
+                )
+            rows = [(f"{path} item {i}", row) for i, row in enumerate(data)]
+        texts = [_row_text(row, where, text_column) for where, row in rows]
+        return [t for t in texts if t] if documents else texts
     if not documents:
-        return [text]
-    parts = [p for p in text.split("\n\n") if p.strip()]
+        return [raw]
+    parts = [p for p in raw.split("\n\n") if p.strip()]
     # A plain text file with few paragraphs is one document; many paragraphs are many documents.
-    return parts if len(parts) > 1 else [text]
+    return parts if len(parts) > 1 else [raw] if raw.strip() else []
 
 
 def _sample_from_texts(

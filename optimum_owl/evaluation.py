@@ -22,9 +22,28 @@ from .data import read_texts
 logger = logging.getLogger(__name__)
 
 
+# A string with no whitespace ending like a text file is a path; if it does not exist that is an error, not text.
+_TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+def _is_file(name: str) -> bool:
+    try:
+        return Path(name).is_file()
+    except OSError:  # e.g. a long text is not a valid file name
+        return False
+
+
 def load_texts(source: Any, text_column: str = "text") -> list[str]:
-    """Texts from a string, a list of strings, a `.txt`/`.jsonl` path, or a `datasets.Dataset`."""
-    if isinstance(source, (str, os.PathLike)) and Path(source).exists():
+    """Texts from a string, a list of strings, a `.txt`/`.jsonl`/`.json` path, or a `datasets.Dataset`.
+
+    A path (`os.PathLike`, or a string without whitespace ending in .txt/.jsonl/.json) that does not exist raises
+    `FileNotFoundError`; it is never evaluated as text.
+    """
+    looks_like_path = isinstance(source, os.PathLike) or (
+        isinstance(source, str) and not any(c.isspace() for c in source) and (
+            source.endswith(_TEXT_FILE_SUFFIXES) or _is_file(source))
+    )
+    if looks_like_path:
         return read_texts(source, text_column, documents=False)
     if isinstance(source, str):
         return [source]

@@ -158,3 +158,66 @@ def test_4_an_unknown_dtype_is_one_clear_error(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--dtype" in err and "float16" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------------------- item 5
+@pytest.mark.parametrize("command", ["eval", "demo", "prune"])
+def test_5_a_text_path_that_does_not_exist_is_an_error_not_text(tmp_path, capsys, command):
+    src, text = _saved_model_and_text(tmp_path)
+    missing = str(tmp_path / "wrong_name.jsonl")
+    argv = {
+        "eval": ["eval", str(src), "--text", missing, "--seqlen", "16"],
+        "demo": ["demo", "--eval-text", missing, "--num-samples", "2", "--seqlen", "16"],
+        "prune": _prune_args(src, text, tmp_path / "out", "--eval-text", missing),
+    }[command]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "wrong_name.jsonl" in err and "does not exist" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_5_perplexity_refuses_a_missing_file_name():
+    from optimum_owl.evaluation import load_texts
+
+    with pytest.raises(FileNotFoundError, match="wrong_name.jsonl"):
+        load_texts("wrong_name.jsonl")
+    assert load_texts("a short text") == ["a short text"]
+    assert load_texts("word" * 200) == ["word" * 200]  # too long for a file name: text
+
+
+# ---------------------------------------------------------------------------------------------------------- item 6
+def test_6_a_json_array_calibration_file_is_parsed(tmp_path):
+    import json
+
+    from optimum_owl.data import get_calibration_data
+    from optimum_owl.evaluation import load_texts
+
+    from .test_data_and_errors import TEXTS, CharTokenizer
+
+    rows = tmp_path / "calib.json"
+    rows.write_text(json.dumps([{"text": t} for t in TEXTS]))
+    lines = tmp_path / "calib.jsonl"
+    lines.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    tok = CharTokenizer()
+    a = get_calibration_data(str(rows), tok, num_samples=4, seqlen=16, seed=3)
+    b = get_calibration_data(str(lines), tok, num_samples=4, seqlen=16, seed=3)
+    assert a.equal(b)
+    assert load_texts(str(rows)) == TEXTS
+    strings = tmp_path / "strings.json"
+    strings.write_text(json.dumps(TEXTS))
+    assert load_texts(str(strings)) == TEXTS
+
+
+@pytest.mark.parametrize("content", ['{"text": "one object"}', '[1, 2]', '[{"other": "x"}]', "not json"])
+def test_6_a_json_file_of_another_shape_is_refused(tmp_path, content):
+    from optimum_owl.data import CalibrationDataError, get_calibration_data
+
+    from .test_data_and_errors import CharTokenizer
+
+    bad = tmp_path / "calib.json"
+    bad.write_text(content)
+    with pytest.raises(CalibrationDataError, match="calib.json"):
+        get_calibration_data(str(bad), CharTokenizer(), num_samples=2, seqlen=4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16",
           "fp16": "float16", "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -16,3 +17,13 @@ def dtype_arg(value: str) -> str:
         raise argparse.ArgumentTypeError(
             f"unknown dtype {value!r}; use auto, float32, float16 or bfloat16 (aliases fp32, fp16, half, bf16)"
         ) from None
+
+
+def existing_file(value: str) -> str:
+    """A path argument that must name an existing file (a missing one is an argparse error, never read as text)."""
+    path = Path(value)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{value} does not exist")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is a folder; pass a .txt, .jsonl or .json file")
+    return value

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import existing_file
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -19,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-text", default=None, help="optional .txt/.jsonl to evaluate on too (e.g. WikiText-2 test)")
+    p.add_argument("--eval-text", default=None, type=existing_file, help="optional .txt/.jsonl to evaluate on too (e.g. WikiText-2 test)")
     p.set_defaults(func=run)
 
 

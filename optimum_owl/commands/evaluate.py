@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from . import existing_file
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="perplexity of a model on a .txt/.jsonl text (standard protocol)")
     p.add_argument("model", help="local model folder or Hub id")
-    p.add_argument("--text", required=True, help=".txt or .jsonl (rows joined with blank lines)")
+    p.add_argument("--text", required=True, type=existing_file, help=".txt or .jsonl (rows joined with blank lines)")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None)

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
-from . import dtype_arg
+from . import dtype_arg, existing_file
 
 if TYPE_CHECKING:
     from ..config import OWLPrunerConfig
@@ -133,7 +133,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer path (defaults to MODEL)")
     p.add_argument("--output-dir", "-o", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
-    p.add_argument("--eval-text", default=None, help=".txt/.jsonl to measure perplexity on, before and after")
+    p.add_argument("--eval-text", default=None, type=existing_file, help=".txt/.jsonl to measure perplexity on, before and after")
     p.add_argument("--eval-seqlen", type=int, default=None, help="window for --eval-text (default: --seqlen)")
     p.add_argument("--eval-max-windows", type=int, default=None)
     p.add_argument("--dtype", default="auto", type=dtype_arg,

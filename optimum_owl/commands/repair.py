@@ -6,6 +6,8 @@ import argparse
 import json
 import logging
 
+from . import existing_file
+
 logger = logging.getLogger(__name__)
 
 
@@ -19,10 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("model", help="pruned model folder or Hub id")
-    p.add_argument("--train-data", required=True, help="training text: .txt or .jsonl file (field --text-column)")
+    p.add_argument("--train-data", required=True, type=existing_file, help="training text: .txt or .jsonl file (field --text-column)")
     p.add_argument("--output", required=True, help="output folder (merged model, or the adapter with --no-merge)")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
-    p.add_argument("--eval-data", default=None, help="held-out .txt/.jsonl for perplexity before and after")
+    p.add_argument("--eval-data", default=None, type=existing_file, help="held-out .txt/.jsonl for perplexity before and after")
     p.add_argument("--method", choices=("masked_lora", "full_ft"), default="masked_lora")
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
     p.add_argument("--lora-alpha", type=float, default=32.0)
