@@ -241,19 +241,24 @@ def read_texts(path: str | os.PathLike, text_column: str = "text", *, documents:
 def _sample_from_texts(
     texts: list[str], tokenizer: Any, num_samples: int, seqlen: int, seed: int, eos: int | None
 ) -> torch.LongTensor:
-    """Reference sampling over texts, tokenising lazily (only drawn documents)."""
+    """Reference sampling over texts, tokenising lazily (only drawn documents).
+
+    Like the reference `get_c4`, each document is tokenised with the tokenizer's default call, so a tokenizer that
+    adds BOS (Llama, stories260K) puts it at the start of every document and windows match the reference exactly.
+    The fallback stream (no document long enough) joins documents tokenised without special tokens, EOS between.
+    """
     rng = random.Random(seed)
     cache: dict[int, list[int]] = {}
 
     def tokens(i: int) -> list[int]:
         if i not in cache:
-            cache[i] = tokenizer(texts[i], add_special_tokens=False)["input_ids"]
+            cache[i] = tokenizer(texts[i])["input_ids"]
         return cache[i]
 
     windows = _draw_long_documents(len(texts), tokens, num_samples, seqlen, rng)
     if windows is not None:
         return torch.tensor(windows, dtype=torch.long)
-    docs = [tokens(i) for i in range(len(texts))]
+    docs = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     return sample_windows(docs, num_samples, seqlen, seed, eos_id=eos)
 
 

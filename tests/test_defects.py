@@ -6,6 +6,7 @@ import pytest
 
 from optimum_owl.cli import main
 
+from .conftest import needs_assets
 from .test_cli_and_eval import _saved_model_and_text
 
 
@@ -221,3 +222,68 @@ def test_6_a_json_file_of_another_shape_is_refused(tmp_path, content):
     bad.write_text(content)
     with pytest.raises(CalibrationDataError, match="calib.json"):
         get_calibration_data(str(bad), CharTokenizer(), num_samples=2, seqlen=4)
+
+
+# ---------------------------------------------------------------------------------------------------------- item 7
+def _reference_get_c4_windows(texts, tokenizer, nsamples, seqlen, seed):
+    """The reference sampler (Wanda/OWL `get_c4`, ../shared/OWL_SPEC.md §1.2): the tokenizer's default call, so
+    BOS is added where the tokenizer adds it; a document must be longer than `seqlen`; one random window of it."""
+    import random
+
+    import torch
+
+    random.seed(seed)
+    windows = []
+    for _ in range(nsamples):
+        while True:
+            doc = random.randint(0, len(texts) - 1)
+            enc = tokenizer(texts[doc], return_tensors="pt")
+            if enc.input_ids.shape[1] > seqlen:
+                break
+        start = random.randint(0, enc.input_ids.shape[1] - seqlen - 1)
+        windows.append(enc.input_ids[:, start : start + seqlen])
+    return torch.cat(windows, dim=0)
+
+
+def _c4_texts():
+    import json
+
+    from .conftest import ASSETS
+
+    path = ASSETS / "text" / "c4_train_first1000.jsonl"
+    return [json.loads(line)["text"] for line in path.read_text().splitlines()]
+
+
+def _assert_windows_match_reference(tokenizer, seqlen):
+    from optimum_owl.data import get_calibration_data
+
+    texts = _c4_texts()
+    ours = get_calibration_data(texts, tokenizer, num_samples=16, seqlen=seqlen, seed=0)
+    reference = _reference_get_c4_windows(texts, tokenizer, 16, seqlen, 0)
+    equal = sum(bool((a == b).all()) for a, b in zip(ours, reference))
+    assert equal == 16, f"{equal} of 16 windows equal the reference"
+
+
+@needs_assets
+def test_7_calibration_windows_equal_the_reference_for_a_bos_tokenizer_stories260k():
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    import optimum_owl
+
+    tok = AutoTokenizer.from_pretrained(Path(optimum_owl.__file__).parent / "assets" / "stories260K")
+    assert tok("hello").input_ids[0] == tok.bos_token_id  # the case the issue is about
+    _assert_windows_match_reference(tok, seqlen=256)
+
+
+@pytest.mark.slow
+@needs_assets
+def test_7_calibration_windows_equal_the_reference_smollm2():
+    from transformers import AutoTokenizer
+
+    from .conftest import ASSETS
+
+    folder = ASSETS / "models" / "smollm2-135m"
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    _assert_windows_match_reference(tok, seqlen=512)
