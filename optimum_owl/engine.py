@@ -30,7 +30,7 @@ from .allocation import BlockPlan
 from .config import OWLPrunerConfig
 from .data import describe_source, get_calibration_data
 from .errors import OWLConfigError
-from .modeling import PRUNED_ZERO_SHARE, get_blocks_and_units, zero_share
+from .modeling import PRUNED_ZERO_SHARE, context_length, get_blocks_and_units, zero_share
 from .offload import make_block_offloader
 from .passes import RunState
 from .report import BlockReport, ModuleReport, PruneReport
@@ -109,8 +109,8 @@ def prepare(state: RunState, layerwise: str, dataset: Any, tokenizer: Any) -> di
     dataset = dataset if dataset is not None else cfg.dataset
     tokenizer = tokenizer if tokenizer is not None else cfg.tokenizer
     model_cfg = getattr(state.model, "config", None)
-    max_pos = getattr(model_cfg, "max_position_embeddings", None)
-    if isinstance(max_pos, int) and cfg.seqlen > max_pos:
+    max_pos = context_length(state.model)
+    if max_pos is not None and cfg.seqlen > max_pos:
         raise OWLConfigError(f"`seqlen`={cfg.seqlen} exceeds the model's max_position_embeddings={max_pos}; lower `seqlen`.")
     t = time.perf_counter()
     ids = get_calibration_data(dataset, tokenizer, cfg.num_samples, cfg.seqlen, cfg.seed, cfg.text_column)

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import read_texts
+from .modeling import context_length
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,11 @@ def perplexity_of_ids(
     model: nn.Module, ids: torch.LongTensor, seqlen: int, batch_size: int = 1, max_windows: int | None = None
 ) -> float:
     """Perplexity over non-overlapping windows of a 1-D token-id tensor."""
+    max_pos = context_length(model)
+    if max_pos is not None and seqlen > max_pos:
+        raise ValueError(
+            f"seqlen={seqlen} exceeds the model's max_position_embeddings={max_pos}; lower seqlen (e.g. {max_pos})."
+        )
     n = ids.numel() // seqlen
     if max_windows is not None:
         n = min(n, max_windows)

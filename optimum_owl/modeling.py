@@ -210,3 +210,9 @@ def zero_share(units: list[list[Unit]]) -> float | None:
             zeros += int((w == 0).sum())
             total += w.numel()
     return zeros / total if total else None
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The model's `max_position_embeddings` (GPT-2's `n_positions`), or `None` when the config has none."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) else None

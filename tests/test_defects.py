@@ -287,3 +287,17 @@ def test_7_calibration_windows_equal_the_reference_smollm2():
     folder = ASSETS / "models" / "smollm2-135m"
     tok = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     _assert_windows_match_reference(tok, seqlen=512)
+
+
+# ---------------------------------------------------------------------------------------------------------- item 8
+def test_8_eval_refuses_a_seqlen_beyond_the_model_context(tmp_path, capsys):
+    from optimum_owl.evaluation import perplexity_of_ids
+
+    from .conftest import calib_ids, tiny_model
+
+    with pytest.raises(ValueError, match="seqlen.*256.*max_position_embeddings=128"):
+        perplexity_of_ids(tiny_model("llama"), calib_ids(1, 512).reshape(-1), seqlen=256)
+    src, text = _saved_model_and_text(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", str(src), "--text", str(text), "--seqlen", "256"]) == 2
+    assert "max_position_embeddings=128" in capsys.readouterr().err
