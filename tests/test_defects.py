@@ -301,3 +301,57 @@ def test_8_eval_refuses_a_seqlen_beyond_the_model_context(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(src), "--text", str(text), "--seqlen", "256"]) == 2
     assert "max_position_embeddings=128" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------- item 9
+def _flip_tensor_bytes(file, key):
+    """Flip the first bytes of tensor `key`'s data in a safetensors file, in place."""
+    import json
+    import struct
+
+    raw = bytearray(file.read_bytes())
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + size])
+    start, end = header[key]["data_offsets"]
+    at = 8 + size + start
+    for i in range(min(8, end - start)):
+        raw[at + i] ^= 0x5A
+    file.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("key", ["model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"])
+def test_9_verify_checkpoint_catches_flipped_bytes_in_an_uncompressed_tensor(tmp_path, key):
+    import optimum_owl  # noqa: F401
+    from optimum_owl import OWLPruner, OWLPrunerConfig
+    from optimum_owl.checkpoint import OWLCheckpointError, verify_checkpoint
+
+    from .conftest import calib_ids, tiny_model
+
+    model = tiny_model("llama")
+    OWLPruner(OWLPrunerConfig(sparsity=0.5, num_samples=4, seqlen=16, batch_size=2)).prune(model, dataset=calib_ids(4, 16))
+    model.save_pretrained(tmp_path / "ck")
+    summary = verify_checkpoint(tmp_path / "ck")
+    assert summary["unchecked_tensors"] == []
+    _flip_tensor_bytes(tmp_path / "ck" / "model.safetensors", key)
+    with pytest.raises(OWLCheckpointError, match=key.replace(".", r"\.") + ".*CRC-32"):
+        verify_checkpoint(tmp_path / "ck")
+
+
+def test_9_from_pretrained_refuses_flipped_bytes_in_a_norm_weight(tmp_path, caplog):
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    import optimum_owl  # noqa: F401
+    from optimum_owl import OWLPruner, OWLPrunerConfig
+
+    from .conftest import calib_ids, tiny_model
+
+    model = tiny_model("llama")
+    OWLPruner(OWLPrunerConfig(sparsity=0.5, num_samples=4, seqlen=16, batch_size=2)).prune(model, dataset=calib_ids(4, 16))
+    model.save_pretrained(tmp_path / "ck")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    _flip_tensor_bytes(tmp_path / "ck" / "model.safetensors", "model.norm.weight")
+    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="conversion"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ck")  # transformers wraps the OWLCheckpointError
+    assert "model.norm.weight` fails its CRC-32 check" in caplog.text
