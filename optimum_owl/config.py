@@ -15,7 +15,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .criteria import criterion_names, get_criterion
 from .errors import OWLConfigError  # noqa: F401  (defined in optimum_owl.errors)
-from .utils import atomic_write_text
+from .utils import atomic_write_text, public_path
 from .validation import check_choice, check_number, parse_pattern
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ FIELD_CHOICES = {
     "wanda_group": lambda: WANDA_GROUPS,
     "refine": lambda: REFINE,
 }
+# Fields that may hold local paths; published files carry only their last component (`to_public_dict`).
+PATH_FIELDS = ("dataset", "checkpoint_dir", "offload_folder")
 
 
 @dataclass
@@ -345,8 +347,16 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         return out
 
     def to_json_dict(self) -> dict[str, Any]:
-        """`to_dict()` plus `format_version`: what `owl_config.json` holds."""
-        return {**self.to_dict(), "format_version": CONFIG_FORMAT_VERSION}
+        """`to_public_dict()` plus `format_version`: what `owl_config.json` holds."""
+        return {**self.to_public_dict(), "format_version": CONFIG_FORMAT_VERSION}
+    def to_public_dict(self) -> dict[str, Any]:
+        """`to_dict()` for files that get published (`owl_config.json`, `config.json`, reports, model cards): local
+        absolute paths (`dataset`, `checkpoint_dir`, `offload_folder`) are reduced to their last component."""
+        out = self.to_dict()
+        for name in PATH_FIELDS:
+            if out.get(name) is not None:
+                out[name] = public_path(out[name])
+        return out
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
@@ -370,7 +380,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         return (config, unused) if return_unused_kwargs else config
 
     def to_json_string(self, use_diff: bool = True) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return json.dumps(self.to_public_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> OWLPrunerConfig:

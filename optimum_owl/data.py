@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import CalibrationDataError  # noqa: F401  (defined in optimum_owl.errors)
+from .utils import public_path
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def describe_source(dataset: Any) -> str:
     if dataset is None:
         return "none"
     if isinstance(dataset, (str, os.PathLike)):
-        return str(dataset)
+        return str(public_path(dataset))  # reports are published: no local folder layout
     if isinstance(dataset, torch.Tensor):
         return f"tensor{list(dataset.shape)}"
     name = type(dataset).__name__

@@ -36,6 +36,7 @@ from .passes import RunState
 from .report import BlockReport, ModuleReport, PruneReport
 from .resume import ResumeState
 from .runner import BlockRunner
+from .utils import public_path
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +168,8 @@ def build_report(state: RunState, plans: list[BlockPlan], calibration: dict[str,
     model = state.model
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
     report = PruneReport(
-        config=state.config.to_dict(),
-        model={"class": type(model).__name__, "name_or_path": name, "block_path": state.path},
+        config=state.config.to_public_dict(),
+        model={"class": type(model).__name__, "name_or_path": public_path(name), "block_path": state.path},
         timings={k: round(v, 4) for k, v in state.timings.items()},
         warnings=list(state.warnings),
         calibration=calibration,

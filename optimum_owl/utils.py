@@ -1,5 +1,5 @@
 """Small helpers shared by every layer: THE atomic writers (file, text, folder), THE nested-structure walker, name
-matching."""
+matching, what may be published (public_path, redact_secrets)."""
 
 from __future__ import annotations
 
@@ -115,3 +115,32 @@ def matches_any(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
         elif fnmatch.fnmatchcase(name, pattern) or name == pattern or name.endswith("." + pattern):
             return True
     return False
+
+
+def public_path(value: object) -> object:
+    """What to publish for a path in saved configs, reports and model cards: an absolute (or `~`) path becomes its
+    last component, so no local folder layout is published; relative paths, Hub ids and non-paths are kept."""
+    if not isinstance(value, (str, os.PathLike)):
+        return value
+    text = os.fspath(value)
+    if os.path.isabs(text) or text.startswith("~"):
+        return Path(text).name
+    return text
+
+
+# Things that look like credentials in a command line: Hub/GitHub/OpenAI/Slack-style tokens, the value after a
+# --*token*/--*password*/--*key* flag, NAME=value for *TOKEN*/*SECRET*/*PASSWORD*/*KEY* variables, bearer headers.
+_SECRET_PATTERNS = (
+    re.compile(r"\b(?:hf|api|sk|ghp|gho|ghs|github_pat|xox[abprs])_[A-Za-z0-9_-]{16,}"),
+    re.compile(r"(?i)(--[\w-]*(?:token|password|secret|api[-_]?key)[\w-]*(?:=|\s+))(['\"]?)[^\s'\"]+\2"),
+    re.compile(r"(?i)(\b[\w]*(?:token|secret|password|api_?key)[\w]*\s*=\s*)(['\"]?)[^\s'\",)]+\2"),
+    re.compile(r"(?i)(bearer\s+)()[A-Za-z0-9._~+/=-]{8,}"),
+)
+
+
+def redact_secrets(text: str) -> str:
+    """`text` with anything that looks like a token or password replaced by `***` (for published command lines)."""
+    text = _SECRET_PATTERNS[0].sub("***", text)
+    for pattern in _SECRET_PATTERNS[1:]:
+        text = pattern.sub(lambda m: f"{m.group(1)}{m.group(2)}***{m.group(2)}", text)
+    return text

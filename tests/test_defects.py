@@ -355,3 +355,41 @@ def test_9_from_pretrained_refuses_flipped_bytes_in_a_norm_weight(tmp_path, capl
     with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="conversion"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "ck")  # transformers wraps the OWLCheckpointError
     assert "model.norm.weight` fails its CRC-32 check" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------- item 10
+def test_10_saved_config_report_and_card_publish_no_absolute_local_path(tmp_path):
+    import json
+
+    from optimum_owl.hub.card import render_model_card
+    from optimum_owl.report import PruneReport
+
+    src, text = _saved_model_and_text(tmp_path)
+    out = tmp_path / "out"
+    args = _prune_args(src, text, out, "--checkpoint-dir", str(tmp_path / "resume"), "--eval-text", str(text))
+    assert main(args) == 0
+    written = "".join((out / name).read_text() for name in ("config.json", "owl_config.json", "owl_report.json"))
+    report = PruneReport.load(out / "owl_report.json")
+    card = str(render_model_card(report=report, repo_id="me/model"))
+    for published in (written, card):
+        assert str(tmp_path) not in published
+    assert json.loads((out / "owl_report.json").read_text())["calibration"]["source"] == "calib.txt"
+    assert json.loads((out / "owl_config.json").read_text())["checkpoint_dir"] == "resume"
+    assert "calib.txt" in card
+
+
+@pytest.mark.parametrize(
+    "secret_in",
+    [
+        "optimum-owl push out --repo-id me/m --token hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345",
+        "HF_TOKEN=hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345 optimum-owl prune m -o out",
+        "python prune.py --hub_token=hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345",
+        "curl -H 'Authorization: Bearer abcdef0123456789abcdef' https://x",
+    ],
+)
+def test_10_a_token_in_the_reproduce_command_is_redacted(secret_in):
+    from optimum_owl.hub.card import render_model_card
+
+    card = str(render_model_card(report=None, repo_id="me/model", command=secret_in))
+    assert "hf_AbCdEf" not in card and "abcdef0123456789abcdef" not in card
+    assert "optimum-owl" in card or "python prune.py" in card or "curl" in card

@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     from ..modeling import PRUNED_ZERO_SHARE, get_blocks_and_units, load_model, zero_share
     from ..pruner import OWLPruner
     from ..serialization import save_pruned
-    from ..utils import check_output_dir
+    from ..utils import check_output_dir, public_path
 
     config = config_from_args(args)  # validate before loading anything
     check_output_dir(args.output_dir, args.overwrite, protected={"input model": args.model})
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     report = OWLPruner(config).prune(model, dataset=args.calibration, tokenizer=tokenizer)
     if args.eval_text:
         after = perplexity(model, tokenizer, args.eval_text, seqlen=eval_seqlen, max_windows=args.eval_max_windows)
-        report.evaluation = {"text": args.eval_text, "seqlen": eval_seqlen, "dense_ppl": before, "pruned_ppl": after}
+        report.evaluation = {"text": public_path(args.eval_text), "seqlen": eval_seqlen, "dense_ppl": before, "pruned_ppl": after}
     save_pruned(model, args.output_dir, report=report, config=config, tokenizer=tokenizer, overwrite=args.overwrite,
                 dense=args.dense_checkpoint)
     print(report.to_markdown())

@@ -299,8 +299,8 @@ def _mark_dense_model(model: nn.Module) -> None:
 
 
 def _clean_config(config: OWLPrunerConfig) -> OWLPrunerConfig:
-    """A copy without the runtime-only fields (tokenizer, in-memory calibration data)."""
-    return OWLPrunerConfig.from_dict(config.to_dict())
+    """A copy for `config.json`: no runtime-only fields (tokenizer, in-memory data), local paths shortened."""
+    return OWLPrunerConfig.from_dict(config.to_public_dict())
 
 
 def prune_loaded_model(model: nn.Module, quantizer: OWLHfQuantizer) -> nn.Module:
