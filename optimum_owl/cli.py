@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
+    except (ValueError, OSError, ImportError) as err:
         # User errors: one clear line, no traceback (use -v for the traceback).
         if args.verbose:
             raise

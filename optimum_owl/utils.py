@@ -81,21 +81,28 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
 
 
 def check_output_dir(
-    path: str | os.PathLike, overwrite: bool = False, flag: str = "--output-dir", protected: dict[str, str] | None = None
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    flag: str = "--output-dir",
+    protected: dict[str, str | None] | None = None,
+    disjoint: dict[str, str | None] | None = None,
 ) -> None:
     """Refuse an output folder before any work starts (the CLI calls this first).
 
-    Refuses `path` when it exists and is a file, exists without `overwrite`, or is, contains or lies inside one of the
-    `protected` local paths (`{description: path}`, e.g. the input model: replacing the output would delete it).
-    Non-local `protected` entries (Hub ids) are ignored. Raises `FileExistsError` or `ValueError` naming `flag`.
+    Refuses `path` when it exists and is a file, exists without `overwrite`, cannot be written (read-only file system,
+    no permission: probed by creating and removing a temporary folder where it will go), or is, contains or lies
+    inside one of the `protected` local paths (`{description: path}`, e.g. the input model: replacing the output would
+    delete it; entries that do not exist locally, such as Hub ids, are skipped) or of the `disjoint` paths (folders the
+    run itself writes, e.g. `--checkpoint-dir`, checked whether or not they exist yet). Raises `FileExistsError`,
+    `PermissionError` or `ValueError` naming `flag`.
     """
     final = Path(path)
     if final.exists() and not final.is_dir():
         raise FileExistsError(f"{flag} {final} exists and is not a folder; remove it or choose another path.")
     resolved = final.resolve()
-    for what, other in (protected or {}).items():
-        if other is None or not Path(other).exists():
-            continue
+    others = {k: v for k, v in (protected or {}).items() if v is not None and Path(v).exists()}
+    others.update({k: v for k, v in (disjoint or {}).items() if v is not None})
+    for what, other in others.items():
         theirs = Path(other).resolve()
         if resolved == theirs or theirs in resolved.parents or resolved in theirs.parents:
             relation = "is" if resolved == theirs else ("is inside" if theirs in resolved.parents else "contains")
@@ -104,6 +111,30 @@ def check_output_dir(
             )
     if final.exists() and not overwrite:
         raise FileExistsError(f"{flag} {final} exists; pass --overwrite to replace it.")
+    ancestor = existing_ancestor(resolved.parent)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".owl-write-probe.", dir=ancestor))
+    except OSError as err:
+        raise PermissionError(f"{flag} {final}: cannot write in {ancestor} ({err.strerror}).") from None
+
+
+def existing_ancestor(path: Path) -> Path:
+    """`path` itself or its nearest existing parent folder."""
+    path = Path(path).resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_free_space(path: str | os.PathLike, needed: int, flag: str = "--output-dir") -> None:
+    """Refuse (`OSError`) when the file system that will hold `path` has less than `needed` bytes free."""
+    where = existing_ancestor(Path(path).parent)
+    free = shutil.disk_usage(where).free
+    if free < needed:
+        raise OSError(
+            f"{flag} {path}: {free / 1e6:,.1f} MB free in {where}, but the output needs at least {needed / 1e6:,.1f} MB; "
+            "free some space or choose another folder."
+        )
 
 
 def matches_any(name: str, patterns: list[str] | tuple[str, ...]) -> bool:

@@ -393,3 +393,57 @@ def test_10_a_token_in_the_reproduce_command_is_redacted(secret_in):
     card = str(render_model_card(report=None, repo_id="me/model", command=secret_in))
     assert "hf_AbCdEf" not in card and "abcdef0123456789abcdef" not in card
     assert "optimum-owl" in card or "python prune.py" in card or "curl" in card
+
+
+# ---------------------------------------------------------------------------------------------------------- item 11
+@pytest.fixture
+def no_pruning(monkeypatch):
+    """Fail the test if pruning starts (the destination must be checked before the work)."""
+    from optimum_owl import OWLPruner
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pruning started although the destination is unusable")
+
+    monkeypatch.setattr(OWLPruner, "prune", refuse)
+
+
+def test_11_read_only_destination_is_refused_before_pruning(tmp_path, capsys, monkeypatch, no_pruning):
+    import errno
+    import tempfile
+
+    src, text = _saved_model_and_text(tmp_path)
+    real_mkdtemp = tempfile.mkdtemp
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and str(tmp_path / "ro") in str(dir):
+            raise OSError(errno.EROFS, "Read-only file system", str(dir))
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    capsys.readouterr()
+    assert main(_prune_args(src, text, tmp_path / "ro" / "out")) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "Read-only file system" in err
+
+
+def test_11_too_little_free_space_is_refused_before_pruning(tmp_path, capsys, monkeypatch, no_pruning):
+    import shutil
+    from collections import namedtuple
+
+    src, text = _saved_model_and_text(tmp_path)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    capsys.readouterr()
+    assert main(_prune_args(src, text, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "free" in err and "needs" in err
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint-dir", "--offload-folder"])
+def test_11_output_dir_overlapping_the_checkpoint_dir_is_refused_before_pruning(tmp_path, capsys, flag, no_pruning):
+    src, text = _saved_model_and_text(tmp_path)
+    capsys.readouterr()
+    assert main(_prune_args(src, text, tmp_path / "x", flag, str(tmp_path / "x"))) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "--output-dir" in err

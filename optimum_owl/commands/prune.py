@@ -148,6 +148,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _saved_bytes_lower_bound(model: Any, sparsity: float, dense: bool) -> int:
+    """Bytes the saved weights take at least: all of them dense, or (compact) the kept share of them."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+    return int(total if dense else total * (1.0 - sparsity))
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -156,12 +162,14 @@ def run(args: argparse.Namespace) -> int:
     from ..modeling import PRUNED_ZERO_SHARE, get_blocks_and_units, load_model, zero_share
     from ..pruner import OWLPruner
     from ..serialization import save_pruned
-    from ..utils import check_output_dir, public_path
+    from ..utils import check_free_space, check_output_dir, public_path
 
     config = config_from_args(args)  # validate before loading anything
-    check_output_dir(args.output_dir, args.overwrite, protected={"input model": args.model})
+    check_output_dir(args.output_dir, args.overwrite, protected={"input model": args.model},
+                     disjoint={"--checkpoint-dir": config.checkpoint_dir, "--offload-folder": config.offload_folder})
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = load_model(args.model, dtype=dtype)
+    check_free_space(args.output_dir, _saved_bytes_lower_bound(model, config.sparsity, args.dense_checkpoint))
     share = zero_share(get_blocks_and_units(model, config.block_name, config.ignore)[2])
     if share is not None and share > PRUNED_ZERO_SHARE and not args.allow_pruned:
         raise ValueError(
