@@ -45,12 +45,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError, ImportError) as err:
-        # User errors: one clear line, no traceback (use -v for the traceback).
+    except KeyboardInterrupt:
+        print(f"optimum-owl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every error is one line; -v re-raises for the traceback
         if args.verbose:
             raise
-        print(f"optimum-owl {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        code, message = _describe_error(err)
+        print(f"optimum-owl {args.command}: error: {message}", file=sys.stderr)
+        return code
+
+
+def _describe_error(err: Exception) -> tuple[int, str]:
+    """(exit code, one-line message): 2 for bad input (ValueError, OSError, ImportError: the message says what and
+    how to fix it), 1 for failures of the work itself (a failed upload) and for unexpected errors (named by type)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, (ValueError, OSError, ImportError)):
+        return 2, text
+    if type(err).__name__ == "HubUploadError":
+        return 1, text
+    return 1, f"{type(err).__name__}: {text} (unexpected; rerun with -v for the traceback)"
 
 
 if __name__ == "__main__":

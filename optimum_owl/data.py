@@ -122,7 +122,14 @@ def _materialise(dataset: Any, text_column: str) -> list[Any]:
             raise ImportError(
                 f"`dataset={dataset!r}` is not a local file; loading it by name needs `pip install datasets`."
             ) from err
-        dataset = datasets.load_dataset(str(dataset), split="train")
+        try:
+            dataset = datasets.load_dataset(str(dataset), split="train")
+        except Exception as err:  # noqa: BLE001 - datasets raises many types (ConnectionError, FileNotFoundError, ...)
+            raise CalibrationDataError(
+                f"Cannot load calibration dataset {str(dataset)!r} with datasets.load_dataset "
+                f"({type(err).__name__}: {' '.join(str(err).split())}). Pass a local .txt/.jsonl/.json file, or a "
+                "dataset name that loads (offline: one already in the datasets cache)."
+            ) from err
     if hasattr(dataset, "column_names") and hasattr(dataset, "__getitem__"):  # datasets.Dataset
         columns = dataset.column_names
         if text_column in columns:

@@ -8,7 +8,9 @@ stores experts as 3-D tensors). Pruning writes through `unit.weight()`, a view i
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -186,7 +188,15 @@ def load_model(name_or_path: str, **kwargs: Any) -> nn.Module:
     """Load a causal LM (falling back to a bare `AutoModel`, e.g. BERT) from a local path or Hub id."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(name_or_path)
+    text = os.fspath(name_or_path)
+    local = Path(text).exists() or text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1)
+    if local and not Path(text).expanduser().is_dir():
+        what = "is not a folder" if Path(text).exists() else "does not exist"
+        raise FileNotFoundError(f"Model {text} {what}: pass a local model folder or a Hub id (owner/name).")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except OSError as err:  # offline, unknown repo, no config.json: transformers' message does not name the model
+        raise OSError(f"Cannot load model {text!r}: {' '.join(str(err).split())}") from err
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except ValueError:

@@ -447,3 +447,119 @@ def test_11_output_dir_overlapping_the_checkpoint_dir_is_refused_before_pruning(
     assert main(_prune_args(src, text, tmp_path / "x", flag, str(tmp_path / "x"))) == 2
     err = capsys.readouterr().err
     assert flag in err and "--output-dir" in err
+
+
+# ---------------------------------------------------------------------------------------------------------- item 12
+def _one_line_error(capsys, argv, code=2):
+    """Run the CLI; it must exit non-zero with exactly one stderr line and no traceback."""
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse errors: usage line + one error line
+        rc = exc.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and err[-1].startswith("optimum-owl") and "error:" in err[-1], err
+        return err[-1]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == code, (rc, err)
+    assert not any("Traceback" in line for line in err), err
+    errors = [line for line in err if line.startswith("optimum-owl")]  # the rest: log lines, progress bars
+    assert len(errors) == 1 and errors[0] == err[-1] and "error:" in errors[0], err
+    return errors[0]
+
+
+def test_12_nonexistent_model_path_is_one_line(tmp_path, capsys):
+    _, text = _saved_model_and_text(tmp_path)
+    line = _one_line_error(capsys, _prune_args(tmp_path / "no_such_model", text, tmp_path / "out"))
+    assert "no_such_model" in line and "does not exist" in line
+    line = _one_line_error(capsys, ["eval", "./missing/model", "--text", str(text)])
+    assert "does not exist" in line
+
+
+def test_12_offline_hub_id_is_one_line(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _, text = _saved_model_and_text(tmp_path)
+    line = _one_line_error(capsys, ["eval", "someone/some-model", "--text", str(text)])
+    assert "someone/some-model" in line
+
+
+@pytest.mark.parametrize("row, match", [("5", "not an object"), ('{"text": 123}', "not a string"),
+                                        ('{"other": "x"}', "no 'text' key")])
+@pytest.mark.parametrize("command", ["prune", "eval"])
+def test_12_bad_jsonl_rows_are_one_line(tmp_path, capsys, row, match, command):
+    src, _ = _saved_model_and_text(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n' + row + "\n")
+    argv = (_prune_args(src, bad, tmp_path / "out") if command == "prune"
+            else ["eval", str(src), "--text", str(bad), "--seqlen", "16"])
+    line = _one_line_error(capsys, argv)
+    assert "bad.jsonl:2" in line and match in line
+
+
+def test_12_a_folder_as_calibration_is_one_line(tmp_path, capsys):
+    src, _ = _saved_model_and_text(tmp_path)
+    line = _one_line_error(capsys, _prune_args(src, tmp_path, tmp_path / "out"))
+    assert "is a folder" in line
+
+
+def test_12_an_unloadable_dataset_name_is_one_line(tmp_path, capsys, monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'no-such/dataset' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    src, _ = _saved_model_and_text(tmp_path)
+    line = _one_line_error(capsys, _prune_args(src, "no-such/dataset", tmp_path / "out"))
+    assert "no-such/dataset" in line and ".jsonl" in line
+
+
+@pytest.mark.parametrize("seqlen", ["0", "1", "-3"])
+def test_12_eval_seqlen_below_two_is_one_line(tmp_path, capsys, seqlen):
+    src, text = _saved_model_and_text(tmp_path)
+    line = _one_line_error(capsys, ["eval", str(src), "--text", str(text), "--seqlen", seqlen])
+    assert "--seqlen" in line
+
+
+def test_12_perplexity_refuses_seqlen_below_two():
+    from optimum_owl.evaluation import perplexity_of_ids
+
+    from .conftest import calib_ids, tiny_model
+
+    with pytest.raises(ValueError, match="seqlen"):
+        perplexity_of_ids(tiny_model("llama"), calib_ids(1, 64).reshape(-1), seqlen=1)
+
+
+def test_12_demo_num_samples_zero_is_one_line(capsys):
+    line = _one_line_error(capsys, ["demo", "--num-samples", "0"])
+    assert "--num-samples" in line
+
+
+def test_12_a_failed_push_is_one_line(tmp_path, capsys, monkeypatch):
+    import optimum_owl.hub as hub
+    from optimum_owl.hub.push import HubUploadError
+
+    def fail(*args, **kwargs):
+        raise HubUploadError("Upload to me/m failed (HTTP 500); the files are kept in /x; retry with: optimum-owl push")
+
+    monkeypatch.setattr(hub, "push_folder", fail)
+    (tmp_path / "f").mkdir()
+    line = _one_line_error(capsys, ["push", str(tmp_path / "f"), "--repo-id", "me/m"], code=1)
+    assert "Upload to me/m failed" in line
+
+
+def test_12_an_unexpected_error_is_one_line_and_verbose_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    import optimum_owl.hub as hub
+
+    def bug(*args, **kwargs):
+        raise KeyError("internal")
+
+    monkeypatch.setattr(hub, "push_folder", bug)
+    (tmp_path / "f").mkdir()
+    line = _one_line_error(capsys, ["push", str(tmp_path / "f"), "--repo-id", "me/m"], code=1)
+    assert "KeyError" in line and "-v" in line
+    with pytest.raises(KeyError):
+        main(["-v", "push", str(tmp_path / "f"), "--repo-id", "me/m"])

@@ -19,6 +19,21 @@ def dtype_arg(value: str) -> str:
         ) from None
 
 
+def int_at_least(minimum: int):
+    """An argparse type: an integer `>= minimum`."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
+        return number
+
+    return parse
+
+
 def existing_file(value: str) -> str:
     """A path argument that must name an existing file (a missing one is an argparse error, never read as text)."""
     path = Path(value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import existing_file
+from . import existing_file, int_at_least
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,8 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="wanda", choices=["wanda", "sparsegpt", "magnitude"])
     p.add_argument("--owl-m", type=float, default=5.0)
     p.add_argument("--owl-lambda", type=float, default=0.08)
-    p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--num-samples", type=int_at_least(1), default=64)
+    p.add_argument("--seqlen", type=int_at_least(2), default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-text", default=None, type=existing_file, help="optional .txt/.jsonl to evaluate on too (e.g. WikiText-2 test)")
     p.set_defaults(func=run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import existing_file
+from . import existing_file, int_at_least
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -12,7 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="local model folder or Hub id")
     p.add_argument("--text", required=True, type=existing_file, help=".txt or .jsonl (rows joined with blank lines)")
     p.add_argument("--tokenizer", default=None)
-    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seqlen", type=int_at_least(2), default=2048, help="window length (at least 2)")
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--add-bos", action="store_true", help="prepend BOS once (e.g. for llama2.c models)")
