@@ -563,3 +563,31 @@ def test_12_an_unexpected_error_is_one_line_and_verbose_shows_the_traceback(tmp_
     assert "KeyError" in line and "-v" in line
     with pytest.raises(KeyError):
         main(["-v", "push", str(tmp_path / "f"), "--repo-id", "me/m"])
+
+
+# ---------------------------------------------------------------------------------------------------------- item 13
+def test_13_repair_evaluation_is_capped_and_says_so(monkeypatch, caplog):
+    import logging
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("peft")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from repair_helpers import prune_, random_windows, tiny_llama
+
+    import optimum_owl.evaluation as evaluation
+    from optimum_owl.repair import RepairConfig, repair
+
+    seen = []
+    real = evaluation.perplexity_of_ids
+    monkeypatch.setattr(evaluation, "perplexity_of_ids",
+                        lambda model, ids, seqlen, *a, **k: seen.append(ids.numel() // seqlen) or real(model, ids, seqlen, *a, **k))
+    model = prune_(tiny_llama())
+    config = RepairConfig(r=4, seqlen=16, max_steps=2, per_device_train_batch_size=4, max_eval_windows=8)
+    with caplog.at_level(logging.INFO):
+        _, report = repair(model, None, train_data=random_windows(16, 16), config=config,
+                           eval_data=random_windows(200, 16, seed=5))
+    assert seen == [8, 8]  # before and after, 8 windows each (not 200)
+    assert (report.eval_windows, report.eval_windows_available) == (8, 200)
+    assert "first 8 of 200" in caplog.text
+    assert RepairConfig().max_eval_windows == 64  # capped by default

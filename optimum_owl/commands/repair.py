@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from . import existing_file
+from . import existing_file, int_at_least
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-train-windows", type=int, default=None)
+    p.add_argument("--max-eval-windows", type=int_at_least(1), default=64,
+                   help="--eval-data perplexity on its first N windows, before and after (default 64)")
+    p.add_argument("--eval-all-windows", action="store_true", help="evaluate every --eval-data window (can be slow)")
     p.add_argument("--text-column", default="text")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
@@ -64,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         target_modules=targets, seqlen=args.seqlen, max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr, weight_decay=args.weight_decay, max_train_windows=args.max_train_windows,
+        max_eval_windows=None if args.eval_all_windows else args.max_eval_windows,
         text_column=args.text_column, seed=args.seed, bf16=args.bf16, report_to=args.report_to,
         merge=not args.no_merge,
     )
@@ -84,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         "zeros_preserved": report.zeros_preserved,
         "eval_ppl_before": report.eval_ppl_before,
         "eval_ppl_after": report.eval_ppl_after,
+        "eval_windows": report.eval_windows,
+        "eval_windows_available": report.eval_windows_available,
     }
     print(json.dumps(summary))
     return 0
