@@ -591,3 +591,35 @@ def test_13_repair_evaluation_is_capped_and_says_so(monkeypatch, caplog):
     assert (report.eval_windows, report.eval_windows_available) == (8, 200)
     assert "first 8 of 200" in caplog.text
     assert RepairConfig().max_eval_windows == 64  # capped by default
+
+
+# ---------------------------------------------------------------------------------------------------------- item 14
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_14_optimum_cli_owl_help_is_the_optimum_owl_help(monkeypatch, capsys, flag):
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("optimum.commands.base") is None:
+        pytest.skip("optimum is not installed (pip install optimum-owl[optimum])")
+    from optimum.commands import optimum_cli
+
+    monkeypatch.setattr(sys, "argv", ["optimum-cli", "owl", flag])
+    with pytest.raises(SystemExit) as info:
+        optimum_cli.main()
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "prune" in out and "demo" in out and "--model" not in out
+
+
+def test_14_wrapper_help_example_is_a_valid_command():
+    import re
+    from pathlib import Path
+
+    from optimum_owl.cli import build_parser
+
+    text = (Path(__file__).resolve().parents[1] / "optimum" / "commands" / "register" / "owl.py").read_text()
+    examples = re.findall(r"`((?:optimum-cli owl |optimum-owl )?prune [^`]*)`", text)
+    assert examples
+    for example in examples:
+        words = example.replace("optimum-cli owl ", "").replace("optimum-owl ", "").split()
+        build_parser().parse_args(words)  # would exit 2 on `--model`
