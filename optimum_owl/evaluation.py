@@ -101,6 +101,8 @@ def perplexity_of_ids(
     model: nn.Module, ids: torch.LongTensor, seqlen: int, batch_size: int = 1, max_windows: int | None = None
 ) -> float:
     """Perplexity over non-overlapping windows of a 1-D token-id tensor."""
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows={max_windows}: evaluate at least one window (or None for all).")
     if seqlen < 2:
         raise ValueError(f"seqlen={seqlen}: a window needs at least 2 tokens (one to predict); use seqlen >= 2.")
     max_pos = context_length(model)

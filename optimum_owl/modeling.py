@@ -187,6 +187,7 @@ def get_blocks_and_units(
 def load_model(name_or_path: str, **kwargs: Any) -> nn.Module:
     """Load a causal LM (falling back to a bare `AutoModel`, e.g. BERT) from a local path or Hub id."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     text = os.fspath(name_or_path)
     local = Path(text).exists() or text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1)
@@ -197,11 +198,10 @@ def load_model(name_or_path: str, **kwargs: Any) -> nn.Module:
         config = AutoConfig.from_pretrained(name_or_path)
     except OSError as err:  # offline, unknown repo, no config.json: transformers' message does not name the model
         raise OSError(f"Cannot load model {text!r}: {' '.join(str(err).split())}") from err
-    try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except ValueError:
-        logger.info("%s (%s) is not a causal LM; loading it with AutoModel", name_or_path, config.model_type)
-        return AutoModel.from_pretrained(name_or_path, **kwargs)
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)  # its errors are about this checkpoint
+    logger.info("%s (%s) is not a causal LM; loading it with AutoModel", name_or_path, config.model_type)
+    return AutoModel.from_pretrained(name_or_path, **kwargs)
 
 
 # Dense checkpoints have (almost) no exact zeros; above this share of zero block weights a model counts as pruned.

@@ -140,6 +140,16 @@ class PruneReport:
             rows.append(row)
         return "\n".join(rows)
 
+    def _target_text(self) -> str:
+        """The mean target: `sparsity`, or 1 − N/M for an N:M pattern (which does not use `sparsity`)."""
+        cfg = self.config
+        pattern = str(cfg.get("pattern") or "unstructured")
+        if ":" in pattern:
+            n, m = (int(x) for x in pattern.split(":"))
+            mixed = " per-block N, mean" if cfg.get("nm_mixed") else ""
+            return f"{1 - n / m:g} (N:M {pattern}{mixed}; `sparsity` is not used)"
+        return f"{cfg.get('sparsity')}"
+
     def to_markdown(self) -> str:
         cfg = self.config
         lines = [
@@ -148,7 +158,7 @@ class PruneReport:
             f"- model: `{self.model.get('name_or_path') or self.model.get('class')}` ({self.model.get('class')})",
             f"- method: {cfg.get('method')}, layerwise: {cfg.get('layerwise')}, pattern: {cfg.get('pattern')}, "
             f"M={cfg.get('owl_m')}, λ={cfg.get('owl_lambda')}",
-            f"- target sparsity: {cfg.get('sparsity')}; achieved: {self.sparsity:.4f} "
+            f"- target sparsity: {self._target_text()}; achieved: {self.sparsity:.4f} "
             f"({self.total_zeros:,} of {self.total_params:,} prunable weights are zero)",
         ]
         if self.calibration:

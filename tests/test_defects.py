@@ -623,3 +623,72 @@ def test_14_wrapper_help_example_is_a_valid_command():
     for example in examples:
         words = example.replace("optimum-cli owl ", "").replace("optimum-owl ", "").split()
         build_parser().parse_args(words)  # would exit 2 on `--model`
+
+
+# ---------------------------------------------------------------------------------------------------------- item 15
+def test_15_a_corrupt_causal_lm_checkpoint_is_not_retried_as_automodel(tmp_path, caplog):
+    import logging
+
+    from optimum_owl.saving import load_model
+
+    src, text = _saved_model_and_text(tmp_path)
+    assert main(_prune_args(src, text, tmp_path / "pruned")) == 0
+    _flip_tensor_bytes(tmp_path / "pruned" / "model.safetensors", "model.layers.0.mlp.up_proj.weight_bitmask")
+    with caplog.at_level(logging.INFO), pytest.raises(ValueError, match="up_proj"):
+        load_model(str(tmp_path / "pruned"))
+    assert "not a causal LM" not in caplog.text
+
+
+def test_15_a_non_utf8_file_is_named(tmp_path):
+    from optimum_owl.data import CalibrationDataError, get_calibration_data
+
+    from .test_data_and_errors import CharTokenizer
+
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    with pytest.raises(CalibrationDataError, match=r"latin1\.txt is not UTF-8"):
+        get_calibration_data(str(bad), CharTokenizer(), num_samples=2, seqlen=8)
+
+
+def test_15_an_empty_text_file_is_called_empty(tmp_path):
+    from optimum_owl.data import CalibrationDataError, get_calibration_data
+
+    from .test_data_and_errors import CharTokenizer
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(CalibrationDataError, match="empty"):
+        get_calibration_data(str(empty), CharTokenizer(), num_samples=2, seqlen=8)
+
+
+def test_15_max_windows_zero_is_named(tmp_path, capsys):
+    from optimum_owl.evaluation import perplexity_of_ids
+
+    from .conftest import calib_ids, tiny_model
+
+    with pytest.raises(ValueError, match="max_windows"):
+        perplexity_of_ids(tiny_model("llama"), calib_ids(1, 64).reshape(-1), seqlen=16, max_windows=0)
+    src, text = _saved_model_and_text(tmp_path)
+    line = _one_line_error(capsys, ["eval", str(src), "--text", str(text), "--seqlen", "16", "--max-windows", "0"])
+    assert "--max-windows" in line
+
+
+def test_15_sparsegpt_nm_names_the_layer_width():
+    import torch
+
+    from optimum_owl.criteria import sparsegpt_prune
+
+    w = torch.randn(8, 172)
+    with pytest.raises(ValueError, match=r"172.*layers\.0\.mlp\.down_proj|layers\.0\.mlp\.down_proj.*172"):
+        sparsegpt_prune(w, torch.eye(172), 0.5, nm=(4, 8), name="model.layers.0.mlp.down_proj")
+
+
+def test_15_nm_report_states_the_pattern_target():
+    from optimum_owl import OWLPruner, OWLPrunerConfig
+
+    from .conftest import calib_ids, tiny_model
+
+    report = OWLPruner(OWLPrunerConfig(sparsity=0.7, pattern="2:4", num_samples=4, seqlen=16, batch_size=2)).prune(
+        tiny_model("llama"), dataset=calib_ids(4, 16))
+    text = report.to_markdown()
+    assert "target sparsity: 0.5" in text and "target sparsity: 0.7" not in text

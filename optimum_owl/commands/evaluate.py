@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--text", required=True, type=existing_file, help=".txt or .jsonl (rows joined with blank lines)")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--seqlen", type=int_at_least(2), default=2048, help="window length (at least 2)")
-    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--max-windows", type=int_at_least(1), default=None, help="evaluate only the first N windows")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--add-bos", action="store_true", help="prepend BOS once (e.g. for llama2.c models)")
     p.set_defaults(func=run)

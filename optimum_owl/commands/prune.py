@@ -7,7 +7,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
-from . import dtype_arg, existing_file
+from . import dtype_arg, existing_file, int_at_least
 
 if TYPE_CHECKING:
     from ..config import OWLPrunerConfig
@@ -135,7 +135,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
     p.add_argument("--eval-text", default=None, type=existing_file, help=".txt/.jsonl to measure perplexity on, before and after")
     p.add_argument("--eval-seqlen", type=int, default=None, help="window for --eval-text (default: --seqlen)")
-    p.add_argument("--eval-max-windows", type=int, default=None)
+    p.add_argument("--eval-max-windows", type=int_at_least(1), default=None,
+                   help="--eval-text: evaluate only the first N windows")
     p.add_argument("--dtype", default="auto", type=dtype_arg,
                    help="dtype to load and prune in: auto (the checkpoint's own, default) | float32 | bfloat16 | float16")
     p.add_argument("--allow-pruned", action="store_true",
