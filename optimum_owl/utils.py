@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import json
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -68,6 +70,13 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
         yield tmp
+        for file in tmp.rglob("*.safetensors"):
+            sort_safetensors_metadata(file)
+        # mkdtemp/mkstemp make 0700/0600; give the output the modes mkdir/open would (0755/0644 under umask 022)
+        mask = _umask()
+        for item in [tmp, *tmp.rglob("*")]:
+            if not item.is_symlink():
+                os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
@@ -78,6 +87,42 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (setting it is racy with other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def sort_safetensors_metadata(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors header in place with its `__metadata__` keys sorted.
+
+    safetensors keeps the metadata in a hash map with a per-process random order, so two identical saves differ in
+    the header bytes; sorting makes identical checkpoints byte-identical. Only the order of the metadata entries
+    changes (same header length, same tensors, same data offsets); a header that would not keep its length is left
+    as is.
+    """
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(size)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict) or list(meta) == sorted(meta):
+            return
+        ordered = {"__metadata__": dict(sorted(meta.items())), **{k: v for k, v in header.items() if k != "__metadata__"}}
+        if list(header)[0] != "__metadata__":
+            return  # an unexpected layout: leave it alone
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size or json.loads(text) != header:
+            return
+        fh.seek(8)
+        fh.write(text + b" " * (size - len(text)))
 
 
 def check_output_dir(

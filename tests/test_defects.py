@@ -692,3 +692,55 @@ def test_15_nm_report_states_the_pattern_target():
         tiny_model("llama"), dataset=calib_ids(4, 16))
     text = report.to_markdown()
     assert "target sparsity: 0.5" in text and "target sparsity: 0.7" not in text
+
+
+# ---------------------------------------------------------------------------------------------------------- item 16
+def test_16_identical_saves_are_byte_identical(tmp_path):
+    import hashlib
+
+    from optimum_owl import OWLPruner, OWLPrunerConfig
+    from optimum_owl.saving import save_pruned
+
+    from .conftest import calib_ids, tiny_model
+
+    model = tiny_model("llama")
+    OWLPruner(OWLPrunerConfig(sparsity=0.5, num_samples=4, seqlen=16, batch_size=2)).prune(model, dataset=calib_ids(4, 16))
+    digests = set()
+    for i in range(4):
+        save_pruned(model, tmp_path / f"s{i}")
+        digests.add(hashlib.sha256((tmp_path / f"s{i}" / "model.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+
+
+def test_16_sorted_metadata_keeps_the_file_loadable(tmp_path):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from optimum_owl.utils import sort_safetensors_metadata
+
+    file = tmp_path / "t.safetensors"
+    tensors = {"b": torch.arange(5.0), "a": torch.ones(2, 3, dtype=torch.bfloat16)}
+    save_file(tensors, str(file), metadata={"z": "1", "format": "pt", "m": '{"x": "\\u00e9/"}'})
+    sort_safetensors_metadata(file)
+    with safe_open(str(file), framework="pt") as fh:
+        assert fh.metadata() == {"z": "1", "format": "pt", "m": '{"x": "\\u00e9/"}'}
+        assert torch.equal(fh.get_tensor("b"), tensors["b"]) and torch.equal(fh.get_tensor("a"), tensors["a"])
+    raw = file.read_bytes()
+    header = raw[8 : 8 + int.from_bytes(raw[:8], "little")].decode()
+    assert header.index('"format"') < header.index('"m"') < header.index('"z"')
+
+
+def test_16_cli_outputs_have_the_usual_permissions(tmp_path):
+    import os
+
+    src, text = _saved_model_and_text(tmp_path)
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        assert main(_prune_args(src, text, out)) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    for name in ("owl_config.json", "owl_report.json", "config.json", "model.safetensors"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
