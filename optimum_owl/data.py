@@ -58,6 +58,7 @@ def get_calibration_data(
     seqlen: int = 2048,
     seed: int = 0,
     text_column: str = "text",
+    warnings: list[str] | None = None,
 ) -> torch.LongTensor:
     """Turn `dataset` into `num_samples` seeded windows of `seqlen` token ids.
 
@@ -75,6 +76,8 @@ def get_calibration_data(
         seqlen (`int`): tokens per window.
         seed (`int`): sampling seed.
         text_column (`str`): column holding text.
+        warnings (`list`, *optional*): warnings about the data (e.g. overlapping windows) are appended here too
+            (the pruner puts them in the report).
 
     Returns:
         `torch.LongTensor` of shape `[num_samples, seqlen]`.
@@ -93,7 +96,7 @@ def get_calibration_data(
         if ids.shape == (num_samples, seqlen):
             return ids.clone()
         docs: list[list[int]] = [row.tolist() for row in ids]
-        return sample_windows(docs, num_samples, seqlen, seed, eos_id=None)
+        return sample_windows(docs, num_samples, seqlen, seed, eos_id=None, warnings=warnings)
     tokenizer = load_tokenizer(tokenizer)
     docs_or_texts = _materialise(dataset, text_column)
     if not docs_or_texts:
@@ -104,8 +107,8 @@ def get_calibration_data(
             raise CalibrationDataError(
                 "Calibration data is text but no tokenizer was given: pass `tokenizer=` (an object or a path)."
             )
-        return _sample_from_texts(docs_or_texts, tokenizer, num_samples, seqlen, seed, eos)
-    return sample_windows(docs_or_texts, num_samples, seqlen, seed, eos_id=eos)
+        return _sample_from_texts(docs_or_texts, tokenizer, num_samples, seqlen, seed, eos, warnings)
+    return sample_windows(docs_or_texts, num_samples, seqlen, seed, eos_id=eos, warnings=warnings)
 
 
 def _materialise(dataset: Any, text_column: str) -> list[Any]:
@@ -247,7 +250,8 @@ def read_texts(path: str | os.PathLike, text_column: str = "text", *, documents:
 
 
 def _sample_from_texts(
-    texts: list[str], tokenizer: Any, num_samples: int, seqlen: int, seed: int, eos: int | None
+    texts: list[str], tokenizer: Any, num_samples: int, seqlen: int, seed: int, eos: int | None,
+    warnings: list[str] | None = None,
 ) -> torch.LongTensor:
     """Reference sampling over texts, tokenising lazily (only drawn documents).
 
@@ -267,7 +271,7 @@ def _sample_from_texts(
     if windows is not None:
         return torch.tensor(windows, dtype=torch.long)
     docs = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    return sample_windows(docs, num_samples, seqlen, seed, eos_id=eos)
+    return sample_windows(docs, num_samples, seqlen, seed, eos_id=eos, warnings=warnings)
 
 
 def _draw_long_documents(count: int, tokens, num_samples: int, seqlen: int, rng: random.Random):
@@ -287,7 +291,8 @@ def _draw_long_documents(count: int, tokens, num_samples: int, seqlen: int, rng:
 
 
 def sample_windows(
-    docs: list[list[int]], num_samples: int, seqlen: int, seed: int, eos_id: int | None = None
+    docs: list[list[int]], num_samples: int, seqlen: int, seed: int, eos_id: int | None = None,
+    warnings: list[str] | None = None,
 ) -> torch.LongTensor:
     """Seeded windows from token-id documents (long documents first, else one joined stream)."""
     rng = random.Random(seed)
@@ -307,10 +312,11 @@ def sample_windows(
     rng = random.Random(seed)
     starts = [rng.randint(0, len(stream) - seqlen) for _ in range(num_samples)]
     if len(stream) < num_samples * seqlen:
-        logger.warning(
-            "Calibration stream has %d tokens for %d windows of %d: windows overlap; more text would calibrate better.",
-            len(stream),
-            num_samples,
-            seqlen,
+        msg = (
+            f"Calibration stream has {len(stream)} tokens for {num_samples} windows of {seqlen}: windows overlap; "
+            "more text would calibrate better."
         )
+        logger.warning(msg)
+        if warnings is not None:
+            warnings.append(msg)
     return torch.tensor([stream[s : s + seqlen] for s in starts], dtype=torch.long)

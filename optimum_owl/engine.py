@@ -114,7 +114,8 @@ def prepare(state: RunState, layerwise: str, dataset: Any, tokenizer: Any) -> di
     if max_pos is not None and cfg.seqlen > max_pos:
         raise OWLConfigError(f"`seqlen`={cfg.seqlen} exceeds the model's max_position_embeddings={max_pos}; lower `seqlen`.")
     t = time.perf_counter()
-    ids = get_calibration_data(dataset, tokenizer, cfg.num_samples, cfg.seqlen, cfg.seed, cfg.text_column)
+    ids = get_calibration_data(dataset, tokenizer, cfg.num_samples, cfg.seqlen, cfg.seed, cfg.text_column,
+                               warnings=state.warnings)
     vocab = getattr(model_cfg, "vocab_size", None)
     if isinstance(vocab, int) and int(ids.max()) >= vocab:
         raise OWLConfigError(

@@ -168,8 +168,9 @@ class PruneReport:
             )
         if self.evaluation:
             ev = self.evaluation
+            first = f", first {ev['max_windows']} windows" if ev.get("max_windows") else ""
             lines.append(
-                f"- perplexity on {ev.get('text')} (seqlen {ev.get('seqlen')}): dense {ev.get('dense_ppl'):.3f}, "
+                f"- perplexity on {ev.get('text')} (seqlen {ev.get('seqlen')}{first}): dense {ev.get('dense_ppl'):.3f}, "
                 f"pruned {ev.get('pruned_ppl'):.3f}"
             )
         if self.timings:

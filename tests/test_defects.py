@@ -744,3 +744,21 @@ def test_16_cli_outputs_have_the_usual_permissions(tmp_path):
     assert out.stat().st_mode & 0o777 == 0o755
     for name in ("owl_config.json", "owl_report.json", "config.json", "model.safetensors"):
         assert (out / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_16_report_and_card_carry_eval_max_windows_and_the_calibration_overlap_warning(tmp_path):
+    from optimum_owl.hub.card import render_model_card
+    from optimum_owl.report import PruneReport
+
+    src, text = _saved_model_and_text(tmp_path)
+    words = text.read_text().split()
+    short = tmp_path / "short_docs.txt"  # 30 documents of 20 words: no document fills a window; 32 x 32 must overlap
+    short.write_text("\n\n".join(" ".join(words[i : i + 20]) for i in range(0, 600, 20)))
+    out = tmp_path / "out"
+    assert main(_prune_args(src, short, out, "--num-samples", "32", "--eval-text", str(text),
+                            "--eval-max-windows", "3")) == 0
+    report = PruneReport.load(out / "owl_report.json")
+    assert report.evaluation["max_windows"] == 3
+    assert any("overlap" in w for w in report.warnings)
+    for published in (report.to_markdown(), str(render_model_card(report=report, repo_id="me/m"))):
+        assert "first 3 windows" in published and "overlap" in published

@@ -185,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
     report = OWLPruner(config).prune(model, dataset=args.calibration, tokenizer=tokenizer)
     if args.eval_text:
         after = perplexity(model, tokenizer, args.eval_text, seqlen=eval_seqlen, max_windows=args.eval_max_windows)
-        report.evaluation = {"text": public_path(args.eval_text), "seqlen": eval_seqlen, "dense_ppl": before, "pruned_ppl": after}
+        report.evaluation = {"text": public_path(args.eval_text), "seqlen": eval_seqlen,
+                             "max_windows": args.eval_max_windows, "dense_ppl": before, "pruned_ppl": after}
     save_pruned(model, args.output_dir, report=report, config=config, tokenizer=tokenizer, overwrite=args.overwrite,
                 dense=args.dense_checkpoint)
     print(report.to_markdown())

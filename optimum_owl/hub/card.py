@@ -84,7 +84,8 @@ def _eval_rows(report: Any, eval_results: Any) -> list[dict[str, Any]]:
                 "metric": "perplexity",
                 "value": ev["pruned_ppl"],
                 "dense_value": ev.get("dense_ppl"),
-                "details": f"windows of {ev.get('seqlen')} tokens" if ev.get("seqlen") else None,
+                "details": (f"windows of {ev.get('seqlen')} tokens" if ev.get("seqlen") else "")
+                + (f", first {ev['max_windows']} windows" if ev.get("max_windows") else "") or None,
             }
         )
     if isinstance(eval_results, dict):
