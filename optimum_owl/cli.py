@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.captureWarnings(True)  # warnings print once, formatted like the log lines
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         code, message = _describe_error(err)
         print(f"optimum-owl {args.command}: error: {message}", file=sys.stderr)
         return code
+    finally:
+        logging.captureWarnings(False)
 
 
 def _describe_error(err: Exception) -> tuple[int, str]:

@@ -762,3 +762,25 @@ def test_16_report_and_card_carry_eval_max_windows_and_the_calibration_overlap_w
     assert any("overlap" in w for w in report.warnings)
     for published in (report.to_markdown(), str(render_model_card(report=report, repo_id="me/m"))):
         assert "first 3 windows" in published and "overlap" in published
+
+
+def test_16_repair_warns_once_and_without_library_noise(caplog):
+    import logging
+    import sys
+    import warnings
+    from pathlib import Path
+
+    pytest.importorskip("peft")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from repair_helpers import random_windows, tiny_llama
+
+    from optimum_owl.repair import RepairConfig, RepairWarning, repair
+
+    config = RepairConfig(r=4, seqlen=16, max_steps=1, per_device_train_batch_size=4)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        repair(tiny_llama(), None, train_data=random_windows(8, 16), config=config)  # dense: nothing to preserve
+    texts = [str(w.message) for w in caught]
+    assert sum(issubclass(w.category, RepairWarning) for w in caught) == 1
+    assert "no zeros" not in caplog.text  # not logged a second time
+    assert not [t for t in texts if "is_gradient_checkpointing" in t or "pin_memory" in t], texts

@@ -169,6 +169,7 @@ def _training_args(config: RepairConfig, output_dir: str) -> Any:
         fp16=config.fp16,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator (else a UserWarning)
     )
     if config.bf16 and not torch.cuda.is_available():
         kwargs["use_cpu"] = True  # transformers refuses bf16 without a GPU unless told to train on CPU
