@@ -37,4 +37,7 @@ def run(args: argparse.Namespace) -> int:
     print(owl.block_table())
     print(f"\nPerplexity of stories260K (bundled, MIT) at {args.sparsity:.0%} sparsity:\n")
     print(result.table())
+    note = result.rounding_note()
+    if note:
+        print(f"\n{note}")
     return 0
