@@ -181,6 +181,13 @@ def _ids_list(ids: Any) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CalibrationDataError(f"{where} is not valid JSON: {err}") from None
+
+
 def _row_text(row: Any, where: str, text_column: str) -> str:
     if isinstance(row, str):
         return row
@@ -220,20 +227,14 @@ def read_texts(path: str | os.PathLike, text_column: str = "text", *, documents:
             for line_no, line in enumerate(raw.splitlines(), 1):
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise CalibrationDataError(f"{path}:{line_no} is not valid JSON: {err}") from None
+                row = _parse_json(line, f"{path}:{line_no}")
                 if not isinstance(row, dict):
                     raise CalibrationDataError(
                         f"{path}:{line_no} is a JSON {type(row).__name__}, not an object with {text_column!r}."
                     )
                 rows.append((f"{path}:{line_no}", row))
         else:
-            try:
-                data = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise CalibrationDataError(f"{path} is not valid JSON: {err}") from None
+            data = _parse_json(raw, str(path))
             if not isinstance(data, list):
                 raise CalibrationDataError(
                     f"{path} holds a JSON {type(data).__name__}; expected an array of strings or of objects with "
