@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = (
     "optimum_owl.commands.push",
     "optimum_owl.commands.export",
     "optimum_owl.commands.repair",
+    "optimum_owl.commands.generate",
 )
 
 

@@ -129,6 +129,13 @@ def compact_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
         out[name + BITMASK_SUFFIX] = bitmask
         out[name + SHAPE_SUFFIX] = shape
         checksums[name] = [crc32(values), crc32(bitmask), crc32(shape), str(values.dtype).removeprefix("torch.")]
+    # weights already held compressed in memory (optimum_owl.sparsify's SparseLinear) pass through: checksum them too
+    for key in [k for k in out if k.endswith(BITMASK_SUFFIX)]:
+        name = key.removesuffix(BITMASK_SUFFIX)
+        if name not in checksums and name in out and name + SHAPE_SUFFIX in out:
+            values = out[name]
+            checksums[name] = [crc32(values), crc32(out[key]), crc32(out[name + SHAPE_SUFFIX]),
+                               str(values.dtype).removeprefix("torch.")]
     dense_crc = {n: [crc32(t), str(t.dtype).removeprefix("torch.")] for n, t in out.items()
                  if n.removesuffix(BITMASK_SUFFIX).removesuffix(SHAPE_SUFFIX) not in checksums and t.device.type != "meta"}
     metadata = {METADATA_FORMAT_KEY: FORMAT_NAME, METADATA_CRC_KEY: json.dumps(checksums, sort_keys=True),
