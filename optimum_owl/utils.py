@@ -204,6 +204,16 @@ def public_path(value: object) -> object:
     return text
 
 
+# `OWLPrunerConfig` fields that may hold local paths; published files carry only their last component.
+PATH_FIELDS = ("dataset", "checkpoint_dir", "offload_folder")
+
+
+def public_config(config: dict) -> dict:
+    """A config dict (`OWLPrunerConfig.to_dict()`) as published in `owl_config.json`, `config.json`, reports and
+    model cards: the `PATH_FIELDS` reduced by `public_path`."""
+    return {k: public_path(v) if k in PATH_FIELDS else v for k, v in config.items()}
+
+
 # Things that look like credentials in a command line: Hub/GitHub/OpenAI/Slack-style tokens, the value after a
 # --*token*/--*password*/--*key* flag, NAME=value for *TOKEN*/*SECRET*/*PASSWORD*/*KEY* variables, bearer headers.
 _SECRET_PATTERNS = (

@@ -46,11 +46,21 @@ FLAG_HELP: dict[str, dict[str, str]] = {
         "dsnot_cycles": "--refine dsnot: most swaps per row",
         "dsnot_threshold": "--refine dsnot: stop a row when a swap gains less than this fraction",
     },
-    "owl-auto (--layerwise owl-auto)": {
+    "allocation families (--layerwise dlp | alphapruning | atp)": {
+        "dlp_alpha": "DLP: block sparsities span 2α around the target",
+        "alphapruning_epsilon": "AlphaPruning: block sparsities are the target × (1 ± ε), rescaled to the mean",
+        "atp_beta": "ATP: sparsity step β from one block to the next",
+    },
+    "search (--layerwise owl-auto | auto)": {
         "auto_owl_ms": "M values searched (--owl-m is always added)",
         "auto_owl_lambdas": "λ values searched (--owl-lambda is always added)",
         "auto_holdout": "fraction of calibration windows held out to score candidates, in (0, 0.5]",
-        "auto_finalists": "best screened OWL candidates pruned exactly and scored again",
+        "auto_finalists": "best screened candidates (auto: of that many families) pruned exactly and scored again",
+        "auto_families": "auto: families searched besides uniform",
+        "auto_dlp_alphas": "auto: DLP α values searched (--dlp-alpha is always added)",
+        "auto_alphapruning_epsilons": "auto: AlphaPruning ε values searched (--alphapruning-epsilon is always added)",
+        "auto_atp_betas": "auto: ATP β values searched (--atp-beta is always added); unset: spreads 0.08-0.32 over "
+        "the depth",
     },
     "memory and resuming (docs/scale.md)": {
         "offload_activations": "keep calibration activations on CPU between blocks",
@@ -89,6 +99,8 @@ def _flag_kwargs(name: str) -> dict[str, Any]:
     default = _config_default(name)
     if isinstance(default, bool):
         return {"action": "store_true"}
+    if default is None and "list[float]" in str(_field(name).type):  # an optional list of numbers
+        return {"type": float, "nargs": "+", "metavar": name.rsplit("_", 1)[-1].upper().removesuffix("S")}
     if isinstance(default, list):
         if not default:  # a list of strings given one per flag (`--ignore a --ignore b`)
             return {"action": "append", "metavar": name.upper().removesuffix("S")}

@@ -10,8 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..config import PATH_FIELDS
-from ..utils import public_path, redact_secrets
+from ..utils import public_config, public_path, redact_secrets
 from .plot import PLOT_NAME
 
 logger = logging.getLogger(__name__)
@@ -69,8 +68,8 @@ def _config_dict(config: Any, report: Any) -> dict[str, Any]:
     if config is None:
         cfg = dict(report.config) if report is not None else {}
     else:
-        cfg = config.to_public_dict() if hasattr(config, "to_public_dict") else dict(config)
-    return {k: public_path(v) if k in PATH_FIELDS else v for k, v in cfg.items()}
+        cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return public_config(cfg)
 
 
 def _eval_rows(report: Any, eval_results: Any) -> list[dict[str, Any]]:

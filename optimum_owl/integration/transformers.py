@@ -39,6 +39,7 @@ from ..config import OWLPrunerConfig
 from ..engine import prune_model
 from ..errors import OWLOffloadError  # noqa: F401  (defined in optimum_owl.errors)
 from ..modeling import is_conv1d
+from ..utils import public_config
 from .preflight import (
     METADATA_CRC_KEY,
     METADATA_DENSE_CRC_KEY,
@@ -307,7 +308,7 @@ def _mark_dense_model(model: nn.Module) -> None:
 
 def _clean_config(config: OWLPrunerConfig) -> OWLPrunerConfig:
     """A copy for `config.json`: no runtime-only fields (tokenizer, in-memory data), local paths shortened."""
-    return OWLPrunerConfig.from_dict(config.to_public_dict())
+    return OWLPrunerConfig.from_dict(public_config(config.to_dict()))
 
 
 def prune_loaded_model(model: nn.Module, quantizer: OWLHfQuantizer) -> nn.Module:
