@@ -15,7 +15,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .criteria import criterion_names, get_criterion
 from .errors import OWLConfigError  # noqa: F401  (defined in optimum_owl.errors)
-from .utils import atomic_write_text
+from .utils import atomic_write_text, public_config
 from .validation import check_choice, check_number, check_range, choice_list, number_list, parse_pattern
 
 logger = logging.getLogger(__name__)
@@ -362,8 +362,8 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         return out
 
     def to_json_dict(self) -> dict[str, Any]:
-        """`to_dict()` plus `format_version`: what `owl_config.json` holds."""
-        return {**self.to_dict(), "format_version": CONFIG_FORMAT_VERSION}
+        """`to_dict()` (local paths shortened: `utils.public_config`) plus `format_version`: `owl_config.json`."""
+        return {**public_config(self.to_dict()), "format_version": CONFIG_FORMAT_VERSION}
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
@@ -387,7 +387,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         return (config, unused) if return_unused_kwargs else config
 
     def to_json_string(self, use_diff: bool = True) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return json.dumps(public_config(self.to_dict()), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> OWLPrunerConfig:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -31,12 +32,13 @@ from .allocation import BlockPlan
 from .config import OWLPrunerConfig
 from .data import describe_source, get_calibration_data
 from .errors import OWLConfigError
-from .modeling import get_blocks_and_units
+from .modeling import PRUNED_ZERO_SHARE, context_length, get_blocks_and_units, zero_share
 from .offload import make_block_offloader
 from .passes import RunState
 from .report import METRIC_NAMES, BlockReport, ModuleReport, PruneReport
 from .resume import ResumeState
 from .runner import BlockRunner
+from .utils import public_config, public_path
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ def prune_model(
         block_context = make_block_offloader(model, config.device, config.offload_folder)
     runner = BlockRunner(model, blocks, offload_activations=config.offload_activations, block_context=block_context)
     state = RunState(config=config, model=model, path=path, blocks=blocks, units=units, runner=runner)
+    warn_if_pruned(state)
     layerwise = effective_layerwise(state)
     was_training = model.training
     model.eval()
@@ -69,6 +72,19 @@ def prune_model(
     report = build_report(state, plans, calibration)
     logger.info("Pruned %s: sparsity %.4f over %d weights", type(model).__name__, report.sparsity, report.total_params)
     return report
+
+
+def warn_if_pruned(state: RunState) -> None:
+    """Pruning an already pruned model compounds the sparsity: say so (a `UserWarning` and a report warning)."""
+    share = zero_share(state.units)
+    if share is not None and share > PRUNED_ZERO_SHARE:
+        msg = (
+            f"The block weights are already {share:.4f} zero: this model was pruned before. Pruning it again "
+            "compounds the sparsity (the allocation assumes a dense model, and the achieved sparsity will not "
+            "match the target); prune the dense model instead."
+        )
+        warnings.warn(msg, UserWarning, stacklevel=4)  # once: the CLI routes warnings through logging
+        state.warnings.append(msg)
 
 
 def effective_layerwise(state: RunState) -> str:
@@ -101,11 +117,12 @@ def prepare(state: RunState, layerwise: str, dataset: Any, tokenizer: Any) -> di
     dataset = dataset if dataset is not None else cfg.dataset
     tokenizer = tokenizer if tokenizer is not None else cfg.tokenizer
     model_cfg = getattr(state.model, "config", None)
-    max_pos = getattr(model_cfg, "max_position_embeddings", None)
-    if isinstance(max_pos, int) and cfg.seqlen > max_pos:
+    max_pos = context_length(state.model)
+    if max_pos is not None and cfg.seqlen > max_pos:
         raise OWLConfigError(f"`seqlen`={cfg.seqlen} exceeds the model's max_position_embeddings={max_pos}; lower `seqlen`.")
     t = time.perf_counter()
-    ids = get_calibration_data(dataset, tokenizer, cfg.num_samples, cfg.seqlen, cfg.seed, cfg.text_column)
+    ids = get_calibration_data(dataset, tokenizer, cfg.num_samples, cfg.seqlen, cfg.seed, cfg.text_column,
+                               warnings=state.warnings)
     vocab = getattr(model_cfg, "vocab_size", None)
     if isinstance(vocab, int) and int(ids.max()) >= vocab:
         raise OWLConfigError(
@@ -161,8 +178,8 @@ def build_report(state: RunState, plans: list[BlockPlan], calibration: dict[str,
     model = state.model
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
     report = PruneReport(
-        config=state.config.to_dict(),
-        model={"class": type(model).__name__, "name_or_path": name, "block_path": state.path},
+        config=public_config(state.config.to_dict()),
+        model={"class": type(model).__name__, "name_or_path": public_path(name), "block_path": state.path},
         timings={k: round(v, 4) for k, v in state.timings.items()},
         warnings=list(state.warnings),
         calibration=calibration,

@@ -172,6 +172,16 @@ class PruneReport:
             rows.append(row)
         return "\n".join(rows)
 
+    def _target_text(self) -> str:
+        """The mean target: `sparsity`, or 1 − N/M for an N:M pattern (which does not use `sparsity`)."""
+        cfg = self.config
+        pattern = str(cfg.get("pattern") or "unstructured")
+        if ":" in pattern:
+            n, m = (int(x) for x in pattern.split(":"))
+            mixed = " per-block N, mean" if cfg.get("nm_mixed") else ""
+            return f"{1 - n / m:g} (N:M {pattern}{mixed}; `sparsity` is not used)"
+        return f"{cfg.get('sparsity')}"
+
     def to_markdown(self) -> str:
         cfg = self.config
         lines = [
@@ -184,7 +194,7 @@ class PruneReport:
                 if not self.allocation.get("knob")
                 else ", ".join(f"{k}={v}" for k, v in self.allocation["knob"].items())
             ),
-            f"- target sparsity: {cfg.get('sparsity')}; achieved: {self.sparsity:.4f} "
+            f"- target sparsity: {self._target_text()}; achieved: {self.sparsity:.4f} "
             f"({self.total_zeros:,} of {self.total_params:,} prunable weights are zero)",
         ]
         if self.calibration:
@@ -194,8 +204,9 @@ class PruneReport:
             )
         if self.evaluation:
             ev = self.evaluation
+            first = f", first {ev['max_windows']} windows" if ev.get("max_windows") else ""
             lines.append(
-                f"- perplexity on {ev.get('text')} (seqlen {ev.get('seqlen')}): dense {ev.get('dense_ppl'):.3f}, "
+                f"- perplexity on {ev.get('text')} (seqlen {ev.get('seqlen')}{first}): dense {ev.get('dense_ppl'):.3f}, "
                 f"pruned {ev.get('pruned_ppl'):.3f}"
             )
         if self.timings:
