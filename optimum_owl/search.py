@@ -23,13 +23,14 @@ depend on the candidate:
    for SparseGPT): no statistics forward, one full-model forward on the held-out windows. Candidates with the same
    per-block sparsities share one score; along each knob (ascending) a sequence (OWL: one per M) stops after two
    values in a row that do not improve its best loss. `auto` searches OWL by coordinates: λ along the configured
-   M, then the other Ms at the best λ (about 7 candidates instead of about 19 on SmolLM2). (Norms from the *dense* pass were tried first and ranked
-   candidates poorly on stories260K: a pruned prefix changes the inputs of later blocks.)
+   M, then the other Ms at the best λ (about 7 candidates instead of about 19 on SmolLM2). (Norms from the *dense*
+   pass were tried first and ranked candidates poorly on stories260K: a pruned prefix changes the inputs of later
+   blocks.)
 5. **Exact check**: the `auto_finalists` best candidates of the screening (`auto`: the best of as many different
    families) are pruned for real and scored again (also OWL with the configured `owl_m`, `owl_lambda`: with
    SparseGPT always, with `auto` when it screened better than uniform). A finalist replaces uniform sparsity only if
-   its held-out loss is lower by more than `MIN_GAIN_SE` (2) standard errors of the mean paired difference (`beats_uniform`); the lowest loss among such
-   finalists wins, else uniform. The paired samples are chunks of `CHUNK_TOKENS` (32) consecutive predicted tokens
+   its held-out loss is lower by more than `MIN_GAIN_SE` (2) standard errors of the mean paired difference
+   (`beats_uniform`); the lowest loss among such finalists wins, else uniform. The paired samples are chunks of `CHUNK_TOKENS` (32) consecutive predicted tokens
    (`chunk_losses`), not whole windows: with 16 calibration windows only 2–4 are held out, and a standard error
    from 2–4 window differences is itself so noisy that a real gain rarely clears two of them (the search turned
    timid exactly when calibration data is small). Chunks give dozens of paired samples from the same tokens; they
