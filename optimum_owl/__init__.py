@@ -23,12 +23,15 @@ __all__ = [
     "OWLPrunerConfig",
     "PruneReport",
     "__version__",
+    "densify",
+    "sparsify",
 ]
 
 # `quant_method="owl"` for transformers (prune on load, compact checkpoints); deferred until transformers needs it.
 _install_transformers_integration()
 
 if TYPE_CHECKING:
+    from .inference import densify, sparsify
     from .pruner import OWLPruner
 
 
@@ -38,4 +41,9 @@ def __getattr__(name: str) -> Any:
         from .pruner import OWLPruner
 
         return OWLPruner
+    if name in ("sparsify", "densify"):
+        # sparse CPU inference (optimum_owl.inference); its C++ kernel is built on the first sparse forward
+        from . import inference
+
+        return getattr(inference, name)
     raise AttributeError(f"module 'optimum_owl' has no attribute {name!r}")

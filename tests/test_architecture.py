@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "optimum_owl"
 # Modules above the core: the core (everything else) must never import them, even inside a function.
 UPPER = ("optimum_owl.pruner", "optimum_owl.serialization", "optimum_owl.integration", "optimum_owl.export",
          "optimum_owl.hub", "optimum_owl.repair", "optimum_owl.commands", "optimum_owl.cli", "optimum_owl.demo",
-         "optimum_owl.__main__", "optimum_owl.evaluation")
+         "optimum_owl.__main__", "optimum_owl.evaluation", "optimum_owl.inference")
 # Deprecated re-export shims of renamed modules (they only import their new home).
 SHIMS = ("optimum_owl.auto", "optimum_owl.checkpoint", "optimum_owl.checkpointing", "optimum_owl.saving",
          "optimum_owl.integration.bitmask")

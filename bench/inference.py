@@ -1,0 +1,346 @@
+"""Sparse CPU inference benchmark: decode and prefill speed, bytes per token, peak RSS (docs/benchmarks.md).
+
+Modes:
+
+- `speed`: one process holds dense fp32, dense bf16, sparse fp32 and sparse bf16 variants of the same model (the
+  sparse ones share embeddings, norms and head with the dense one of their dtype) and, per sparsity level, alternates
+  them: batch-1 greedy decode (random prompt of `--prompt-len` tokens, exactly `--new-tokens` new tokens; the rate
+  excludes the first token) and one prefill forward of `--prefill` tokens (`logits_to_keep=1`, as generate does).
+  Each decode figure is the best of `--repeats` alternated runs (prefill: `--prefill-repeats`). Weight bytes read per decoded token are computed from the
+  stored tensors, so every speed-up is reported beside its memory-traffic limit (dense bytes / sparse bytes).
+- `rss`: saves the pruned model (dense checkpoint + compact checkpoint) and measures, each in a fresh subprocess, the
+  peak RSS of loading it dense (`from_pretrained`) and straight into the sparse form (`load_sparse`), fp32 and bf16,
+  then of an 8-token generation.
+- `crossover`: one 2048 -> 5632 and one 5632 -> 2048 layer at 70%: decode kernel, prefill kernel (tile expansion +
+  GEMM) and dense fp32 `F.linear` for 1..64 tokens; the crossover used by `SparseLinear` comes from this table.
+
+Models: `llama09b` (random Llama: hidden 2048, intermediate 5632, 16 layers, 32 heads, vocab 32000, untied head;
+0.95B parameters), `smollm2` (SmolLM2-135M from ../shared/assets, de-quantized from its GGUF file), `tiny` (smoke
+tests). Random models are pruned per row by magnitude (random weights: the masks are random anyway).
+
+    OMP_NUM_THREADS=2 PYTHONPATH=. flock -x /work/cpu.lock python bench/inference.py speed --model llama09b
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT.parent / "shared" / "assets"
+sys.path.insert(0, str(ROOT))
+
+from optimum_owl.inference import SparseLinear, kernel_status  # noqa: E402
+
+MODELS = {
+    "llama09b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000),
+    "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=1000),
+}
+
+
+def build_model(name: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if name == "smollm2":
+        folder = ASSETS / "models" / "smollm2-135m"
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                     dtype=torch.float32)
+        model.config.quantization_config = None
+        model.hf_quantizer = None
+        return model.eval()
+    config = LlamaConfig(**MODELS[name], max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1,
+                         eos_token_id=2)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def block_linears(model: nn.Module) -> list[str]:
+    from optimum_owl.integration.transformers import compressible_names
+
+    return [n.removesuffix(".weight") for n in compressible_names(model)]
+
+
+def pruned_weight(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Per-row magnitude pruning to exactly `round(sparsity * in)` zeros per row."""
+    k = int(round(sparsity * weight.shape[1]))
+    w = weight.detach().clone()
+    if k:
+        idx = w.abs().topk(k, dim=1, largest=False).indices
+        w.scatter_(1, idx, 0.0)
+    return w
+
+
+def sparse_variant(dense: nn.Module, names: list[str], pruned: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    """A copy of `dense` that shares every tensor with it except the listed linears, which become SparseLinear."""
+    memo = {id(t): t for t in list(dense.parameters()) + list(dense.buffers())}
+    model = copy.deepcopy(dense, memo)
+    for name in names:
+        src = dense.get_submodule(name)
+        holder = nn.Linear(src.in_features, src.out_features, bias=src.bias is not None, device="meta")
+        holder.weight = nn.Parameter(pruned[name].to(dtype), requires_grad=False)
+        if src.bias is not None:
+            holder.bias = src.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, SparseLinear.from_dense(holder))
+    return model
+
+
+def weight_bytes(model: nn.Module, names: list[str]) -> dict[str, int]:
+    """Bytes of weights read per decoded token: block linears, and the rest of the matrices (LM head; the embedding
+    reads one row, norms are negligible)."""
+    block = 0
+    for name in names:
+        m = model.get_submodule(name)
+        block += m.weight_nbytes() if isinstance(m, SparseLinear) else m.weight.numel() * m.weight.element_size()
+    head = model.get_output_embeddings().weight
+    return {"block": block, "head": head.numel() * head.element_size()}
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def time_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    clock = _Clock()
+    with torch.inference_mode():
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             streamer=clock, eos_token_id=None, pad_token_id=0)
+    end = time.perf_counter()
+    return (new_tokens - 1) / (end - clock.times[1]), out
+
+
+def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model(ids, use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - start
+
+
+def machine() -> dict:
+    name = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": name, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "kernel": kernel_status(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def run_speed(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    dense32 = build_model(args.model)
+    names = block_linears(dense32)
+    dense16 = copy.deepcopy(dense32).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    vocab = dense32.config.vocab_size
+    prompt = torch.randint(3, vocab, (1, args.prompt_len), generator=g)
+    prefill_ids = torch.randint(3, vocab, (1, args.prefill), generator=g)
+    result = {"machine": machine(), "args": vars(args), "levels": {}}
+    dense_bytes32 = weight_bytes(dense32, names)
+    print(json.dumps(result["machine"]), flush=True)
+    for sparsity in args.sparsities:
+        pruned = {n: pruned_weight(dense32.get_submodule(n).weight, sparsity) for n in names}
+        variants = {
+            "dense_fp32": dense32,
+            "dense_bf16": dense16,
+            "sparse_fp32": sparse_variant(dense32, names, pruned, torch.float32),
+            "sparse_bf16": sparse_variant(dense16, names, pruned, torch.bfloat16),
+        }
+        del pruned
+        level: dict[str, dict] = {k: {"decode_tok_s": [], "prefill_s": []} for k in variants}
+        for name, model in variants.items():  # warm-up (kernel build, allocator, caches)
+            time_decode(model, prompt, 3)
+            level[name]["bytes"] = weight_bytes(model, names)
+        for rep in range(args.repeats):
+            order = list(variants) if rep % 2 == 0 else list(reversed(variants))
+            for name in order:
+                rate, _ = time_decode(variants[name], prompt, args.new_tokens)
+                level[name]["decode_tok_s"].append(rate)
+                if args.prefill and rep < args.prefill_repeats:
+                    level[name]["prefill_s"].append(time_prefill(variants[name], prefill_ids))
+                print(f"sparsity {sparsity} rep {rep} {name}: decode {rate:.3f} tok/s"
+                      + (f", prefill {level[name]['prefill_s'][-1]:.2f} s" if args.prefill and rep < args.prefill_repeats
+                         else ""), flush=True)
+        summary = {}
+        base = max(level["dense_fp32"]["decode_tok_s"])
+        best_dense = max(base, max(level["dense_bf16"]["decode_tok_s"]))
+        for name, rec in level.items():
+            rate = max(rec["decode_tok_s"])
+            total = rec["bytes"]["block"] + rec["bytes"]["head"]
+            dense_total = dense_bytes32["block"] + dense_bytes32["head"]
+            summary[name] = {
+                "decode_tok_s": rate,
+                "vs_dense_fp32": rate / base,
+                "vs_faster_dense": rate / best_dense,
+                "prefill_s": min(rec["prefill_s"]) if rec["prefill_s"] else None,
+                "block_bytes_vs_dense_fp32": rec["bytes"]["block"] / dense_bytes32["block"],
+                "traffic_limit_vs_dense_fp32": dense_total / total,
+                "weight_GB_s": total * rate / 1e9,
+            }
+        for name in ("sparse_fp32", "sparse_bf16"):
+            dense_name = "dense_fp32" if name == "sparse_fp32" else "dense_bf16"
+            if summary[name]["prefill_s"]:
+                summary[name]["prefill_vs_dense_same_dtype"] = summary[name]["prefill_s"] / summary[dense_name]["prefill_s"]
+                summary[name]["prefill_vs_dense_fp32"] = summary[name]["prefill_s"] / summary["dense_fp32"]["prefill_s"]
+        result["levels"][str(sparsity)] = {"runs": level, "summary": summary}
+        print(json.dumps({str(sparsity): summary}, indent=1), flush=True)
+        del variants
+    return result
+
+
+def run_crossover(args: argparse.Namespace) -> dict:
+    import torch.nn.functional as F
+
+    from optimum_owl.inference.kernel import kernel
+
+    torch.set_num_threads(args.threads)
+    ops = kernel()
+    rows = []
+    for out_f, in_f in ((5632, 2048), (2048, 5632)):
+        w = pruned_weight(torch.randn(out_f, in_f), 0.7)
+        lin = nn.Linear(in_f, out_f, bias=False)
+        lin.weight = nn.Parameter(w, requires_grad=False)
+        s = SparseLinear.from_dense(lin)
+        for n in (1, 2, 4, 8, 12, 16, 24, 32, 64):
+            x = torch.randn(n, in_f)
+            xp = F.pad(x, (0, s.mask.shape[1] * 8 - in_f)).contiguous()
+            fns = {
+                "dense": lambda x=x, w=w: F.linear(x, w),
+                "decode": lambda xp=xp, s=s: ops.decode(xp, s.mask, s.values, s.offsets, None),
+                "prefill": lambda xp=xp, s=s, i=in_f: ops.prefill(xp, s.mask, s.values, s.offsets, None, i, s._tile_rows),
+            }
+            best = {k: float("inf") for k in fns}
+            for _ in range(5):
+                for k, f in fns.items():
+                    t = time.perf_counter()
+                    for _ in range(5):
+                        f()
+                    best[k] = min(best[k], (time.perf_counter() - t) / 5)
+            row = {"shape": f"{in_f}->{out_f}", "tokens": n, **{k + "_ms": v * 1e3 for k, v in best.items()}}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return {"machine": machine(), "rows": rows}
+
+
+# ------------------------------------------------------------------------------------------------------ RSS
+def _peak() -> int:
+    """VmHWM: this process's peak resident set (anonymous + mapped file pages). Not `ru_maxrss`, which a child
+    started by fork + exec inherits from its parent's size at fork time."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def rss_child(args: argparse.Namespace) -> None:
+    """Runs in a fresh process: load one way, report peak RSS after import / load / generate."""
+    import transformers  # noqa: F401 - part of the baseline
+
+    import optimum_owl  # noqa: F401 - registers quant_method "owl"
+
+    base = _peak()
+    dtype = getattr(torch, args.dtype)
+    if args.kind == "sparse":
+        from optimum_owl.inference.loading import load_sparse
+
+        model = load_sparse(args.path, dtype=dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.path, dtype=dtype).eval()
+    loaded = _peak()
+    with torch.inference_mode():
+        model.generate(torch.tensor([[1, 5, 9, 13]]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    print(json.dumps({"baseline": base, "after_load": loaded, "after_generate": _peak()}))
+
+
+def run_rss(args: argparse.Namespace) -> dict:
+    from optimum_owl.inference import sparsify
+
+    work = Path(args.work_dir)
+    dense_dir, compact_dir = work / "dense", work / "compact"
+    if not (compact_dir / "config.json").is_file():
+        model = build_model(args.model)
+        with torch.no_grad():
+            for name in block_linears(model):
+                m = model.get_submodule(name)
+                m.weight.copy_(pruned_weight(m.weight, args.rss_sparsity))
+        model.save_pretrained(dense_dir)  # not marked pruned: a plain dense checkpoint
+        sparsify(model, min_sparsity=0.0)
+        model.save_pretrained(compact_dir)
+        del model
+    result = {"machine": machine(), "sparsity": args.rss_sparsity, "runs": {}}
+    runs = [("dense_ckpt_from_pretrained", "dense", dense_dir), ("compact_ckpt_from_pretrained", "dense", compact_dir),
+            ("compact_ckpt_load_sparse", "sparse", compact_dir)]
+    for dtype in ("float32", "bfloat16"):
+        for label, kind, path in runs:
+            cmd = [sys.executable, __file__, "_rss_child", "--kind", kind, "--path", str(path), "--dtype", dtype]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ)).stdout
+            rec = json.loads(out.strip().splitlines()[-1])
+            result["runs"][f"{label}_{dtype}"] = rec
+            print(label, dtype, json.dumps(rec), flush=True)
+    # dense safetensors are mmapped: `from_pretrained` returns before the weights are read, so the comparable peak is
+    # "load + first use" (after_generate) for every variant
+    for dtype in ("float32", "bfloat16"):
+        r = result["runs"]
+        sparse = r[f"compact_ckpt_load_sparse_{dtype}"]["after_generate"]
+        result[f"peak_ratio_sparse_vs_dense_ckpt_{dtype}"] = sparse / r[f"dense_ckpt_from_pretrained_{dtype}"]["after_generate"]
+        result[f"peak_ratio_sparse_vs_compact_dense_{dtype}"] = sparse / r[f"compact_ckpt_from_pretrained_{dtype}"]["after_generate"]
+    files = {d.name: sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in (dense_dir, compact_dir)}
+    result["checkpoint_bytes"] = files
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=["speed", "rss", "crossover", "_rss_child"])
+    parser.add_argument("--model", choices=["llama09b", "smollm2", "tiny"], default="tiny")
+    parser.add_argument("--sparsities", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 0.7, 0.8])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill", type=int, default=512, help="prefill length (0: skip)")
+    parser.add_argument("--repeats", type=int, default=2, help="alternated decode runs per variant")
+    parser.add_argument("--prefill-repeats", type=int, default=1, help="alternated prefill runs per variant")
+    parser.add_argument("--work-dir", default="/tmp/owl-inference-bench")
+    parser.add_argument("--rss-sparsity", type=float, default=0.7)
+    parser.add_argument("--json", default=None, help="write the result here")
+    # _rss_child
+    parser.add_argument("--kind", choices=["dense", "sparse"])
+    parser.add_argument("--path")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    if args.mode == "_rss_child":
+        rss_child(args)
+        return
+    result = {"speed": run_speed, "rss": run_rss, "crossover": run_crossover}[args.mode](args)
+    result["command"] = " ".join(sys.argv)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

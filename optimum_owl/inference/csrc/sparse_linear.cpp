@@ -1,0 +1,204 @@
+// Sparse linear layer y = x @ W^T (+ bias) for a weight stored as a per-row bitmask plus its packed non-zeros.
+//
+// Memory layout (built by optimum_owl/inference/format.py):
+//   mask    uint8 [out, 8 * wpr], wpr = ceil(in / 64) little-endian 64-bit words per row. Bit b of word w of row r
+//           (byte w*8 + b/8, bit b%8, least significant first) is set when W[r, 64*w + b] is stored. Bits at and
+//           beyond `in` are zero.
+//   values  float32 / bfloat16 / float16 [nnz + 16]: the stored elements of W in row-major order, then 16 zeros so
+//           that an unaligned 8-element load at any row's last non-zero stays inside the buffer.
+//   offsets int64 [out + 1]: offsets[r] is the index in `values` of row r's first non-zero (prefix sum of popcounts).
+//   x       float32 [n, 64 * wpr] contiguous, zero-padded past `in` (the Python side converts and pads).
+// Results are float32 [n, out]; accumulation is always in float32.
+//
+// Decode (few tokens): one pass over each row's mask. For every mask byte, the next 8 packed values are loaded,
+// expanded to their lanes with a 256-entry permutation table (vpermps), zeroed where the mask bit is clear, and
+// multiplied into up to 4 tokens' accumulators. A weight byte is read once per group of 4 tokens.
+// Prefill (many tokens): `owl_expand` expands a tile of rows into a small dense float32 buffer that the Python side
+// multiplies with torch.mm (BLAS), so the cost stays that of a dense GEMM plus the expansion.
+// Rows are split over torch's intra-op thread pool (at::parallel_for), so torch.set_num_threads applies.
+// Only the AVX2 + FMA + F16C path exists (no AVX-512 path: none could be run or verified where this was written);
+// the functions carry target attributes, the Python loader calls them only after checking the CPU flags, and each
+// entry point checks again. Plain C entry points (ctypes) keep the first build short: only ATen/Parallel.h.
+
+#include <ATen/Parallel.h>  // at::parallel_for: torch's intra-op pool (only light headers: fast first build)
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#define OWL_AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
+
+namespace {
+
+// perm[m][lane]: index among the packed values of the value that lands in `lane` (the set bits of m below lane);
+// lanes where bit `lane` of m is clear get the sign bit set (vpermps ignores it, vblendvps zeroes those lanes).
+// 256 x 32 bytes = 8 KiB, stays in L1.
+struct Tables {
+  alignas(32) int32_t perm[256][8];
+  Tables() {
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      for (int lane = 0; lane < 8; ++lane) {
+        bool on = (m >> lane) & 1;
+        perm[m][lane] = on ? k : (int32_t)0x80000000;
+        k += on;
+      }
+    }
+  }
+};
+const Tables kTables;
+
+bool cpu_ok() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("popcnt");
+  return ok;
+}
+
+// Load 8 consecutive stored values as float32.
+OWL_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+struct bf16 { uint16_t bits; };
+struct fp16 { uint16_t bits; };
+OWL_AVX2 inline __m256 load8(const bf16* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+OWL_AVX2 inline __m256 load8(const fp16* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// The 8 weights under mask byte `m`, given the packed values that start at `p`.
+template <typename T>
+OWL_AVX2 inline __m256 expand(const T* p, unsigned m) {
+  __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.perm[m]));
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(load8(p), idx), _mm256_setzero_ps(), _mm256_castsi256_ps(idx));
+}
+
+OWL_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+struct Args {
+  const uint64_t* mask;
+  const void* values;
+  const int64_t* offsets;
+  const float* x;
+  const float* bias;
+  float* y;
+  int64_t wpr, n, ldx, out;
+};
+
+// NT tokens starting at t0, one row. A accumulators per token hide the FMA latency when NT is small.
+template <typename T, int NT>
+OWL_AVX2 inline void row_dot(const Args& a, int64_t r, int64_t t0) {
+  constexpr int A = NT >= 4 ? 1 : (NT == 1 ? 4 : 2);
+  const uint64_t* m = a.mask + r * a.wpr;
+  const T* v = static_cast<const T*>(a.values) + a.offsets[r];
+  const float* xb = a.x + t0 * a.ldx;
+  __m256 acc[NT][A];
+  for (int t = 0; t < NT; ++t)
+    for (int j = 0; j < A; ++j) acc[t][j] = _mm256_setzero_ps();
+  for (int64_t w = 0; w < a.wpr; ++w) {
+    if (!m[w]) continue;
+    const uint8_t* mb = reinterpret_cast<const uint8_t*>(m + w);
+    const float* xw = xb + w * 64;
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) {
+      const unsigned byte = mb[k];
+      const __m256 e = expand(v, byte);
+      v += _mm_popcnt_u32(byte);
+      for (int t = 0; t < NT; ++t)
+        acc[t][k % A] = _mm256_fmadd_ps(e, _mm256_loadu_ps(xw + t * a.ldx + 8 * k), acc[t][k % A]);
+    }
+  }
+  const float b = a.bias ? a.bias[r] : 0.0f;
+  for (int t = 0; t < NT; ++t) {
+    __m256 s = acc[t][0];
+    for (int j = 1; j < A; ++j) s = _mm256_add_ps(s, acc[t][j]);
+    a.y[(t0 + t) * a.out + r] = hsum(s) + b;
+  }
+}
+
+template <typename T>
+OWL_AVX2 void decode_rows(const Args& a, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t t = 0;
+    for (; t + 4 <= a.n; t += 4) row_dot<T, 4>(a, r, t);
+    switch (a.n - t) {
+      case 3: row_dot<T, 3>(a, r, t); break;
+      case 2: row_dot<T, 2>(a, r, t); break;
+      case 1: row_dot<T, 1>(a, r, t); break;
+      default: break;
+    }
+  }
+}
+
+// Expand rows [r0, r1) into a dense float32 tile with row stride 64 * wpr.
+template <typename T>
+OWL_AVX2 void expand_rows(const Args& a, int64_t r0, int64_t r1, int64_t tile_r0, float* tile) {
+  const int64_t ld = 64 * a.wpr;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint64_t* m = a.mask + r * a.wpr;
+    const T* v = static_cast<const T*>(a.values) + a.offsets[r];
+    float* dst = tile + (r - tile_r0) * ld;
+    for (int64_t w = 0; w < a.wpr; ++w) {
+      const uint64_t bits = m[w];
+      float* d = dst + 64 * w;
+      if (!bits) {
+        std::memset(d, 0, 64 * sizeof(float));
+        continue;
+      }
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) {
+        const unsigned byte = static_cast<unsigned>(bits >> (8 * k)) & 0xffu;
+        _mm256_storeu_ps(d + 8 * k, expand(v, byte));
+        v += _mm_popcnt_u32(byte);
+      }
+    }
+  }
+}
+
+template <typename F>
+int by_dtype(int code, F&& f) {
+  switch (code) {
+    case 0: f(float{}); return 0;
+    case 1: f(bf16{}); return 0;
+    case 2: f(fp16{}); return 0;
+    default: return 1;
+  }
+}
+
+}  // namespace
+
+// C entry points, called through ctypes (optimum_owl/inference/kernel.py). The caller guarantees the layout above
+// (SparseLinear builds and owns these buffers). dtype: 0 float32, 1 bfloat16, 2 float16. Return 0 on success.
+extern "C" {
+
+int owl_cpu_supported() { return cpu_ok() ? 1 : 0; }
+
+// y[n, out] = x[n, 64*wpr] @ W^T (+ bias[out]).
+int owl_decode(const float* x, int64_t n, const uint8_t* mask, int64_t out, int64_t wpr, const void* values,
+               int dtype, const int64_t* offsets, const float* bias, float* y) {
+  if (!cpu_ok()) return 2;
+  Args a{reinterpret_cast<const uint64_t*>(mask), values, offsets, x, bias, y, wpr, n, 64 * wpr, out};
+  return by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) { decode_rows<T>(a, r0, r1); });
+  });
+}
+
+// Rows [r0, r1) of W as dense float32 into tile[(r - r0) * 64 * wpr + c] (for the prefill GEMM done by torch).
+int owl_expand(const uint8_t* mask, int64_t r0, int64_t r1, int64_t wpr, const void* values, int dtype,
+               const int64_t* offsets, float* tile) {
+  if (!cpu_ok()) return 2;
+  Args a{reinterpret_cast<const uint64_t*>(mask), values, offsets, nullptr, nullptr, nullptr, wpr, 0, 0, 0};
+  return by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(r0, r1, 8, [&](int64_t b, int64_t e) { expand_rows<T>(a, b, e, r0, tile); });
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,247 @@
+"""Build, cache and load the C++ sparse-linear kernel (`csrc/sparse_linear.cpp`) on first use.
+
+The kernel is compiled with `torch.utils.cpp_extension` (ninja + the system C++ compiler) into a cache folder keyed
+by a hash of the source, the compiler flags, the torch version and the Python version, so a changed source or a new
+torch gets a fresh build and an unchanged one loads in milliseconds. Concurrent first builds (several processes,
+e.g. pytest workers) are serialised with an exclusive `fcntl` lock on the cache folder; the lock dies with its
+process, so a killed build never blocks the next one.
+
+When the kernel cannot be used, `kernel()` returns `None` and one INFO log line says why (not x86-64, no AVX2/FMA/F16C,
+no C++ compiler or ninja, build failure, or `OPTIMUM_OWL_DISABLE_KERNEL=1`); `SparseLinear` then uses the pure-PyTorch
+path, which gives the same results up to float32 summation order.
+
+Environment variables:
+
+- `OPTIMUM_OWL_KERNEL_CACHE`: cache folder (default: `$XDG_CACHE_HOME/optimum_owl/kernels` or `~/.cache/...`).
+- `OPTIMUM_OWL_DISABLE_KERNEL=1`: never build or load the kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "sparse_linear.cpp"
+EXTENSION_NAME = "owl_sparse"
+CFLAGS = ["-O3", "-fno-math-errno"]
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"tried": False, "ops": None, "reason": None}
+
+
+def cache_root() -> Path:
+    env = os.environ.get("OPTIMUM_OWL_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "optimum_owl" / "kernels"
+
+
+def build_tag() -> str:
+    """Cache key: source, flags, torch and Python versions."""
+    digest = hashlib.sha256()
+    digest.update(SOURCE.read_bytes())
+    digest.update(" ".join(CFLAGS).encode())
+    digest.update(torch.__version__.encode())
+    digest.update(sys.version.encode())
+    return f"{EXTENSION_NAME}_{digest.hexdigest()[:16]}"
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot be built or run on this machine (None when it can), without building anything."""
+    if os.environ.get("OPTIMUM_OWL_DISABLE_KERNEL", "") not in ("", "0"):
+        return "OPTIMUM_OWL_DISABLE_KERNEL is set"
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64"):
+        return f"the CPU is {machine}, not x86-64 (only an AVX2 kernel exists)"
+    flags = _cpu_flags()
+    missing = [f for f in ("avx2", "fma", "f16c", "popcnt") if flags is not None and f not in flags]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None and shutil.which("g++") is None:
+        return f"no C++ compiler found ({compiler!r} / 'g++' not on PATH)"
+    if shutil.which("ninja") is None and not _ninja_module():
+        return "ninja is not installed (`pip install ninja`)"
+    return None
+
+
+def _ninja_module() -> bool:
+    try:
+        import ninja  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None  # unknown (e.g. not Linux): the C++ side checks again with __builtin_cpu_supports
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build() -> Any:
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None and _ninja_module():
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    tag = build_tag()
+    build_dir = cache_root() / tag
+    with _exclusive(cache_root() / f"{tag}.lock"):
+        build_dir.mkdir(parents=True, exist_ok=True)
+        # a `lock` file left by a killed cpp_extension build would make it wait forever; we hold the real lock
+        with contextlib.suppress(FileNotFoundError):
+            (build_dir / "lock").unlink()
+        fresh = not any(build_dir.glob("*.so"))
+        if fresh:
+            logger.info("optimum-owl: compiling the sparse CPU kernel (once, cached in %s) ...", build_dir)
+        library = cpp_extension.load(
+            name=tag,
+            sources=[str(SOURCE)],
+            extra_cflags=CFLAGS,
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+    ops = KernelOps(ctypes.CDLL(str(library)))
+    if not ops.lib.owl_cpu_supported():
+        raise RuntimeError("the kernel reports that this CPU lacks AVX2/FMA/F16C/POPCNT")
+    return ops
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_p = ctypes.c_void_p
+_i64 = ctypes.c_int64
+
+
+class KernelOps:
+    """Thin ctypes wrapper over the C entry points of `csrc/sparse_linear.cpp` (the GIL is released during calls).
+
+    The callers (`SparseLinear`) own the buffers and guarantee their layout; this class checks what is cheap to check.
+    """
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+        lib.owl_cpu_supported.restype = ctypes.c_int
+        lib.owl_decode.argtypes = [_p, _i64, _p, _i64, _i64, _p, ctypes.c_int, _p, _p, _p]
+        lib.owl_decode.restype = ctypes.c_int
+        lib.owl_expand.argtypes = [_p, _i64, _i64, _i64, _p, ctypes.c_int, _p, _p]
+        lib.owl_expand.restype = ctypes.c_int
+
+    @staticmethod
+    def _check(x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor) -> int:
+        if not (x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous() and x.shape[1] == mask.shape[1] * 8):
+            raise ValueError("owl kernel: x must be contiguous float32 [n, 64 * words per row]")
+        if not (mask.dtype == torch.uint8 and mask.is_contiguous() and mask.shape[1] % 8 == 0):
+            raise ValueError("owl kernel: mask must be contiguous uint8 [out, 8 * words per row]")
+        if not (offsets.dtype == torch.int64 and offsets.is_contiguous() and offsets.numel() == mask.shape[0] + 1):
+            raise ValueError("owl kernel: offsets must be contiguous int64 [out + 1]")
+        if values.dtype not in _DTYPE_CODES or not values.is_contiguous():
+            raise ValueError(f"owl kernel: values must be contiguous float32/bfloat16/float16, got {values.dtype}")
+        return _DTYPE_CODES[values.dtype]
+
+    def decode(self, x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        """float32 `x @ W^T + bias` for a padded float32 `x` of shape `[n, 64 * wpr]`."""
+        code = self._check(x, mask, values, offsets)
+        out = mask.shape[0]
+        y = torch.empty(x.shape[0], out, dtype=torch.float32)
+        b = None if bias is None else bias.data_ptr()
+        rc = self.lib.owl_decode(x.data_ptr(), x.shape[0], mask.data_ptr(), out, mask.shape[1] // 8,
+                                 values.data_ptr(), code, offsets.data_ptr(), b, y.data_ptr())
+        if rc:
+            raise RuntimeError(f"owl kernel: owl_decode failed with code {rc}")
+        return y
+
+    def expand(self, mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, r0: int, r1: int,
+               tile: torch.Tensor) -> None:
+        """Rows `[r0, r1)` of the weight, dense float32, into `tile[: r1 - r0]` (`tile`: `[rows, 64 * wpr]`)."""
+        if not (tile.dtype == torch.float32 and tile.is_contiguous() and tile.shape[0] >= r1 - r0
+                and tile.shape[1] == mask.shape[1] * 8 and 0 <= r0 <= r1 <= mask.shape[0]):
+            raise ValueError("owl kernel: bad tile for expand")
+        code = _DTYPE_CODES[values.dtype]
+        rc = self.lib.owl_expand(mask.data_ptr(), r0, r1, mask.shape[1] // 8, values.data_ptr(), code,
+                                 offsets.data_ptr(), tile.data_ptr())
+        if rc:
+            raise RuntimeError(f"owl kernel: owl_expand failed with code {rc}")
+
+    def prefill(self, x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+                bias: torch.Tensor | None, in_features: int, tile_rows: int) -> torch.Tensor:
+        """float32 `x @ W^T + bias` by tiles: expand `tile_rows` rows to a dense buffer, then one BLAS GEMM each."""
+        self._check(x, mask, values, offsets)
+        out = mask.shape[0]
+        # y^T row blocks are contiguous, so each tile's GEMM writes straight into its place (no strided output)
+        y_t = torch.empty(out, x.shape[0], dtype=torch.float32)
+        rows = max(1, min(tile_rows, out))
+        tile = torch.empty(rows, x.shape[1], dtype=torch.float32)
+        xs_t = x[:, :in_features].t()
+        for r0 in range(0, out, rows):
+            r1 = min(out, r0 + rows)
+            self.expand(mask, values, offsets, r0, r1, tile)
+            torch.mm(tile[: r1 - r0, :in_features], xs_t, out=y_t[r0:r1])
+        y = y_t.t()
+        if bias is not None:
+            y += bias
+        return y
+
+
+def kernel() -> Any | None:
+    """The loaded kernel (`KernelOps`), building it on first call; None when it cannot be used (reason logged once)."""
+    if _state["tried"]:
+        return _state["ops"]
+    with _lock:
+        if _state["tried"]:
+            return _state["ops"]
+        reason = unavailable_reason()
+        ops = None
+        if reason is None:
+            try:
+                ops = _build()
+            except Exception as err:  # noqa: BLE001 - any build/load failure means: use the pure path
+                reason = f"building the C++ kernel failed ({type(err).__name__}: {str(err).strip().splitlines()[-1:]})"
+        if ops is None:
+            logger.info("optimum-owl sparse inference: using the pure-PyTorch path because %s.", reason)
+        _state.update(tried=True, ops=ops, reason=reason)
+        return ops
+
+
+def kernel_status() -> dict[str, Any]:
+    """Whether the C++ kernel is in use (building it if needed) and, if not, why."""
+    ops = kernel()
+    return {"kernel": ops is not None, "reason": _state["reason"], "isa": "avx2" if ops is not None else None}
+
+
+def _reset_for_tests() -> None:
+    _state.update(tried=False, ops=None, reason=None)

@@ -1,0 +1,295 @@
+"""Sparse CPU inference: kernel vs dense matmul, pure path vs kernel, sparsify/densify round trip, generation,
+compact save and sparse loading, fallback when the kernel cannot be built."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from optimum_owl.bitmask import compress
+from optimum_owl.inference import SparseLinear, densify, sparsify
+from optimum_owl.inference import kernel as kernel_mod
+from optimum_owl.inference.format import from_checkpoint_parts, pack_dense, to_checkpoint_parts, unpack_dense
+
+from .conftest import ARCH_KWARGS, tiny_model
+
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (out, in): in_features not a multiple of 8 / 16 / 32 / 64, tiny and wide rows
+SHAPES = [(37, 100), (64, 64), (5, 1), (33, 130), (19, 257), (48, 24), (3, 7), (70, 200)]
+BATCHES = [1, 2, 3, 4, 5, 8, 11, 12, 13, 31, 64]
+
+needs_kernel = pytest.mark.skipif(kernel_mod.kernel() is None, reason="C++ kernel unavailable on this machine")
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
+
+
+def _sparse_weight(out: int, inp: int, sparsity: float, seed: int, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g)
+    w[torch.rand(out, inp, generator=g) < sparsity] = 0
+    if out > 2:
+        w[0] = 0  # an empty row
+        w[1] = torch.randn(inp, generator=g)  # a fully dense row
+    if out > 3 and inp > 2:
+        w[2, 1] = -0.0  # kept: stored by bit pattern
+    return w.to(dtype)
+
+
+def _linear(out, inp, sparsity, seed, dtype, bias=True) -> nn.Linear:
+    lin = nn.Linear(inp, out, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(_sparse_weight(out, inp, sparsity, seed))
+        if bias:
+            lin.bias.normal_()
+    return lin.to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_pack_unpack_and_checkpoint_parts_are_bit_identical(shape, dtype):
+    w = _sparse_weight(*shape, 0.7, seed=3, dtype=dtype)
+    for transposed, dense in ((False, w), (True, w.t().contiguous())):
+        packed = pack_dense(dense, transposed=transposed)
+        assert packed.nnz == int(torch.count_nonzero(w.view(BITS[dtype])))
+        assert packed.mask.shape == (shape[0], 8 * math.ceil(shape[1] / 64))
+        assert _same_bits(unpack_dense(packed, transposed), dense)
+        values, bitmask, dims = to_checkpoint_parts(packed, transposed)
+        ref = compress(dense)
+        assert _same_bits(values, ref[0]) and torch.equal(bitmask, ref[1]) and torch.equal(dims, ref[2])
+        again = from_checkpoint_parts(values, bitmask, dims.tolist(), transposed, "w")
+        assert torch.equal(again.mask, packed.mask) and torch.equal(again.offsets, packed.offsets)
+        assert _same_bits(again.values, packed.values)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_matches_dense_matmul(dtype, threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for i, (out, inp) in enumerate(SHAPES):
+            for bias in (True, False):
+                lin = _linear(out, inp, 0.7 if i % 2 else 0.5, seed=i, dtype=dtype, bias=bias)
+                sparse = SparseLinear.from_dense(lin)
+                w64 = lin.weight.double()
+                for n in BATCHES:
+                    x = torch.randn(n, inp).to(dtype)
+                    ref = x.double() @ w64.t() + (lin.bias.double() if bias else 0)
+                    with torch.no_grad():
+                        y = sparse(x)
+                        pure = sparse._forward_pure(x).to(dtype)
+                    assert y.dtype == dtype and y.shape == (n, out)
+                    # fp32 accumulation; bf16/fp16 outputs are rounded once at the end
+                    tol = 1e-4 * math.sqrt(inp) if dtype == torch.float32 else 1e-2 * (1 + ref.abs().max().item())
+                    assert (y.double() - ref).abs().max().item() <= tol, (out, inp, n, bias)
+                    assert (y.double() - pure.double()).abs().max().item() <= tol, (out, inp, n, bias)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_kernel
+def test_kernel_decode_and_prefill_paths_agree_and_thread_count_does_not_change_results():
+    lin = _linear(300, 200, 0.7, seed=9, dtype=torch.float32)
+    sparse = SparseLinear.from_dense(lin)
+    ops = kernel_mod.kernel()
+    x = torch.randn(20, 200)
+    xp = torch.nn.functional.pad(x, (0, 256 - 200)).contiguous()
+    decode = ops.decode(xp, sparse.mask, sparse.values, sparse.offsets, lin.bias.detach())
+    prefill = ops.prefill(xp, sparse.mask, sparse.values, sparse.offsets, lin.bias.detach(), 200, 16)
+    torch.testing.assert_close(decode, prefill, rtol=1e-5, atol=1e-5)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.decode(xp, sparse.mask, sparse.values, sparse.offsets, None)
+        torch.set_num_threads(2)
+        two = ops.decode(xp, sparse.mask, sparse.values, sparse.offsets, None)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one, two)  # rows are split across threads, each row's sum order is fixed
+
+
+def test_pure_path_matches_dense_on_3d_inputs_and_gradients_use_it():
+    lin = _linear(24, 40, 0.6, seed=1, dtype=torch.float32)
+    sparse = SparseLinear.from_dense(lin)
+    x = torch.randn(2, 3, 40, requires_grad=True)
+    y = sparse(x)  # needs gradients -> pure path
+    torch.testing.assert_close(y, lin(x), rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_fallback_without_compiler_logs_one_reason_and_stays_correct(monkeypatch, caplog):
+    monkeypatch.setenv("CXX", "definitely-not-a-compiler")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(kernel_mod, "_ninja_module", lambda: False)
+    kernel_mod._reset_for_tests()
+    try:
+        with caplog.at_level(logging.INFO, logger="optimum_owl.inference.kernel"):
+            lin = _linear(16, 30, 0.7, seed=2, dtype=torch.float32)
+            sparse = SparseLinear.from_dense(lin)
+            with torch.no_grad():
+                y1 = sparse(torch.randn(3, 30))
+                sparse(torch.randn(1, 30))
+        lines = [r.getMessage() for r in caplog.records if "pure-PyTorch path" in r.getMessage()]
+        assert len(lines) == 1 and "no C++ compiler" in lines[0]
+        assert kernel_mod.kernel_status() == {"kernel": False, "reason": lines[0].split("because ")[1][:-1], "isa": None}
+        assert y1.shape == (3, 16)
+    finally:
+        kernel_mod._reset_for_tests()
+
+
+def test_build_failure_falls_back(monkeypatch, caplog):
+    def broken():
+        raise RuntimeError("Error building extension 'owl_sparse'")
+
+    monkeypatch.setattr(kernel_mod, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(kernel_mod, "_build", broken)
+    kernel_mod._reset_for_tests()
+    try:
+        with caplog.at_level(logging.INFO, logger="optimum_owl.inference.kernel"):
+            assert kernel_mod.kernel() is None
+        assert any("building the C++ kernel failed" in r.getMessage() for r in caplog.records)
+    finally:
+        kernel_mod._reset_for_tests()
+
+
+def test_unavailable_reasons(monkeypatch):
+    monkeypatch.setenv("OPTIMUM_OWL_DISABLE_KERNEL", "1")
+    assert "OPTIMUM_OWL_DISABLE_KERNEL" in kernel_mod.unavailable_reason()
+    monkeypatch.delenv("OPTIMUM_OWL_DISABLE_KERNEL")
+    monkeypatch.setattr(kernel_mod.platform, "machine", lambda: "aarch64")
+    assert "not x86-64" in kernel_mod.unavailable_reason()
+    monkeypatch.setattr(kernel_mod.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(kernel_mod, "_cpu_flags", lambda: {"sse2", "avx", "fma", "popcnt", "f16c"})
+    assert "lacks avx2" in kernel_mod.unavailable_reason()
+
+
+# ------------------------------------------------------------------------------------------------- models
+ARCHS = ["llama", "gpt2", "opt", "qwen2", "mistral", "gemma"]
+
+
+def _tiny(arch: str, dtype=torch.float32, vocab: int = 96):
+    if arch == "gemma":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.for_model("gemma", vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_hidden_layers=3,
+                                      max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+    else:
+        assert arch in ARCH_KWARGS
+        model = tiny_model(arch, vocab=vocab)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name in [n.removesuffix(".weight") for n, _ in model.named_parameters() if n.endswith(".weight")]:
+            module = model.get_submodule(name)
+            if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+                w = module.weight
+                w[torch.rand(w.shape, generator=g) < 0.7] = 0
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparsify_generates_identically_and_densify_is_bit_identical(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from optimum_owl.inference.loading import load_sparse
+
+    model = _tiny(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[5, 9, 14, 3, 22, 7]])
+    dense_out = model.generate(ids, max_new_tokens=10, do_sample=False)
+    dense_logits = model(ids).logits
+    sparsify(model)
+    sparse_modules = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert sparse_modules and all(m.sparsity > 0.5 for m in sparse_modules)
+    assert model.get_output_embeddings().__class__ is not SparseLinear
+    torch.testing.assert_close(model(ids).logits, dense_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False), dense_out)
+
+    model.save_pretrained(tmp_path)  # compact format, straight from the sparse form
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    reloaded_sd = reloaded.state_dict()
+    assert all(_same_bits(v, reloaded_sd[k]) for k, v in before.items() if v.is_floating_point() and k in reloaded_sd)
+    sparse_loaded = load_sparse(tmp_path)
+    assert any(isinstance(m, SparseLinear) for m in sparse_loaded.modules())
+    assert torch.equal(sparse_loaded.generate(ids, max_new_tokens=10, do_sample=False), dense_out)
+
+    densify(model)
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(_same_bits(v, after[k]) if v.is_floating_point() else torch.equal(v, after[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparsify_half_precision_round_trip_and_forward(dtype):
+    model = _tiny("llama", dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[5, 9, 14, 3]])
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+        sparsify(model)
+        assert all(m.dtype == dtype for m in model.modules() if isinstance(m, SparseLinear))
+        got = model(ids).logits.float()
+    assert (got - ref).abs().max().item() < 0.05 * (1 + ref.abs().max().item())
+    densify(model)
+    assert all(_same_bits(v, model.state_dict()[k]) for k, v in before.items() if v.is_floating_point())
+
+
+def test_sparsify_min_sparsity_and_errors():
+    model = _tiny("llama")
+    assert not any(isinstance(m, SparseLinear) for m in sparsify(model, min_sparsity=0.9).modules())
+    with pytest.raises(ValueError, match="min_sparsity"):
+        sparsify(model, min_sparsity=1.5)
+    with pytest.raises(ValueError, match="not eligible"):
+        sparsify(model, modules=["model.embed_tokens"])
+    sparsify(model, modules=["model.layers.0.mlp.down_proj"])
+    assert isinstance(model.model.layers[0].mlp.down_proj, SparseLinear)
+    assert not isinstance(model.model.layers[1].mlp.down_proj, SparseLinear)
+
+
+def test_stories260k_greedy_generation_identical():
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    path = Path(__file__).resolve().parents[1] / "optimum_owl" / "assets" / "stories260K"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module is not model.get_output_embeddings():
+                w = module.weight
+                threshold = w.abs().flatten().kthvalue(int(0.7 * w.numel())).values
+                w[w.abs() <= threshold] = 0
+    ids = torch.tensor([[1, 400, 300, 259, 260, 301]])
+    dense = model.generate(ids, max_new_tokens=40, do_sample=False)
+    sparsify(model)
+    assert sum(isinstance(m, SparseLinear) for m in model.modules()) == 7 * model.config.num_hidden_layers
+    assert torch.equal(model.generate(ids, max_new_tokens=40, do_sample=False), dense)
+
+
+def test_generate_cli_loads_compact_checkpoint_sparse_and_compares_dense(tmp_path, capsys):
+    from pathlib import Path
+
+    from optimum_owl.cli import main
+
+    model = _tiny("llama", vocab=512)  # the stories260K tokenizer's vocabulary
+    sparsify(model)
+    model.save_pretrained(tmp_path / "m")
+    tok = Path(__file__).resolve().parents[1] / "optimum_owl" / "assets" / "stories260K"
+    assert main(["generate", str(tmp_path / "m"), "--tokenizer", str(tok), "--prompt", "Once upon",
+                 "--max-new-tokens", "6", "--compare-dense", "--repeats", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "21 sparse linears" in out and "tokens identical: True" in out and "decode speed-up sparse / dense" in out
+    assert main(["generate", str(tmp_path / "m"), "--tokenizer", str(tok), "--prompt", "Once", "--max-new-tokens",
+                 "0"]) == 2
