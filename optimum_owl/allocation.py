@@ -9,11 +9,25 @@ numbers they need and turn the result into `BlockPlan`s.
   (`outlier_ratios`). With r̃_i = (D_i − min D)/(max D − min D), block i gets s_i = S + 2λ·(mean r̃ − r̃_i)
   (`owl_allocation`): the mean is S and the spread max − min is 2λ; equal ratios give the uniform allocation (the
   reference divides by zero there). `mixed_nm_allocation` is the per-block N:M variant.
+- The families that followed OWL map one number per block to a sparsity with the same contract: the mean
+  sparsity, weighted by the blocks' prunable parameter counts, is exactly the target, and values outside
+  [0, MAX_BLOCK_SPARSITY] are clamped with one common shift that keeps that mean (`clamp_preserving_mean`), as for
+  OWL.
+- DLP (Dynamic Layerwise Pruning, arXiv 2505.23807; `dlp_allocation`): from each block's mean Wanda score m_i
+  (|W|·‖X‖₂ over all its weights), importance I_i = 1 − m_i/Σm; with Ĩ its min-max normalisation,
+  s_i = S − 2α(Ĩ_i − mean Ĩ). Since I is a decreasing affine function of m, blocks with larger mean scores are
+  pruned *more*; the spread is 2α.
+- AlphaPruning (NeurIPS 2024; `alphapruning_allocation`): data-free. Per weight matrix the heavy-tail exponent α of
+  the eigenvalue spectrum of WᵀW (`esd_alpha`, a Hill estimate), averaged per block; with α̃ min-max normalised,
+  the raw ratio 1 − ε + 2ε·α̃ is scaled by one factor so the mean hits S: s_i = S·r_i / mean(r). Well-trained
+  blocks (heavy tails, small α) keep more weights.
+- ATP (ICML 2025; `atp_allocation`): sparsity rising linearly with depth, s_l = S − β(L−1)/2 + lβ for l = 0 … L−1.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -33,24 +47,32 @@ class BlockPlan:
     nm: tuple[int, int] | None = None
 
 
-def outlier_ratios(scores: Callable[[], Iterable[torch.Tensor]], owl_ms: Sequence[float]) -> list[float]:
-    """For each M in `owl_ms`: the fraction of all values yielded by `scores()` (taken together) above M × their mean.
+def score_summary(scores: Callable[[], Iterable[torch.Tensor]], owl_ms: Sequence[float]) -> tuple[float, list[float]]:
+    """The mean of all values yielded by `scores()` (taken together), and for each M in `owl_ms` the fraction of
+    them above M × that mean.
 
-    `scores` is called twice (once for the mean, once for the counts) so that a caller can compute one matrix's
-    scores at a time instead of holding a block-sized buffer.
+    `scores` is called twice (once for the mean, once for the counts; once when `owl_ms` is empty) so that a caller
+    can compute one matrix's scores at a time instead of holding a block-sized buffer.
     """
     total, count = 0.0, 0
     for s in scores():
         total += float(s.sum(dtype=torch.float64))
         count += s.numel()
     if count == 0:
-        return [0.0 for _ in owl_ms]
+        return 0.0, [0.0 for _ in owl_ms]
     mean = total / count
     above = [0] * len(owl_ms)
-    for s in scores():
-        for k, m in enumerate(owl_ms):
-            above[k] += int((s > m * mean).sum())
-    return [a / count for a in above]
+    if owl_ms:
+        for s in scores():
+            for k, m in enumerate(owl_ms):
+                above[k] += int((s > m * mean).sum())
+    return mean, [a / count for a in above]
+
+
+def outlier_ratios(scores: Callable[[], Iterable[torch.Tensor]], owl_ms: Sequence[float]) -> list[float]:
+    """For each M in `owl_ms`: the fraction of all values yielded by `scores()` (taken together) above M × their mean
+    (`score_summary`)."""
+    return score_summary(scores, owl_ms)[1]
 
 
 def outlier_ratio(scores: Iterable[torch.Tensor], owl_m: float) -> float:
@@ -107,23 +129,38 @@ def owl_allocation(ratios: Sequence[float], sparsity: float, owl_lambda: float) 
     return [round(v, 12) for v in bounded], clamped
 
 
-def clamp_preserving_mean(values: Sequence[float], lo: float, hi: float) -> tuple[list[float], bool]:
-    """Shift every value by one constant c and clip into [lo, hi], with c chosen so the mean is unchanged.
+def weighted_mean(values: Sequence[float], weights: Sequence[float] | None = None) -> float:
+    """Mean of `values`, weighted by `weights` (e.g. parameter counts); plain mean when `weights` is None."""
+    if weights is None:
+        return sum(values) / len(values)
+    if len(weights) != len(values):
+        raise ValueError(f"{len(weights)} weights for {len(values)} values")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("weights must have a positive sum")
+    return sum(float(v) * float(w) for v, w in zip(values, weights)) / total
+
+
+def clamp_preserving_mean(
+    values: Sequence[float], lo: float, hi: float, weights: Sequence[float] | None = None
+) -> tuple[list[float], bool]:
+    """Shift every value by one constant c and clip into [lo, hi], with c chosen so the (weighted) mean is unchanged.
 
     Values left inside the bounds keep their differences; the mean of `clip(v + c)` grows monotonically with c,
-    so c is found by bisection. Needs lo ≤ mean ≤ hi. Returns `(values, changed)`.
+    so c is found by bisection. Needs lo ≤ mean ≤ hi. `weights` (e.g. parameter counts) weight the mean. Returns
+    `(values, changed)`.
     """
     vals = [float(v) for v in values]
     if all(lo <= v <= hi for v in vals):
         return vals, False
-    target = sum(vals) / len(vals)
+    target = weighted_mean(vals, weights)
     if not lo - 1e-12 <= target <= hi + 1e-12:
         raise ValueError(f"mean {target} is outside [{lo}, {hi}]; it cannot be preserved")
     if target <= lo or target >= hi:  # only one way to have that mean
         return [min(max(target, lo), hi)] * len(vals), True
 
     def mean_at(c: float) -> float:
-        return sum(min(max(v + c, lo), hi) for v in vals) / len(vals)
+        return weighted_mean([min(max(v + c, lo), hi) for v in vals], weights)
 
     left, right = lo - max(vals), hi - min(vals)  # mean_at(left) = lo, mean_at(right) = hi
     for _ in range(200):
@@ -152,3 +189,126 @@ def mixed_nm_allocation(ratios: Sequence[float], n: int, m: int, owl_lambda: flo
     for i in order[: max(remaining, 0)]:
         floors[i] += 1
     return [m - pi for pi in floors]
+
+
+# ------------------------------------------------------------------------------------------------ the later families
+def _bounded(values: list[float], sparsity: float, weights: Sequence[float] | None) -> tuple[list[float], bool]:
+    """Round away float noise, then clamp into [0, MAX_BLOCK_SPARSITY] keeping the (weighted) mean."""
+    values = [round(v, 12) for v in values]
+    bounded, clamped = clamp_preserving_mean(values, 0.0, max(MAX_BLOCK_SPARSITY, sparsity), weights)
+    return [round(v, 12) for v in bounded], clamped
+
+
+def _centre(values: list[float], sparsity: float, weights: Sequence[float] | None) -> list[float]:
+    """Shift `values` by one constant so their (weighted) mean is `sparsity`."""
+    shift = sparsity - weighted_mean(values, weights)
+    return [v + shift for v in values]
+
+
+def dlp_allocation(
+    mean_scores: Sequence[float], sparsity: float, alpha: float, weights: Sequence[float] | None = None
+) -> tuple[list[float], bool]:
+    """DLP: per-block sparsity from each block's mean Wanda score m_i (see the module docstring).
+
+    Importance I_i = 1 − m_i/Σm, min-max normalised to Ĩ ∈ [0, 1]; s_i = S − 2α·Ĩ_i, shifted so the mean (weighted
+    by `weights`, e.g. parameter counts) is S, then clamped like OWL. Equal scores give the uniform allocation.
+    Returns `(sparsities, clamped)`.
+
+    Example:
+
+    ```python
+    >>> dlp_allocation([1.0, 2.0, 3.0], sparsity=0.7, alpha=0.15)[0]   # I = 5/6, 4/6, 3/6 -> Ĩ = 1, 0.5, 0
+    [0.55, 0.7, 0.85]
+    ```
+    """
+    if not mean_scores:
+        return [], False
+    total = float(sum(mean_scores))
+    if total <= 0 or not math.isfinite(total):
+        importance = [0.0 for _ in mean_scores]
+    else:
+        importance = normalise([1.0 - float(m) / total for m in mean_scores])
+    raw = [sparsity - 2.0 * alpha * i for i in importance]
+    return _bounded(_centre(raw, sparsity, weights), sparsity, weights)
+
+
+def alphapruning_allocation(
+    block_alphas: Sequence[float], sparsity: float, epsilon: float, weights: Sequence[float] | None = None
+) -> tuple[list[float], bool]:
+    """AlphaPruning: per-block sparsity from each block's mean heavy-tail exponent α (see `esd_alpha`).
+
+    r_i = 1 − ε + 2ε·α̃_i with α̃ the min-max normalised α; s_i = S·r_i / mean(r) (mean weighted by `weights`), so
+    the mean is S and blocks with lighter tails (larger α) are pruned more; clamped like OWL.
+    Returns `(sparsities, clamped)`.
+
+    Example:
+
+    ```python
+    >>> alphapruning_allocation([2.0, 3.0, 4.0], sparsity=0.6, epsilon=0.2)[0]   # r = 0.8, 1.0, 1.2
+    [0.48, 0.6, 0.72]
+    ```
+    """
+    if not block_alphas:
+        return [], False
+    ratios = [1.0 - epsilon + 2.0 * epsilon * a for a in normalise([float(a) for a in block_alphas])]
+    scale = sparsity / weighted_mean(ratios, weights)
+    return _bounded([r * scale for r in ratios], sparsity, weights)
+
+
+def atp_allocation(
+    num_blocks: int, sparsity: float, beta: float, weights: Sequence[float] | None = None
+) -> tuple[list[float], bool]:
+    """ATP: sparsity rising linearly with depth, s_l = S − β(L−1)/2 + lβ (shifted so the weighted mean is S when
+    `weights` differ), clamped like OWL. Returns `(sparsities, clamped)`.
+
+    Example:
+
+    ```python
+    >>> atp_allocation(4, sparsity=0.7, beta=0.02)[0]
+    [0.67, 0.69, 0.71, 0.73]
+    ```
+    """
+    if num_blocks <= 0:
+        return [], False
+    raw = [sparsity - beta * (num_blocks - 1) / 2.0 + index * beta for index in range(num_blocks)]
+    return _bounded(_centre(raw, sparsity, weights), sparsity, weights)
+
+
+def esd_alpha(weight: torch.Tensor, low: float = 0.95, high: float = 1.5, bins: int = 100) -> float:
+    """Heavy-tail exponent α of the empirical spectral density of WᵀW (AlphaPruning's per-matrix metric).
+
+    The eigenvalues λ are the squared singular values of `weight` (taken from the smaller Gram matrix, in float64:
+    about 1.7× faster than an SVD and equal to 1e-14 relative). For a lower cutoff λ_min, the Hill (maximum
+    likelihood) estimate of a power law p(λ) ∝ λ^(−α) over the n eigenvalues ≥ λ_min is
+    α = 1 + n / Σ ln(λ_j / λ_min). The cutoff is chosen among the eigenvalues within [low, high] × the peak of the
+    spectrum's histogram (over log λ, `bins` bins), as the one whose fitted power law has the smallest
+    Kolmogorov-Smirnov distance to the tail; when none lies there, every eigenvalue but the largest is tried.
+    Returns 0.0 for a matrix with fewer than three non-zero singular values (no tail to fit).
+    """
+    w = weight.detach().to(torch.float64)
+    gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T  # the smaller Gram matrix has the same non-zero spectrum
+    eigs = torch.linalg.eigvalsh(gram).clamp_min(0.0)
+    eigs = torch.sort(eigs[eigs > 1e-12 * float(eigs.max().clamp_min(1e-300))]).values
+    n_all = int(eigs.numel())
+    if n_all < 3:
+        return 0.0
+    logs = torch.log(eigs)
+    counts = torch.histc(logs, bins=bins, min=float(logs[0]), max=float(logs[-1]))
+    edges = torch.linspace(float(logs[0]), float(logs[-1]), bins + 1, dtype=torch.float64)
+    peak = math.exp(float(edges[int(torch.argmax(counts))]))
+    candidates = [i for i in range(n_all - 1) if low * peak <= float(eigs[i]) <= high * peak] or list(range(n_all - 1))
+    suffix = torch.flip(torch.cumsum(torch.flip(logs, [0]), 0), [0])  # Σ_{j ≥ i} ln λ_j
+    best_alpha, best_d = 0.0, math.inf
+    for i in candidates:
+        n = n_all - i
+        denominator = float(suffix[i]) - n * float(logs[i])
+        if denominator <= 0:
+            continue
+        alpha = 1.0 + n / denominator
+        tail = eigs[i:] / eigs[i]
+        fitted = 1.0 - tail.pow(1.0 - alpha)  # power-law CDF at each tail eigenvalue
+        empirical = torch.arange(n, dtype=torch.float64) / n
+        d = float((fitted - empirical).abs().max())
+        if d < best_d:
+            best_alpha, best_d = alpha, d
+    return best_alpha

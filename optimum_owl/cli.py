@@ -44,14 +44,31 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.captureWarnings(True)  # warnings print once, formatted like the log lines
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
-        # User errors: one clear line, no traceback (use -v for the traceback).
+    except KeyboardInterrupt:
+        print(f"optimum-owl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every error is one line; -v re-raises for the traceback
         if args.verbose:
             raise
-        print(f"optimum-owl {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        code, message = _describe_error(err)
+        print(f"optimum-owl {args.command}: error: {message}", file=sys.stderr)
+        return code
+    finally:
+        logging.captureWarnings(False)
+
+
+def _describe_error(err: Exception) -> tuple[int, str]:
+    """(exit code, one-line message): 2 for bad input (ValueError, OSError, ImportError: the message says what and
+    how to fix it), 1 for failures of the work itself (a failed upload) and for unexpected errors (named by type)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, (ValueError, OSError, ImportError)):
+        return 2, text
+    if type(err).__name__ == "HubUploadError":
+        return 1, text
+    return 1, f"{type(err).__name__}: {text} (unexpected; rerun with -v for the traceback)"
 
 
 if __name__ == "__main__":

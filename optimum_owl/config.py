@@ -15,8 +15,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .criteria import criterion_names, get_criterion
 from .errors import OWLConfigError  # noqa: F401  (defined in optimum_owl.errors)
-from .utils import atomic_write_text
-from .validation import check_choice, check_number, parse_pattern
+from .utils import atomic_write_text, public_config
+from .validation import check_choice, check_number, check_range, choice_list, number_list, parse_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,8 @@ CONFIG_NAME = "owl_config.json"
 CONFIG_FORMAT_VERSION = 1
 # The registered pruning criteria (optimum_owl.criteria); kept as a name for older imports.
 METHODS = criterion_names()
-LAYERWISE = ("owl", "uniform", "owl-auto")
+LAYERWISE = ("owl", "uniform", "owl-auto", "auto", "dlp", "alphapruning", "atp")
+AUTO_FAMILIES = ("owl", "dlp", "alphapruning", "atp")  # what `layerwise="auto"` can search besides uniform
 PROPAGATION = ("sequential", "dense")
 WANDA_GROUPS = ("row", "layer")
 REFINE = ("dsnot",)
@@ -67,12 +68,20 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             Pruning criterion: `"wanda"` (|W|·‖X‖₂, no weight update), `"sparsegpt"` (OBS with weight update) or
             `"magnitude"` (|W|, one threshold per matrix).
         layerwise (`str`, *optional*, defaults to `"owl"`):
-            How sparsity is spread over blocks: `"owl"` (outlier-weighted), `"uniform"` (every block gets
-            `sparsity`) or `"owl-auto"` (OWL with (M, λ) chosen on held-out calibration data).
+            How sparsity is spread over blocks: `"owl"`, `"uniform"`, `"dlp"`, `"alphapruning"`, `"atp"` (OWL's
+            successors, docs/algorithm.md; each keeps the parameter-weighted mean at `sparsity`), `"owl-auto"` (OWL's
+            M, λ chosen on held-out calibration data) or `"auto"` (that search over every family and its knob).
         owl_m (`float`, *optional*, defaults to 5.0):
             The paper's M: a score is an outlier when it exceeds `owl_m` × the block's mean score. Must be > 0.
         owl_lambda (`float`, *optional*, defaults to 0.08):
             The paper's λ: per-block sparsities span exactly 2λ around the target. Must be ≥ 0.
+        dlp_alpha (`float`, *optional*, defaults to 0.15):
+            `layerwise="dlp"`: block sparsities span 2α around the target (the DLP paper's default). ≥ 0.
+        alphapruning_epsilon (`float`, *optional*, defaults to 0.2):
+            `layerwise="alphapruning"`: block sparsities are the target × (1 ± ε), rescaled to the exact mean (the
+            AlphaPruning scripts' value for Wanda and SparseGPT). In [0, 1).
+        atp_beta (`float`, *optional*, defaults to 0.005):
+            `layerwise="atp"`: sparsity step β from one block to the next (ATP searches it per model). ≥ 0.
         pattern (`str`, *optional*, defaults to `"unstructured"`):
             `"unstructured"` or `"N:M"`: at most N non-zeros kept in every M consecutive inputs (so `"2:4"` is 50%).
         nm_mixed (`bool`, *optional*, defaults to `False`):
@@ -126,18 +135,22 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             masks; a different config or data raises an error naming this folder. Needs
             `propagation="sequential"` and `layerwise` "owl" or "uniform".
         auto_holdout (`float`, *optional*, defaults to 0.125):
-            `layerwise="owl-auto"` only: fraction of the `num_samples` calibration windows (at least one) held out
-            to choose among candidates; they never enter the statistics used to compare candidates. The winner
-            is then pruned once more on all windows. In (0, 0.5].
+            Searches: fraction of the calibration windows held out to choose (at least `min(4, num_samples // 4)`
+            and 1); no statistic that compares candidates sees them, the winner is refitted on all. In (0, 0.5].
         auto_owl_ms (`list[float]`, *optional*, defaults to `[3, 5, 7, 10]`):
-            `layerwise="owl-auto"` only: the M values searched (`owl_m` is always added).
+            Searches (`"owl-auto"`, `"auto"`): the M values searched (`owl_m` is always added).
         auto_owl_lambdas (`list[float]`, *optional*, defaults to `[0.02, 0.05, 0.08, 0.12, 0.16, 0.2]`):
-            `layerwise="owl-auto"` only: the λ values searched (`owl_lambda` is always added).
+            Searches: the λ values searched (`owl_lambda` is always added).
         auto_finalists (`int`, *optional*, defaults to 1):
-            `layerwise="owl-auto"` only: how many of the best OWL candidates of the cheap screening are pruned
-            exactly (with `method` and sequential propagation) and scored again, next to uniform sparsity (with
-            `method="sparsegpt"` the configured `owl_m`, `owl_lambda` is checked exactly too). OWL replaces
-            uniform only when its held-out gain exceeds two standard errors of the per-window difference.
+            How many of the best screened candidates (`"auto"`: of that many families) are pruned exactly next to
+            uniform (and the configured `owl_m`, `owl_lambda`: with SparseGPT, or `"auto"` when it screened better).
+            One replaces uniform only with a held-out gain above 2 standard errors over 32-token chunks.
+        auto_families (`list[str]`, *optional*, defaults to `["owl", "dlp", "alphapruning", "atp"]`):
+            `layerwise="auto"`: the families searched besides uniform.
+        auto_dlp_alphas, auto_alphapruning_epsilons, auto_atp_betas (`list[float]`, *optional*):
+            `layerwise="auto"`: each family's knob values searched (defaults `[0.05, 0.1, 0.15, 0.2, 0.25]`,
+            `[0.1, 0.2, 0.3]`, and for ATP `None`: the β that spread the block sparsities over 0.08–0.32 from the
+            first block to the last); the configured knob is always added.
         refine (`str`, *optional*):
             Training-free refinement after the mask is chosen: `"dsnot"` (DSnoT-style swaps of pruned and kept
             weights within each row that lower the expected output error, keeping every row's count). Needs
@@ -168,6 +181,9 @@ class OWLPrunerConfig(QuantizationConfigMixin):
     layerwise: str = "owl"
     owl_m: float = 5.0
     owl_lambda: float = 0.08
+    dlp_alpha: float = 0.15
+    alphapruning_epsilon: float = 0.2
+    atp_beta: float = 0.005
     pattern: str = "unstructured"
     nm_mixed: bool = False
     wanda_group: str = "row"
@@ -189,6 +205,10 @@ class OWLPrunerConfig(QuantizationConfigMixin):
     auto_owl_ms: list[float] = field(default_factory=lambda: [3.0, 5.0, 7.0, 10.0])
     auto_owl_lambdas: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.08, 0.12, 0.16, 0.2])
     auto_finalists: int = 1
+    auto_families: list[str] = field(default_factory=lambda: ["owl", "dlp", "alphapruning", "atp"])
+    auto_dlp_alphas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.25])
+    auto_alphapruning_epsilons: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3])
+    auto_atp_betas: list[float] | None = None
     refine: str | None = None
     dsnot_cycles: int = 50
     dsnot_threshold: float = 1e-3
@@ -219,6 +239,9 @@ class OWLPrunerConfig(QuantizationConfigMixin):
                 f"`owl_lambda` (the paper's λ) must be ≥ 0, got {self.owl_lambda}; the paper uses 0.08 "
                 "(0 gives uniform sparsity)."
             )
+        check_range("dlp_alpha", self.dlp_alpha, 0.0, hint="the DLP paper uses 0.15 (0 gives uniform sparsity)")
+        check_range("alphapruning_epsilon", self.alphapruning_epsilon, 0.0, 1.0, hint="AlphaPruning uses 0.2-0.3")
+        check_range("atp_beta", self.atp_beta, 0.0, hint="e.g. 0.005; ATP searches it in steps of 0.002")
         parse_pattern(self.pattern)
         self.pattern = self.pattern.strip().lower()
         for name in ("num_samples", "seqlen", "batch_size", "sparsegpt_blocksize"):
@@ -245,30 +268,24 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         if self.block_name is not None and not isinstance(self.block_name, str):
             raise OWLConfigError(f"`block_name` must be a dotted module path such as 'model.layers', got {self.block_name!r}.")
         self._validate_scale()
-        if self.nm_pattern is not None and self.layerwise == "owl-auto" and self.nm_mixed:
-            raise OWLConfigError("`layerwise='owl-auto'` does not support `nm_mixed=True`; use layerwise='owl'.")
+        if self.nm_pattern is not None and self.nm_mixed and self.layerwise not in ("owl", "uniform"):
+            raise OWLConfigError(f"`nm_mixed=True` needs layerwise='owl', got {self.layerwise!r}; or set nm_mixed=False.")
         self._validate_auto_and_refine()
 
     def _validate_auto_and_refine(self) -> None:
-        """Fields of `layerwise="owl-auto"` and of the `refine` step."""
+        """Fields of `layerwise="owl-auto"` / `"auto"` and of the `refine` step."""
         check_number("auto_holdout", self.auto_holdout)
         if not 0.0 < self.auto_holdout <= 0.5:
             raise OWLConfigError(
                 f"`auto_holdout` must be in (0, 0.5] (fraction of the calibration windows held out), got "
                 f"{self.auto_holdout}; e.g. 0.125."
             )
-        for name, low in (("auto_owl_ms", 0.0), ("auto_owl_lambdas", None)):
-            values = getattr(self, name)
-            if isinstance(values, (int, float)) and not isinstance(values, bool):
-                values = [values]
-            if not isinstance(values, (list, tuple)) or not values:
-                raise OWLConfigError(f"`{name}` must be a non-empty list of numbers, got {values!r}.")
-            for v in values:
-                check_number(name, v)
-                if (low is not None and v <= low) or (low is None and v < 0):
-                    bound = "> 0" if low is not None else "≥ 0"
-                    raise OWLConfigError(f"every value of `{name}` must be {bound}, got {v!r}.")
-            setattr(self, name, [float(v) for v in values])
+        self.auto_owl_ms = number_list("auto_owl_ms", self.auto_owl_ms, positive=True)
+        self.auto_owl_lambdas = number_list("auto_owl_lambdas", self.auto_owl_lambdas)
+        self.auto_dlp_alphas = number_list("auto_dlp_alphas", self.auto_dlp_alphas)
+        self.auto_alphapruning_epsilons = number_list("auto_alphapruning_epsilons", self.auto_alphapruning_epsilons, high=1.0)
+        self.auto_atp_betas = number_list("auto_atp_betas", self.auto_atp_betas, optional=True)
+        self.auto_families = choice_list("auto_families", self.auto_families, AUTO_FAMILIES)
         if isinstance(self.auto_finalists, bool) or not isinstance(self.auto_finalists, int) or self.auto_finalists < 1:
             raise OWLConfigError(f"`auto_finalists` must be a positive integer, got {self.auto_finalists!r}; e.g. 1.")
         if self.refine is not None:
@@ -310,7 +327,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             if not isinstance(value, (str, os.PathLike)) or not str(value):
                 raise OWLConfigError(f"`{name}` must be a folder path (str), got {value!r}.")
             setattr(self, name, str(value))
-        if self.checkpoint_dir is not None and (self.propagation != "sequential" or self.layerwise == "owl-auto"):
+        if self.checkpoint_dir is not None and (self.propagation != "sequential" or self.layerwise not in ("owl", "uniform")):
             raise OWLConfigError(
                 f"`checkpoint_dir` (resumable runs) needs propagation='sequential' and layerwise 'owl' or 'uniform', "
                 f"got propagation={self.propagation!r}, layerwise={self.layerwise!r}; drop `checkpoint_dir` or "
@@ -345,8 +362,8 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         return out
 
     def to_json_dict(self) -> dict[str, Any]:
-        """`to_dict()` plus `format_version`: what `owl_config.json` holds."""
-        return {**self.to_dict(), "format_version": CONFIG_FORMAT_VERSION}
+        """`to_dict()` (local paths shortened: `utils.public_config`) plus `format_version`: `owl_config.json`."""
+        return {**public_config(self.to_dict()), "format_version": CONFIG_FORMAT_VERSION}
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
@@ -370,7 +387,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         return (config, unused) if return_unused_kwargs else config
 
     def to_json_string(self, use_diff: bool = True) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return json.dumps(public_config(self.to_dict()), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> OWLPrunerConfig:

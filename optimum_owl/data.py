@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import CalibrationDataError  # noqa: F401  (defined in optimum_owl.errors)
+from .utils import public_path
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def describe_source(dataset: Any) -> str:
     if dataset is None:
         return "none"
     if isinstance(dataset, (str, os.PathLike)):
-        return str(dataset)
+        return str(public_path(dataset))  # reports are published: no local folder layout
     if isinstance(dataset, torch.Tensor):
         return f"tensor{list(dataset.shape)}"
     name = type(dataset).__name__
@@ -57,6 +58,7 @@ def get_calibration_data(
     seqlen: int = 2048,
     seed: int = 0,
     text_column: str = "text",
+    warnings: list[str] | None = None,
 ) -> torch.LongTensor:
     """Turn `dataset` into `num_samples` seeded windows of `seqlen` token ids.
 
@@ -74,6 +76,8 @@ def get_calibration_data(
         seqlen (`int`): tokens per window.
         seed (`int`): sampling seed.
         text_column (`str`): column holding text.
+        warnings (`list`, *optional*): warnings about the data (e.g. overlapping windows) are appended here too
+            (the pruner puts them in the report).
 
     Returns:
         `torch.LongTensor` of shape `[num_samples, seqlen]`.
@@ -92,7 +96,7 @@ def get_calibration_data(
         if ids.shape == (num_samples, seqlen):
             return ids.clone()
         docs: list[list[int]] = [row.tolist() for row in ids]
-        return sample_windows(docs, num_samples, seqlen, seed, eos_id=None)
+        return sample_windows(docs, num_samples, seqlen, seed, eos_id=None, warnings=warnings)
     tokenizer = load_tokenizer(tokenizer)
     docs_or_texts = _materialise(dataset, text_column)
     if not docs_or_texts:
@@ -103,8 +107,8 @@ def get_calibration_data(
             raise CalibrationDataError(
                 "Calibration data is text but no tokenizer was given: pass `tokenizer=` (an object or a path)."
             )
-        return _sample_from_texts(docs_or_texts, tokenizer, num_samples, seqlen, seed, eos)
-    return sample_windows(docs_or_texts, num_samples, seqlen, seed, eos_id=eos)
+        return _sample_from_texts(docs_or_texts, tokenizer, num_samples, seqlen, seed, eos, warnings)
+    return sample_windows(docs_or_texts, num_samples, seqlen, seed, eos_id=eos, warnings=warnings)
 
 
 def _materialise(dataset: Any, text_column: str) -> list[Any]:
@@ -121,7 +125,14 @@ def _materialise(dataset: Any, text_column: str) -> list[Any]:
             raise ImportError(
                 f"`dataset={dataset!r}` is not a local file; loading it by name needs `pip install datasets`."
             ) from err
-        dataset = datasets.load_dataset(str(dataset), split="train")
+        try:
+            dataset = datasets.load_dataset(str(dataset), split="train")
+        except Exception as err:  # noqa: BLE001 - datasets raises many types (ConnectionError, FileNotFoundError, ...)
+            raise CalibrationDataError(
+                f"Cannot load calibration dataset {str(dataset)!r} with datasets.load_dataset "
+                f"({type(err).__name__}: {' '.join(str(err).split())}). Pass a local .txt/.jsonl/.json file, or a "
+                "dataset name that loads (offline: one already in the datasets cache)."
+            ) from err
     if hasattr(dataset, "column_names") and hasattr(dataset, "__getitem__"):  # datasets.Dataset
         columns = dataset.column_names
         if text_column in columns:
@@ -170,55 +181,98 @@ def _ids_list(ids: Any) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CalibrationDataError(f"{where} is not valid JSON: {err}") from None
+
+
+def _row_text(row: Any, where: str, text_column: str) -> str:
+    if isinstance(row, str):
+        return row
+    if not isinstance(row, dict):
+        raise CalibrationDataError(f"{where} is a JSON {type(row).__name__}, not an object with {text_column!r}.")
+    if text_column not in row:
+        raise CalibrationDataError(f"{where} has no {text_column!r} key (keys: {sorted(row)}); set the text column.")
+    value = row[text_column]
+    if value is not None and not isinstance(value, str):
+        raise CalibrationDataError(f"{where}: {text_column!r} is {type(value).__name__}, not a string.")
+    return value or ""
+
+
 def read_texts(path: str | os.PathLike, text_column: str = "text", *, documents: bool) -> list[str]:
     """THE reader of local text files, for calibration (`documents=True`) and evaluation (`documents=False`).
 
-    `.jsonl`: the `text_column` of every row, in order (a row without it raises `CalibrationDataError` naming the
-    line); empty texts are dropped for calibration and kept for evaluation (which joins the rows in order).
+    `.jsonl`: the `text_column` of every row (one JSON object per line), in order. `.json`: an array of strings or of
+    such objects. Empty texts are dropped for calibration and kept for evaluation (which joins the rows in order).
     Any other file is UTF-8 text: for calibration it is split on blank lines into documents (a file with a single
-    paragraph is one document); for evaluation it is one text.
+    paragraph is one document; an empty file gives none); for evaluation it is one text.
+
+    Raises `FileNotFoundError` for a missing path, and `CalibrationDataError` naming the file (and line) for a
+    folder, bad JSON, a row that is not an object with a string `text_column`, or bytes that are not UTF-8.
     """
     path = Path(path)
-    if path.suffix == ".jsonl":
-        texts = []
-        with path.open(encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist.")
+    if path.is_dir():
+        raise CalibrationDataError(f"{path} is a folder; pass a .txt, .jsonl or .json file.")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CalibrationDataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
+    if path.suffix in (".jsonl", ".json"):
+        if path.suffix == ".jsonl":
+            rows = []
+            for line_no, line in enumerate(raw.splitlines(), 1):
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise CalibrationDataError(f"{path}:{line_no} is not valid JSON: {err}") from err
-                if text_column not in row:
-                    raise CalibrationDataError(f"{path}:{line_no} has no {text_column!r} key; set `text_column=`.")
-                if row[text_column] or not documents:
-                    texts.append(row[text_column])
-        return texts
-    text = path.read_text(encoding="utf-8")
+                row = _parse_json(line, f"{path}:{line_no}")
+                if not isinstance(row, dict):
+                    raise CalibrationDataError(
+                        f"{path}:{line_no} is a JSON {type(row).__name__}, not an object with {text_column!r}."
+                    )
+                rows.append((f"{path}:{line_no}", row))
+        else:
+            data = _parse_json(raw, str(path))
+            if not isinstance(data, list):
+                raise CalibrationDataError(
+                    f"{path} holds a JSON {type(data).__name__}; expected an array of strings or of objects with "
+                    f"{text_column!r} (or use .jsonl, one object per line)."
+                )
+            rows = [(f"{path} item {i}", row) for i, row in enumerate(data)]
+        texts = [_row_text(row, where, text_column) for where, row in rows]
+        return [t for t in texts if t] if documents else texts
     if not documents:
-        return [text]
-    parts = [p for p in text.split("\n\n") if p.strip()]
+        return [raw]
+    parts = [p for p in raw.split("\n\n") if p.strip()]
     # A plain text file with few paragraphs is one document; many paragraphs are many documents.
-    return parts if len(parts) > 1 else [text]
+    return parts if len(parts) > 1 else [raw] if raw.strip() else []
 
 
 def _sample_from_texts(
-    texts: list[str], tokenizer: Any, num_samples: int, seqlen: int, seed: int, eos: int | None
+    texts: list[str], tokenizer: Any, num_samples: int, seqlen: int, seed: int, eos: int | None,
+    warnings: list[str] | None = None,
 ) -> torch.LongTensor:
-    """Reference sampling over texts, tokenising lazily (only drawn documents)."""
+    """Reference sampling over texts, tokenising lazily (only drawn documents).
+
+    Like the reference `get_c4`, each document is tokenised with the tokenizer's default call, so a tokenizer that
+    adds BOS (Llama, stories260K) puts it at the start of every document and windows match the reference exactly.
+    The fallback stream (no document long enough) joins documents tokenised without special tokens, EOS between.
+    """
     rng = random.Random(seed)
     cache: dict[int, list[int]] = {}
 
     def tokens(i: int) -> list[int]:
         if i not in cache:
-            cache[i] = tokenizer(texts[i], add_special_tokens=False)["input_ids"]
+            cache[i] = tokenizer(texts[i])["input_ids"]
         return cache[i]
 
     windows = _draw_long_documents(len(texts), tokens, num_samples, seqlen, rng)
     if windows is not None:
         return torch.tensor(windows, dtype=torch.long)
-    docs = [tokens(i) for i in range(len(texts))]
-    return sample_windows(docs, num_samples, seqlen, seed, eos_id=eos)
+    docs = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    return sample_windows(docs, num_samples, seqlen, seed, eos_id=eos, warnings=warnings)
 
 
 def _draw_long_documents(count: int, tokens, num_samples: int, seqlen: int, rng: random.Random):
@@ -238,7 +292,8 @@ def _draw_long_documents(count: int, tokens, num_samples: int, seqlen: int, rng:
 
 
 def sample_windows(
-    docs: list[list[int]], num_samples: int, seqlen: int, seed: int, eos_id: int | None = None
+    docs: list[list[int]], num_samples: int, seqlen: int, seed: int, eos_id: int | None = None,
+    warnings: list[str] | None = None,
 ) -> torch.LongTensor:
     """Seeded windows from token-id documents (long documents first, else one joined stream)."""
     rng = random.Random(seed)
@@ -258,10 +313,11 @@ def sample_windows(
     rng = random.Random(seed)
     starts = [rng.randint(0, len(stream) - seqlen) for _ in range(num_samples)]
     if len(stream) < num_samples * seqlen:
-        logger.warning(
-            "Calibration stream has %d tokens for %d windows of %d: windows overlap; more text would calibrate better.",
-            len(stream),
-            num_samples,
-            seqlen,
+        msg = (
+            f"Calibration stream has {len(stream)} tokens for {num_samples} windows of {seqlen}: windows overlap; "
+            "more text would calibrate better."
         )
+        logger.warning(msg)
+        if warnings is not None:
+            warnings.append(msg)
     return torch.tensor([stream[s : s + seqlen] for s in starts], dtype=torch.long)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -73,6 +74,24 @@ class DemoResult:
             sp = self.reports[name].sparsity if name in self.reports else 0.0
             lines.append(f"| {name} | " + " | ".join(f"{ppls[s]:.2f}" for s in sets) + f" | {sp:.4f} |")
         return "\n".join(lines)
+
+    def rounding_note(self) -> str | None:
+        """Why the achieved sparsity is below the target, when it is (per-row pruning rounds down)."""
+        low = [r for r in self.reports.values() if r.sparsity < self.sparsity - 5e-4]
+        if not low:
+            return None
+        width = min(m.shape[1] for r in low for m in r.modules)
+        kept = math.floor(self.sparsity * width)
+        how = (
+            f"wanda prunes the same count in every row, ⌊{self.sparsity} × in_features⌋ per row"
+            if self.method == "wanda"
+            else f"{self.method} prunes a whole number of weights per row or column tile"
+        )
+        return (
+            f"Achieved sparsity {min(r.sparsity for r in low):.4f} is below the {self.sparsity:.0%} target: {how}, "
+            f"which rounds down on small layers (this model's narrowest rows have {width} inputs: {kept} of {width} "
+            f"= {kept / width:.4f})."
+        )
 
 
 def run_demo(

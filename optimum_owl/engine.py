@@ -9,16 +9,19 @@ Passes over the calibration data (L = number of blocks, one "forward" = one bloc
 | layerwise / propagation | forwards | what happens |
 |---|---|---|
 | uniform, sequential | 2L − 1 | per block: statistics forward, prune, forward of the pruned block |
-| owl, sequential | 3L − 1 | dense outlier pass (L), then the uniform loop with s_i (block 0 reuses the dense statistics) |
+| owl or dlp, sequential | 3L − 1 | dense outlier pass (L), then the uniform loop with s_i (block 0 reuses the dense statistics) |
+| atp or alphapruning, sequential | 2L − 1 | as uniform, with s_i from the depth (ATP) or the weights' spectra (AlphaPruning) |
 | uniform or owl, dense | L | one dense pass; every block pruned from dense-input statistics (approximation) |
 | criterion without statistics (magnitude), uniform | 0 | no calibration data needed |
-| owl-auto | see optimum_owl.search | |
+| criterion without statistics, atp or alphapruning | 0 | no calibration data needed |
+| owl-auto, auto | see optimum_owl.search | |
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -29,12 +32,13 @@ from .allocation import BlockPlan
 from .config import OWLPrunerConfig
 from .data import describe_source, get_calibration_data
 from .errors import OWLConfigError
-from .modeling import get_blocks_and_units
+from .modeling import PRUNED_ZERO_SHARE, context_length, get_blocks_and_units, zero_share
 from .offload import make_block_offloader
 from .passes import RunState
-from .report import BlockReport, ModuleReport, PruneReport
+from .report import METRIC_NAMES, BlockReport, ModuleReport, PruneReport
 from .resume import ResumeState
 from .runner import BlockRunner
+from .utils import public_config, public_path
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,7 @@ def prune_model(
         block_context = make_block_offloader(model, config.device, config.offload_folder)
     runner = BlockRunner(model, blocks, offload_activations=config.offload_activations, block_context=block_context)
     state = RunState(config=config, model=model, path=path, blocks=blocks, units=units, runner=runner)
+    warn_if_pruned(state)
     layerwise = effective_layerwise(state)
     was_training = model.training
     model.eval()
@@ -69,6 +74,19 @@ def prune_model(
     return report
 
 
+def warn_if_pruned(state: RunState) -> None:
+    """Pruning an already pruned model compounds the sparsity: say so (a `UserWarning` and a report warning)."""
+    share = zero_share(state.units)
+    if share is not None and share > PRUNED_ZERO_SHARE:
+        msg = (
+            f"The block weights are already {share:.4f} zero: this model was pruned before. Pruning it again "
+            "compounds the sparsity (the allocation assumes a dense model, and the achieved sparsity will not "
+            "match the target); prune the dense model instead."
+        )
+        warnings.warn(msg, UserWarning, stacklevel=4)  # once: the CLI routes warnings through logging
+        state.warnings.append(msg)
+
+
 def effective_layerwise(state: RunState) -> str:
     cfg = state.config
     if cfg.nm_pattern is not None and cfg.layerwise != "uniform" and not cfg.nm_mixed:
@@ -82,8 +100,13 @@ def effective_layerwise(state: RunState) -> str:
     return cfg.layerwise
 
 
+# layerwise values whose allocation needs no calibration data (AlphaPruning reads the weights only)
+DATA_FREE = ("uniform", "atp", "alphapruning")
+SEARCHES = ("owl-auto", "auto")
+
+
 def needs_data(state: RunState, layerwise: str) -> bool:
-    return state.criterion.needs_data or layerwise != "uniform"
+    return state.criterion.needs_data or layerwise not in DATA_FREE
 
 
 def prepare(state: RunState, layerwise: str, dataset: Any, tokenizer: Any) -> dict[str, Any]:
@@ -94,11 +117,12 @@ def prepare(state: RunState, layerwise: str, dataset: Any, tokenizer: Any) -> di
     dataset = dataset if dataset is not None else cfg.dataset
     tokenizer = tokenizer if tokenizer is not None else cfg.tokenizer
     model_cfg = getattr(state.model, "config", None)
-    max_pos = getattr(model_cfg, "max_position_embeddings", None)
-    if isinstance(max_pos, int) and cfg.seqlen > max_pos:
+    max_pos = context_length(state.model)
+    if max_pos is not None and cfg.seqlen > max_pos:
         raise OWLConfigError(f"`seqlen`={cfg.seqlen} exceeds the model's max_position_embeddings={max_pos}; lower `seqlen`.")
     t = time.perf_counter()
-    ids = get_calibration_data(dataset, tokenizer, cfg.num_samples, cfg.seqlen, cfg.seed, cfg.text_column)
+    ids = get_calibration_data(dataset, tokenizer, cfg.num_samples, cfg.seqlen, cfg.seed, cfg.text_column,
+                               warnings=state.warnings)
     vocab = getattr(model_cfg, "vocab_size", None)
     if isinstance(vocab, int) and int(ids.max()) >= vocab:
         raise OWLConfigError(
@@ -123,27 +147,29 @@ def run(state: RunState, layerwise: str) -> list[BlockPlan]:
     cfg = state.config
     uniform = passes.uniform(state)
     if not needs_data(state, layerwise):
-        passes.prune_pass(state, uniform)
-        return uniform
+        plans = uniform if layerwise == "uniform" else passes.fixed_plans(state, layerwise)
+        passes.prune_pass(state, plans)
+        return plans
     if cfg.propagation == "dense":
-        if layerwise == "owl-auto":
-            raise OWLConfigError("`layerwise='owl-auto'` needs propagation='sequential'.")
+        if layerwise in SEARCHES:
+            raise OWLConfigError(f"`layerwise={layerwise!r}` needs propagation='sequential'.")
         if layerwise == "uniform":
             passes.dense_prune(state, uniform, from_outlier_pass=False)
             return uniform
-        passes.outlier_pass(state)
-        plans = passes.plan(state, state.outlier_ratios or [])
+        passes.outlier_pass(state)  # the dense statistics every block is pruned from
+        plans = passes.fixed_plans(state, layerwise)
         passes.dense_prune(state, plans, from_outlier_pass=True)
         return plans
     if layerwise == "uniform":
         passes.prune_pass(state, uniform)
         return uniform
-    if layerwise == "owl-auto":
+    if layerwise in SEARCHES:
         search.split_holdout(state)  # held-out windows must not enter the outlier statistics
         passes.outlier_pass(state)
         return search.choose_and_prune(state)
-    passes.outlier_pass(state)
-    plans = passes.plan(state, state.outlier_ratios or [])
+    if layerwise in ("owl", "dlp"):
+        passes.outlier_pass(state)
+    plans = passes.fixed_plans(state, layerwise)
     passes.prune_pass(state, plans)
     return plans
 
@@ -152,13 +178,15 @@ def build_report(state: RunState, plans: list[BlockPlan], calibration: dict[str,
     model = state.model
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
     report = PruneReport(
-        config=state.config.to_dict(),
-        model={"class": type(model).__name__, "name_or_path": name, "block_path": state.path},
+        config=public_config(state.config.to_dict()),
+        model={"class": type(model).__name__, "name_or_path": public_path(name), "block_path": state.path},
         timings={k: round(v, 4) for k, v in state.timings.items()},
         warnings=list(state.warnings),
         calibration=calibration,
         candidates=list(state.candidates),
+        allocation=allocation_summary(state),
     )
+    owl_like = report.allocation.get("family") == "owl"
     for i, units in enumerate(state.units):
         block_zeros = block_params = 0
         with state.runner.block_scope(i):  # offloaded weights are meta tensors outside their block's scope
@@ -170,7 +198,8 @@ def build_report(state: RunState, plans: list[BlockPlan], calibration: dict[str,
                 report.modules.append(
                     ModuleReport(u.name, i, list(u.shape), round(plans[i].sparsity, 12), zeros / max(w.numel(), 1), w.numel())
                 )
-        ratio = state.outlier_ratios[i] if state.outlier_ratios is not None else None
+        ratio = state.outlier_ratios[i] if state.outlier_ratios is not None and owl_like else None
+        metric = state.block_metrics[i] if state.block_metrics is not None else None
         report.blocks.append(
             BlockReport(
                 index=i,
@@ -180,9 +209,34 @@ def build_report(state: RunState, plans: list[BlockPlan], calibration: dict[str,
                 achieved_sparsity=block_zeros / max(block_params, 1),
                 num_params=block_params,
                 nm=list(plans[i].nm) if plans[i].nm else None,
+                metric=metric,
             )
         )
         report.total_params += block_params
         report.total_zeros += block_zeros
     return report
+
+
+def allocation_summary(state: RunState) -> dict[str, Any]:
+    """Family, knob and block-metric name of the allocation applied (for a search: the chosen candidate's)."""
+    cfg = state.config
+    chosen = next((c for c in state.candidates if c.chosen), None)
+    if chosen is not None:
+        family = chosen.family or chosen.layerwise
+        knob = dict(chosen.knob or {})
+        if not knob and chosen.owl_m is not None:
+            knob = {"owl_m": chosen.owl_m, "owl_lambda": chosen.owl_lambda}
+    elif (cfg.layerwise in KNOB_NAMES or cfg.layerwise == "owl") and not (cfg.nm_pattern is not None and not cfg.nm_mixed):
+        family = cfg.layerwise
+        knob = (
+            {"owl_m": cfg.owl_m, "owl_lambda": cfg.owl_lambda}
+            if family == "owl"
+            else {KNOB_NAMES[family]: passes.knob_of(cfg, family)}
+        )
+    else:
+        family, knob = "uniform", {}
+    return {"family": family, "knob": knob, "metric": METRIC_NAMES.get(family)}
+
+
+KNOB_NAMES = {"dlp": "dlp_alpha", "alphapruning": "alphapruning_epsilon", "atp": "atp_beta"}
 

@@ -18,13 +18,33 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import read_texts
+from .modeling import context_length
 
 logger = logging.getLogger(__name__)
 
 
+# A string with no whitespace ending like a text file is a path; if it does not exist that is an error, not text.
+_TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+def _is_file(name: str) -> bool:
+    try:
+        return Path(name).is_file()
+    except OSError:  # e.g. a long text is not a valid file name
+        return False
+
+
 def load_texts(source: Any, text_column: str = "text") -> list[str]:
-    """Texts from a string, a list of strings, a `.txt`/`.jsonl` path, or a `datasets.Dataset`."""
-    if isinstance(source, (str, os.PathLike)) and Path(source).exists():
+    """Texts from a string, a list of strings, a `.txt`/`.jsonl`/`.json` path, or a `datasets.Dataset`.
+
+    A path (`os.PathLike`, or a string without whitespace ending in .txt/.jsonl/.json) that does not exist raises
+    `FileNotFoundError`; it is never evaluated as text.
+    """
+    looks_like_path = isinstance(source, os.PathLike) or (
+        isinstance(source, str) and not any(c.isspace() for c in source) and (
+            source.endswith(_TEXT_FILE_SUFFIXES) or _is_file(source))
+    )
+    if looks_like_path:
         return read_texts(source, text_column, documents=False)
     if isinstance(source, str):
         return [source]
@@ -81,6 +101,15 @@ def perplexity_of_ids(
     model: nn.Module, ids: torch.LongTensor, seqlen: int, batch_size: int = 1, max_windows: int | None = None
 ) -> float:
     """Perplexity over non-overlapping windows of a 1-D token-id tensor."""
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows={max_windows}: evaluate at least one window (or None for all).")
+    if seqlen < 2:
+        raise ValueError(f"seqlen={seqlen}: a window needs at least 2 tokens (one to predict); use seqlen >= 2.")
+    max_pos = context_length(model)
+    if max_pos is not None and seqlen > max_pos:
+        raise ValueError(
+            f"seqlen={seqlen} exceeds the model's max_position_embeddings={max_pos}; lower seqlen (e.g. {max_pos})."
+        )
     n = ids.numel() // seqlen
     if max_windows is not None:
         n = min(n, max_windows)

@@ -54,7 +54,7 @@ def keep_mask_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the `n` highest scores in every group of `m` consecutive inputs of each row (N:M, n non-zeros per m)."""
     rows, cols = scores.shape
     if cols % m:
-        raise ValueError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, got {cols}; add the module to `ignore`.")
+        raise ValueError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, but the weight has {cols} inputs; add the module to `ignore`.")
     groups = scores.reshape(rows, cols // m, m)
     keep = torch.ones_like(groups, dtype=torch.bool)
     if n < m:

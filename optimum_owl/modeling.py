@@ -8,7 +8,9 @@ stores experts as 3-D tensors). Pruning writes through `unit.weight()`, a view i
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -185,10 +187,42 @@ def get_blocks_and_units(
 def load_model(name_or_path: str, **kwargs: Any) -> nn.Module:
     """Load a causal LM (falling back to a bare `AutoModel`, e.g. BERT) from a local path or Hub id."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    config = AutoConfig.from_pretrained(name_or_path)
+    text = os.fspath(name_or_path)
+    local = Path(text).exists() or text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1)
+    if local and not Path(text).expanduser().is_dir():
+        what = "is not a folder" if Path(text).exists() else "does not exist"
+        raise FileNotFoundError(f"Model {text} {what}: pass a local model folder or a Hub id (owner/name).")
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except ValueError:
-        logger.info("%s (%s) is not a causal LM; loading it with AutoModel", name_or_path, config.model_type)
-        return AutoModel.from_pretrained(name_or_path, **kwargs)
+        config = AutoConfig.from_pretrained(name_or_path)
+    except OSError as err:  # offline, unknown repo, no config.json: transformers' message does not name the model
+        raise OSError(f"Cannot load model {text!r}: {' '.join(str(err).split())}") from err
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)  # its errors are about this checkpoint
+    logger.info("%s (%s) is not a causal LM; loading it with AutoModel", name_or_path, config.model_type)
+    return AutoModel.from_pretrained(name_or_path, **kwargs)
+
+
+# Dense checkpoints have (almost) no exact zeros; above this share of zero block weights a model counts as pruned.
+PRUNED_ZERO_SHARE = 0.05
+
+
+def zero_share(units: list[list[Unit]]) -> float | None:
+    """Share of exact zeros among the block weights held in memory (offloaded `meta` weights are skipped);
+    `None` when no weight is in memory."""
+    zeros = total = 0
+    for block in units:
+        for unit in block:
+            w = unit.weight()
+            if w.device.type == "meta":
+                continue
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return zeros / total if total else None
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The model's `max_position_embeddings` (GPT-2's `n_positions`), or `None` when the config has none."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) else None

@@ -2,11 +2,11 @@
 
 | pass | statistics | propagation | per block |
 |---|---|---|---|
-| `outlier_pass` | fresh row norms | dense | outlier ratio for M (`allocation.outlier_ratios`) |
+| `outlier_pass` | fresh row norms | dense | outlier ratio for M and mean Wanda score (`allocation.score_summary`) |
 | `prune_pass` (sequential) | what the criterion needs (block 0 may reuse the dense pass's) | pruned | `prune_block`, resume state |
 | `dense_prune` | fresh row norms (uniform) or the outlier pass's (OWL) | dense / none | `prune_block` |
 | `exact_prune_pass` (owl-auto) | as `prune_pass` | pruned | input norms kept, `prune_block` |
-| `holdout_ratios` (owl-auto refit) | fresh row norms, merged into the dense pass's | dense | outlier ratio |
+| `holdout_ratios` (search refit) | fresh row norms, merged into the dense pass's | dense | outlier ratio, mean score |
 
 `RunState` holds everything one run knows (no pruner attributes change during a run, so a pruner is re-entrant).
 """
@@ -22,7 +22,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .allocation import BlockPlan, outlier_ratios, owl_plans, uniform_plans
+from .allocation import (
+    BlockPlan,
+    alphapruning_allocation,
+    atp_allocation,
+    dlp_allocation,
+    esd_alpha,
+    owl_plans,
+    score_summary,
+    uniform_plans,
+)
 from .criteria import Criterion, PruneTask, get_criterion, wanda_scores
 from .modeling import Unit
 from .report import Candidate
@@ -45,6 +54,8 @@ class RunState:
     inputs0: list[Batch] | None = None
     dense_stats: list[BlockStats] = field(default_factory=list)
     outlier_ratios: list[float] | None = None
+    mean_scores: list[float] | None = None  # mean Wanda score per block, from the dense statistics pass (DLP)
+    block_metrics: list[float] | None = None  # the applied family's block metric (DLP: mean score; AlphaPruning: α)
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     calibration_ids: torch.Tensor | None = None  # [num_samples, seqlen] token ids behind `inputs0`
@@ -83,9 +94,73 @@ def plan(state: RunState, ratios: Sequence[float], owl_lambda: float | None = No
     return plans
 
 
+def block_summary(units: Sequence[Unit], stats: BlockStats, owl_ms: Sequence[float]) -> tuple[float, list[float]]:
+    """Mean Wanda score of one block and its outlier ratio for each M in `owl_ms`, one unit's scores at a time."""
+    return score_summary(lambda: (wanda_scores(u.weight(), stats[u.name].norms(u.shape[1])) for u in units), owl_ms)
+
+
 def block_outlier_ratios(units: Sequence[Unit], stats: BlockStats, owl_ms: Sequence[float]) -> list[float]:
     """Outlier ratio of one block for each M in `owl_ms` from its Wanda scores, one unit's scores at a time."""
-    return outlier_ratios(lambda: (wanda_scores(u.weight(), stats[u.name].norms(u.shape[1])) for u in units), owl_ms)
+    return block_summary(units, stats, owl_ms)[1]
+
+
+def family_plans(
+    state: RunState, family: str, metrics: Sequence[float] | None, knob: float, record: bool = True
+) -> list[BlockPlan]:
+    """Plans of `family` ("dlp", "alphapruning", "atp") with its knob (α, ε, β) from its block metrics; the mean is
+    weighted by the blocks' prunable parameter counts. A clamping warning goes to the report when `record`."""
+    cfg = state.config
+    weights = [sum(u.shape[0] * u.shape[1] for u in units) for units in state.units]
+    if len(set(weights)) == 1 or 0 in weights:
+        weights = None  # equal blocks: the plain mean (identical, and free of rounding in the weights)
+    if family == "dlp":
+        sparsities, clamped = dlp_allocation(metrics or [], cfg.sparsity, knob, weights)
+    elif family == "alphapruning":
+        sparsities, clamped = alphapruning_allocation(metrics or [], cfg.sparsity, knob, weights)
+    elif family == "atp":
+        sparsities, clamped = atp_allocation(len(state.units), cfg.sparsity, knob, weights)
+    else:
+        raise ValueError(f"unknown allocation family {family!r}")
+    if clamped and record:
+        state.warn(
+            f"{family} allocation S={cfg.sparsity} with knob {knob} left [0, 1): block sparsities were clamped and the "
+            "rest shifted so the mean stays at the target. A smaller knob avoids this."
+        )
+    return [BlockPlan(s) for s in sparsities]
+
+
+def block_esd_alphas(state: RunState) -> list[float]:
+    """AlphaPruning's block metric: per block, the mean ESD heavy-tail exponent of its weight matrices (no data)."""
+    t = time.perf_counter()
+    out: list[float] = []
+
+    def visit(i: int) -> None:
+        alphas = [esd_alpha(u.weight()) for u in state.units[i]]
+        out.append(sum(alphas) / len(alphas) if alphas else 0.0)
+
+    each_block(state, visit)
+    state.add_time("esd", t)
+    return out
+
+
+def knob_of(config: Any, family: str) -> float:
+    """The configured knob of a family: `dlp_alpha`, `alphapruning_epsilon` or `atp_beta`."""
+    return {"dlp": config.dlp_alpha, "alphapruning": config.alphapruning_epsilon, "atp": config.atp_beta}[family]
+
+
+def fixed_plans(state: RunState, layerwise: str) -> list[BlockPlan]:
+    """Plans of a fixed rule with the configured knob: "owl" and "dlp" after `outlier_pass`, "alphapruning" (from
+    the weights) and "atp" at any time."""
+    if layerwise == "owl":
+        return plan(state, state.outlier_ratios or [])
+    if layerwise == "dlp":
+        metrics = list(state.mean_scores or [])
+    elif layerwise == "alphapruning":
+        metrics = block_esd_alphas(state)
+    else:
+        metrics = None
+    state.block_metrics = metrics
+    return family_plans(state, layerwise, metrics, knob_of(state.config, layerwise))
 
 
 # ------------------------------------------------------------------------------------------------ one block
@@ -115,17 +190,21 @@ def outlier_pass(state: RunState) -> list[float]:
         return state.outlier_ratios
     t = time.perf_counter()
     ratios: list[float] = []
+    means: list[float] = []
     state.dense_stats = []
     owl_m = state.config.owl_m
 
     def visit(i: int, stats: BlockStats | None) -> None:
-        ratios.append(block_outlier_ratios(state.units[i], stats, [owl_m])[0])
+        mean, ratio = block_summary(state.units[i], stats, [owl_m])
+        ratios.append(ratio[0])
+        means.append(mean)
         state.dense_stats.append(stats)
 
     state.runner.run_blocks(
         state.inputs0, visit, statistics=lambda i: BlockStats(state.units[i]), propagate="dense", desc="OWL outlier pass"
     )
     state.outlier_ratios = ratios
+    state.mean_scores = means
     state.timings["outlier_pass"] = time.perf_counter() - t
     if state.resume is not None:
         state.resume.save_ratios(ratios)
@@ -187,14 +266,19 @@ def dense_prune(state: RunState, plans: list[BlockPlan], from_outlier_pass: bool
 
 def holdout_ratios(state: RunState, inputs: list[Batch], owl_m: float) -> list[float]:
     """Dense pass over extra windows: their row norms are merged into the outlier pass's statistics, then each
-    block's outlier ratio for `owl_m` is taken from the merged statistics (owl-auto refit)."""
+    block's outlier ratio for `owl_m` (and its mean score, into `state.mean_scores`) is taken from the merged
+    statistics (the search's refit)."""
     ratios: list[float] = []
+    means: list[float] = []
 
     def visit(i: int, held: BlockStats | None) -> None:
         merge_stats(state.dense_stats[i], held)
-        ratios.append(block_outlier_ratios(state.units[i], state.dense_stats[i], [owl_m])[0])
+        mean, ratio = block_summary(state.units[i], state.dense_stats[i], [owl_m])
+        ratios.append(ratio[0])
+        means.append(mean)
 
     state.runner.run_blocks(inputs, visit, statistics=lambda i: BlockStats(state.units[i]), propagate="dense")
+    state.mean_scores = means
     return ratios
 
 

@@ -38,17 +38,41 @@ class BlockReport:
     achieved_sparsity: float
     num_params: int
     nm: list[int] | None = None
+    metric: float | None = None  # the allocation family's block metric (`PruneReport.allocation["metric"]` names it)
+
+
+# What each family's block metric is, for reports and tables.
+METRIC_NAMES = {"dlp": "mean Wanda score", "alphapruning": "ESD α"}
 
 
 @dataclass
 class Candidate:
-    """One (M, λ) setting tried by `layerwise="owl-auto"` and its held-out loss."""
+    """One allocation tried by `layerwise="owl-auto"` or `"auto"`, and its held-out loss (nats per token).
+
+    `layerwise` is the family, with ", screened" for the cheap screening; `owl_m`/`owl_lambda` are set for OWL;
+    `family` and `knob` name any family's setting. For the exact candidates other than uniform, `gain_z` is the
+    held-out gain over uniform in standard errors of the mean paired chunk difference (the choice needs > 2; None:
+    a gain with no spread) and `window_z` the same over whole windows (for comparison; not used to choose)."""
 
     layerwise: str
     owl_m: float | None
     owl_lambda: float | None
     loss: float
     chosen: bool = False
+    family: str | None = None
+    knob: dict[str, float] | None = None
+    gain_z: float | None = None
+    window_z: float | None = None
+
+    @property
+    def setting(self) -> str:
+        """'uniform', 'owl M=5, λ=0.08', 'dlp dlp_alpha=0.15', ..."""
+        family = self.family or self.layerwise.replace(", screened", "")
+        if self.knob:
+            return family + " " + ", ".join(f"{k}={v:g}" for k, v in self.knob.items())
+        if self.owl_m is not None:
+            return f"{family} owl_m={self.owl_m:g}, owl_lambda={self.owl_lambda:g}"
+        return family
 
 
 @dataclass
@@ -63,6 +87,8 @@ class PruneReport:
         total_params / total_zeros / sparsity: totals over the prunable weights.
         timings: seconds per phase (`calibration_data`, `capture`, `outlier_pass`, `prune_pass`, ...).
         candidates: the (M, λ) settings tried by `owl-auto`, with their held-out losses.
+        allocation: the allocation actually applied: `family` ("uniform", "owl", "dlp", "alphapruning", "atp"),
+            its `knob` (name -> value) and the name of its block `metric` (None when it has none).
         warnings: warnings raised during the run (also logged).
     """
 
@@ -77,6 +103,7 @@ class PruneReport:
     warnings: list[str] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    allocation: dict[str, Any] = field(default_factory=dict)
     version: int = REPORT_VERSION
 
     @property
@@ -129,16 +156,31 @@ class PruneReport:
     def block_table(self) -> str:
         """The per-block allocation as a Markdown table."""
         show_nm = any(b.nm for b in self.blocks)
-        head = "| block | outlier ratio | target sparsity | achieved sparsity |" + (" N:M |" if show_nm else "")
-        sep = "|---:|---:|---:|---:|" + ("---:|" if show_nm else "")
+        metric = self.allocation.get("metric") if any(b.metric is not None for b in self.blocks) else None
+        head = "| block | outlier ratio |" + (f" {metric} |" if metric else "") + " target sparsity | achieved sparsity |"
+        head += " N:M |" if show_nm else ""
+        sep = "|---:|---:|" + ("---:|" if metric else "") + "---:|---:|" + ("---:|" if show_nm else "")
         rows = [head, sep]
         for b in self.blocks:
             ratio = "–" if b.outlier_ratio is None else f"{b.outlier_ratio:.4%}"
-            row = f"| {b.index} | {ratio} | {b.target_sparsity:.4f} | {b.achieved_sparsity:.4f} |"
+            row = f"| {b.index} | {ratio} |"
+            if metric:
+                row += " – |" if b.metric is None else f" {b.metric:.4g} |"
+            row += f" {b.target_sparsity:.4f} | {b.achieved_sparsity:.4f} |"
             if show_nm:
                 row += f" {b.nm[0]}:{b.nm[1]} |" if b.nm else " – |"
             rows.append(row)
         return "\n".join(rows)
+
+    def _target_text(self) -> str:
+        """The mean target: `sparsity`, or 1 − N/M for an N:M pattern (which does not use `sparsity`)."""
+        cfg = self.config
+        pattern = str(cfg.get("pattern") or "unstructured")
+        if ":" in pattern:
+            n, m = (int(x) for x in pattern.split(":"))
+            mixed = " per-block N, mean" if cfg.get("nm_mixed") else ""
+            return f"{1 - n / m:g} (N:M {pattern}{mixed}; `sparsity` is not used)"
+        return f"{cfg.get('sparsity')}"
 
     def to_markdown(self) -> str:
         cfg = self.config
@@ -147,8 +189,12 @@ class PruneReport:
             "",
             f"- model: `{self.model.get('name_or_path') or self.model.get('class')}` ({self.model.get('class')})",
             f"- method: {cfg.get('method')}, layerwise: {cfg.get('layerwise')}, pattern: {cfg.get('pattern')}, "
-            f"M={cfg.get('owl_m')}, λ={cfg.get('owl_lambda')}",
-            f"- target sparsity: {cfg.get('sparsity')}; achieved: {self.sparsity:.4f} "
+            + (
+                f"M={cfg.get('owl_m')}, λ={cfg.get('owl_lambda')}"
+                if not self.allocation.get("knob")
+                else ", ".join(f"{k}={v}" for k, v in self.allocation["knob"].items())
+            ),
+            f"- target sparsity: {self._target_text()}; achieved: {self.sparsity:.4f} "
             f"({self.total_zeros:,} of {self.total_params:,} prunable weights are zero)",
         ]
         if self.calibration:
@@ -158,20 +204,19 @@ class PruneReport:
             )
         if self.evaluation:
             ev = self.evaluation
+            first = f", first {ev['max_windows']} windows" if ev.get("max_windows") else ""
             lines.append(
-                f"- perplexity on {ev.get('text')} (seqlen {ev.get('seqlen')}): dense {ev.get('dense_ppl'):.3f}, "
+                f"- perplexity on {ev.get('text')} (seqlen {ev.get('seqlen')}{first}): dense {ev.get('dense_ppl'):.3f}, "
                 f"pruned {ev.get('pruned_ppl'):.3f}"
             )
         if self.timings:
             lines.append("- time (s): " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()))
         lines += ["", self.block_table()]
         if self.candidates:
-            lines += ["", "| layerwise | M | λ | held-out loss | chosen |", "|---|---:|---:|---:|:---:|"]
+            lines += ["", "| candidate | setting | held-out loss | gain z | chosen |", "|---|---|---:|---:|:---:|"]
             for c in self.candidates:
-                lines.append(
-                    f"| {c.layerwise} | {'–' if c.owl_m is None else c.owl_m} | "
-                    f"{'–' if c.owl_lambda is None else c.owl_lambda} | {c.loss:.4f} | {'✓' if c.chosen else ''} |"
-                )
+                z = "–" if c.gain_z is None else f"{c.gain_z:.2f}"
+                lines.append(f"| {c.layerwise} | {c.setting} | {c.loss:.4f} | {z} | {'✓' if c.chosen else ''} |")
         if self.warnings:
             lines += ["", "Warnings:"] + [f"- {w}" for w in self.warnings]
         return "\n".join(lines) + "\n"

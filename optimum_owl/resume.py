@@ -4,13 +4,14 @@ With `OWLPrunerConfig(checkpoint_dir=...)` the pruner keeps, in that folder:
 
 | file | written | holds |
 |---|---|---|
-| `owl_checkpoint.json` | after every step (last, atomically) | format version, run fingerprint, OWL outlier ratios, per-block plans, number of finished blocks, name of the inputs file |
+| `owl_checkpoint.json` | after every step (last, atomically) | format version, run fingerprint, OWL outlier ratios, per-block plans, number of finished blocks, name of the inputs file, the SHA-256 of every `.pt` file it names and of itself |
 | `block_NNNNN.pt` | when block N is finished | per unit: the keep mask packed to bits by THE codec (`optimum_owl.bitmask`, little-endian bits) for criteria that only choose a mask, or the pruned weight for criteria that update weights (SparseGPT) |
 | `inputs_NNNNN.pt` | when block N-1 is finished | block N's calibration inputs (hidden states and the block's other arguments) |
 
 Every file is written to a temporary name and renamed, and `owl_checkpoint.json` is replaced only after the files
 it names exist, so an interruption at any point leaves a consistent checkpoint. A rerun with the same config and
-calibration data on a freshly loaded model restores the finished blocks, skips the OWL outlier pass when its
+calibration data on a freshly loaded model checks every file against its SHA-256 (a corrupt or truncated file is
+refused, naming it), restores the finished blocks, skips the OWL outlier pass when its
 ratios were saved, and continues with the next block: the final masks are identical to an uninterrupted run.
 
 The fingerprint covers the config (except `device`, `offload_folder`, `offload_activations`, `checkpoint_dir`,
@@ -18,8 +19,9 @@ which do not change the result on a given device), the model's block path and pr
 and a hash of block 0's calibration inputs (so both the data and the embeddings are covered). A checkpoint made
 by a different run raises `ResumeMismatchError` (historic name `CheckpointMismatchError`), naming the folder.
 
-Format 2 (optimum-owl 0.2) packs mask bits little-endian, as the compact checkpoints do; format 1 (big-endian
-bits) is refused with a message that says to delete the folder.
+Format 2 (optimum-owl 0.2) packs mask bits little-endian, as the compact checkpoints do (format 1: big-endian bits);
+format 3 adds the SHA-256 of every file. Older formats are refused with a message that names the state file and
+says to delete the folder.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from .utils import atomic_write, atomic_write_text, map_tensors
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "owl_checkpoint.json"
-FORMAT_VERSION = 2  # 2: mask bits little-endian (THE codec); 1: big-endian (refused)
+FORMAT_VERSION = 3  # 3: SHA-256 of every file; 2: mask bits little-endian (THE codec); 1: big-endian. Older: refused
 # Config fields that do not change which weights are pruned on a given device.
 NON_RESULT_FIELDS = ("checkpoint_dir", "device", "offload_folder", "offload_activations", "dataset", "tokenizer")
 
@@ -65,6 +67,19 @@ def run_fingerprint(config: OWLPrunerConfig, path: str, units: Sequence[Sequence
     for batch in inputs0 or []:
         _hash_tensor(h, batch.hidden)
     return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _state_digest(state: dict[str, Any]) -> str:
+    body = {k: v for k, v in state.items() if k != "state_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -111,6 +126,7 @@ class ResumeState:
             "plans": None,
             "finished": 0,
             "inputs_file": None,
+            "checksums": {},
         }
         self._load()
 
@@ -137,14 +153,20 @@ class ResumeState:
             ) from None
         if saved.get("version") != FORMAT_VERSION:
             raise ResumeMismatchError(
-                f"`checkpoint_dir`={str(self.directory)!r} holds resume state in format {saved.get('version')!r}, "
-                f"written by another optimum-owl version; this one reads format {FORMAT_VERSION} only (the mask "
-                "bit order changed in format 2). Delete the folder to start over, or use a new `checkpoint_dir`."
+                f"{file} holds resume state in format {saved.get('version')!r}, written by another optimum-owl "
+                f"version; this one reads format {FORMAT_VERSION} only (format 2 changed the mask bit order, format 3 "
+                f"added checksums). Delete the folder {str(self.directory)!r} to start over, or use a new "
+                "`checkpoint_dir`."
+            )
+        if saved.get("state_sha256") != _state_digest(saved):
+            raise ResumeMismatchError(
+                f"{file} fails its SHA-256 checksum (corrupt or edited); delete the folder {str(self.directory)!r} "
+                "to start over."
             )
         if saved.get("fingerprint") != self.fingerprint:
             raise ResumeMismatchError(
                 f"`checkpoint_dir`={str(self.directory)!r} holds a checkpoint of a different run (config, model or "
-                "calibration data differ, or another format version). Use a new `checkpoint_dir` for this run, or "
+                "calibration data differ). Use a new `checkpoint_dir` for this run, or "
                 "delete the folder to start over."
             )
         self.state.update(saved)
@@ -152,12 +174,32 @@ class ResumeState:
             logger.info("Resuming from %s: %d of %d blocks finished.", self.directory, self.finished, self.num_blocks)
 
     def _save_state(self) -> None:
+        self.state["state_sha256"] = _state_digest(self.state)
         atomic_write_text(self.directory / STATE_FILE, json.dumps(self.state, indent=1, sort_keys=True) + "\n")
 
     @property
     def finished(self) -> int:
         """Number of finished blocks (0 … num_blocks)."""
         return int(self.state["finished"])
+
+    def _load_file(self, name: str) -> Any:
+        """`torch.load` a file of this folder after checking it against the SHA-256 recorded when it was written."""
+        file = self.directory / name
+        if not file.exists():
+            raise ResumeMismatchError(
+                f"{file} is missing although {STATE_FILE} names it; delete the folder {str(self.directory)!r} to "
+                "start over."
+            )
+        if _sha256(file) != self.state["checksums"].get(name):
+            raise ResumeMismatchError(
+                f"{file} fails its SHA-256 checksum (corrupt or truncated); delete the folder "
+                f"{str(self.directory)!r} to start over."
+            )
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+    def _save_file(self, obj: Any, name: str) -> None:
+        _atomic_torch_save(obj, self.directory / name)
+        self.state["checksums"][name] = _sha256(self.directory / name)
 
     # ------------------------------------------------------------------------------------------ OWL ratios
     def saved_ratios(self) -> list[float] | None:
@@ -201,7 +243,7 @@ class ResumeState:
             self._restore_block(i, units[i], scope)
         inputs = None
         if done < self.num_blocks and self.state.get("inputs_file"):
-            raw = torch.load(self.directory / self.state["inputs_file"], map_location="cpu", weights_only=True)
+            raw = self._load_file(self.state["inputs_file"])
             inputs = [Batch(d["hidden"], d["kwargs"], tuple(d["args"])) for d in raw]
         return done, inputs
 
@@ -212,7 +254,7 @@ class ResumeState:
                 f"`checkpoint_dir`={str(self.directory)!r} lacks {file.name} although block {index} is recorded as "
                 "finished; delete the folder to start over."
             )
-        saved = torch.load(file, map_location="cpu", weights_only=True)
+        saved = self._load_file(file.name)
         with scope(index):
             for unit in units:
                 entry = saved[unit.name]
@@ -231,14 +273,16 @@ class ResumeState:
                 content[unit.name] = _pack(w != 0)
             else:
                 content[unit.name] = {"weight": w.detach().to("cpu").contiguous().clone()}
-        _atomic_torch_save(content, self.directory / f"block_{index:05d}.pt")
+        self._save_file(content, f"block_{index:05d}.pt")
         old_inputs = self.state.get("inputs_file")
         new_inputs = None
         if next_inputs is not None and index + 1 < self.num_blocks:
             new_inputs = f"inputs_{index + 1:05d}.pt"
-            _atomic_torch_save([_batch_to_dict(b) for b in next_inputs], self.directory / new_inputs)
+            self._save_file([_batch_to_dict(b) for b in next_inputs], new_inputs)
         self.state["finished"] = index + 1
         self.state["inputs_file"] = new_inputs
+        if old_inputs and old_inputs != new_inputs:
+            self.state["checksums"].pop(old_inputs, None)
         self._save_state()
         if old_inputs and old_inputs != new_inputs:
             with contextlib.suppress(FileNotFoundError):

@@ -1,27 +1,39 @@
-"""`layerwise="owl-auto"`: choose OWL's (M, λ), or uniform sparsity, by the loss on held-out calibration windows.
+"""`layerwise="owl-auto"` and `layerwise="auto"`: choose the allocation by the loss on held-out calibration windows.
+
+`owl-auto` searches OWL's (M, λ) and uniform sparsity; `auto` widens the same search to every allocation family
+(`auto_families`: OWL, DLP, AlphaPruning, ATP) with a small grid of each one's knob, and also checks OWL with the
+configured (paper) `owl_m`, `owl_lambda` exactly when it screens better than uniform.
 
 The paper's M=5, λ=0.08 were tuned on LLaMA-7B at 70%; other models and sparsities want other values, and OWL with
 the wrong ones can be worse than uniform sparsity. The search here is bounded and reuses everything that does not
 depend on the candidate:
 
 1. **Hold-out** (`split_holdout`, before the outlier pass): the last `ceil(auto_holdout · num_samples)` calibration
-   windows are set aside; statistics, outlier ratios and pruning only ever see the others.
+   windows (at least `min(4, num_samples // 4)`) are set aside; statistics, outlier ratios and pruning only ever see
+   the others.
 2. **Outlier ratios for every M at once** from the dense statistics already collected by the outlier pass
-   (`passes.block_outlier_ratios`; no forward).
+   (`block_outlier_ratios`; no forward).
 3. **Uniform, exactly**: the baseline is pruned for real (`method`, sequential propagation, DSnoT if configured)
    and scored by the full model's next-token loss on the held-out windows. Its statistics pass also gives, per
    unit, the input norms ‖X_j‖₂ seen behind a *pruned* prefix; they are kept (a vector per unit).
-4. **Screening**: every candidate (uniform, and each (M, λ) of `auto_owl_ms × auto_owl_lambdas`, plus the
-   configured `owl_m`, `owl_lambda`) is pruned *cheaply* with Wanda scores |W|·‖X_j‖₂ from those kept norms (|W|
-   for magnitude; the Wanda proxy also stands in for SparseGPT): no statistics forward, one full-model forward on
-   the held-out windows. Candidates with the same per-block sparsities share one score; along λ (ascending) a
-   value of M stops after two λ in a row that do not improve its best loss. (Norms from the *dense* pass were
-   tried first and ranked candidates poorly on stories260K: a pruned prefix changes the inputs of later blocks.)
-5. **Exact check**: the `auto_finalists` best OWL candidates of the screening are pruned for real and scored
-   again, window by window. An OWL finalist replaces uniform sparsity only if its held-out loss is lower by more
-   than `MIN_GAIN_SE` (2) standard errors of the mean per-window difference (`beats_uniform`); the lowest loss among
-   such finalists wins, else uniform. So the choice is never worse than uniform *on the held-out windows*, and a
-   gain inside their noise does not switch OWL on.
+4. **Screening**: every candidate (uniform; each (M, λ) of `auto_owl_ms × auto_owl_lambdas` plus the configured
+   `owl_m`, `owl_lambda`; for `auto` also DLP's α in `auto_dlp_alphas`, AlphaPruning's ε in
+   `auto_alphapruning_epsilons`, ATP's β in `auto_atp_betas`, each family's configured knob added) is pruned
+   *cheaply* with Wanda scores |W|·‖X_j‖₂ from those kept norms (|W| for magnitude; the Wanda proxy also stands in
+   for SparseGPT): no statistics forward, one full-model forward on the held-out windows. Candidates with the same
+   per-block sparsities share one score; along each knob (ascending) a sequence (OWL: one per M) stops after two
+   values in a row that do not improve its best loss. (Norms from the *dense* pass were tried first and ranked
+   candidates poorly on stories260K: a pruned prefix changes the inputs of later blocks.)
+5. **Exact check**: the `auto_finalists` best candidates of the screening (`auto`: the best of as many different
+   families) are pruned for real and scored again (`auto` also OWL with the configured `owl_m`, `owl_lambda` when
+   it screened better than uniform; with SparseGPT always). A finalist replaces uniform sparsity only if its held-out loss is lower by more than
+   `MIN_GAIN_SE` (2) standard errors of the mean paired difference (`beats_uniform`); the lowest loss among such
+   finalists wins, else uniform. The paired samples are chunks of `CHUNK_TOKENS` (32) consecutive predicted tokens
+   (`chunk_losses`), not whole windows: with 16 calibration windows only 2–4 are held out, and a standard error
+   from 2–4 window differences is itself so noisy that a real gain rarely clears two of them (the search turned
+   timid exactly when calibration data is small). Chunks give dozens of paired samples from the same tokens; they
+   are long enough that neighbouring chunks' differences are nearly independent (docs/quality.md has the numbers).
+   So the choice is never worse than uniform *on the held-out tokens* beyond their noise.
 6. **Refit** (`refit`): the winner is pruned once more from the dense weights on *all* calibration windows, the
    held-out ones included (they were only needed to choose). The result is exactly what a direct run with the
    chosen setting gives on the same data (`layerwise="uniform"`, or `"owl"` with the chosen M and λ, whose outlier
@@ -31,10 +43,10 @@ Between candidates the dense weights are restored from a CPU copy of the prunabl
 copy of the prunable weights).
 
 Cost, in block forwards over the calibration windows (L blocks, held-out fraction h, K screened candidates, F = 1 +
-`auto_finalists` exact candidates): (1−h)·L for the outlier pass, K·h·L for screening (one full-model forward on the
+`auto_finalists` exact candidates, one more for `auto`'s configured OWL): (1−h)·L for the outlier pass, K·h·L for screening (one full-model forward on the
 held-out windows each), F·(1−h)(2L−1) + F·h·L for the exact candidates and their scores, h·L + 2L−1 for the refit.
-One exact OWL run costs 3L−1; `bench/prune_speed.py --variants owl_wanda_exact owl_wanda_auto` measures the ratio
-(docs/benchmarks.md).
+One exact OWL run costs 3L−1; `bench/prune_speed.py --variants owl_wanda_exact owl_wanda_auto wanda_auto` measures
+the ratios (docs/benchmarks.md). AlphaPruning's spectra (one SVD per matrix) cost no forward.
 """
 
 from __future__ import annotations
@@ -43,33 +55,53 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from .allocation import BlockPlan
 from .criteria import keep_mask
 from .errors import OWLConfigError
 from .masks import apply_keep_mask_
-from .passes import RunState, block_outlier_ratios, each_block, holdout_ratios, plan, prune_pass, uniform
+from .passes import (
+    RunState,
+    block_esd_alphas,
+    block_outlier_ratios,
+    each_block,
+    family_plans,
+    holdout_ratios,
+    plan,
+    prune_pass,
+    uniform,
+)
 from .report import Candidate
-from .runner import module_device
+from .scoring import (  # noqa: F401  (MIN_GAIN_SE, window_losses: the public names of the old auto module)
+    CHUNK_TOKENS,
+    MIN_GAIN_SE,
+    beats_uniform,
+    chunk_losses,
+    gain_z,
+    holdout_loss,
+    token_losses,
+    window_losses,
+)
 
 logger = logging.getLogger(__name__)
 
-# Along ascending λ, stop a value of M after this many λ in a row that do not improve its best screening loss.
+# Along an ascending knob, stop a sequence after this many values in a row that do not improve its best screening loss.
 PATIENCE = 2
 SCREEN_SUFFIX = ", screened"
-# OWL replaces uniform sparsity only when its held-out loss is lower by more than this many standard errors of the
-# per-window paired difference (about 95% one-sided confidence with 8 windows): a gain within the noise of a few
-# held-out windows does not carry over to other text.
-MIN_GAIN_SE = 2.0
+# The families `layerwise="auto"` can search, and the knob that names each one's candidates.
+KNOBS = {"owl": ("owl_m", "owl_lambda"), "dlp": ("dlp_alpha",), "alphapruning": ("alphapruning_epsilon",),
+         "atp": ("atp_beta",)}
+# `auto_atp_betas=None`: β = spread / (L − 1) for these total spreads of the block sparsities over the depth.
+ATP_SPREADS = (0.08, 0.16, 0.24, 0.32)
 
 
 def holdout_count(num_samples: int, fraction: float) -> int:
-    """Windows held out of `num_samples` for a fraction: `ceil(fraction · num_samples)`, at least 1."""
-    return max(1, math.ceil(fraction * num_samples - 1e-9))
+    """Windows held out of `num_samples`: `ceil(fraction · num_samples)`, and at least `min(4, num_samples // 4)` (at
+    least 1), so that small calibration sets still leave enough held-out tokens to tell candidates apart."""
+    return max(1, math.ceil(fraction * num_samples - 1e-9), min(4, num_samples // 4))
 
 
 def split_holdout(state: RunState) -> None:
@@ -79,8 +111,8 @@ def split_holdout(state: RunState) -> None:
     head = state.model.get_output_embeddings() if hasattr(state.model, "get_output_embeddings") else None
     if head is None:
         raise OWLConfigError(
-            "`layerwise='owl-auto'` scores candidates by the next-token loss, so it needs a model with a language-"
-            f"modelling head; {type(state.model).__name__} has none. Use layerwise='owl' or 'uniform'."
+            f"`layerwise={cfg.layerwise!r}` scores candidates by the next-token loss, so it needs a model with a "
+            f"language-modelling head; {type(state.model).__name__} has none. Use layerwise='owl' or 'uniform'."
         )
     ids = state.calibration_ids
     if ids is None:
@@ -89,44 +121,16 @@ def split_holdout(state: RunState) -> None:
     k = holdout_count(n, cfg.auto_holdout)
     if n - k < 1:
         raise OWLConfigError(
-            f"`layerwise='owl-auto'` holds out {k} of the {n} calibration windows (`auto_holdout`={cfg.auto_holdout}) "
-            "and none would be left for the statistics; raise `num_samples` (at least 2, 16 or more is better)."
+            f"`layerwise={cfg.layerwise!r}` holds out {k} of the {n} calibration windows (`auto_holdout`="
+            f"{cfg.auto_holdout}) and none would be left for the statistics; raise `num_samples` (at least 2, 16 or "
+            "more is better)."
         )
     state.holdout_ids = ids[n - k :].clone()
     state.calibration_ids = ids[: n - k]
     t = time.perf_counter()
     state.inputs0 = state.runner.capture(state.calibration_ids, cfg.batch_size)
     state.add_time("capture", t)
-    logger.info("owl-auto: %d calibration windows for statistics, %d held out for scoring", n - k, k)
-
-
-@torch.no_grad()
-def window_losses(model: nn.Module, ids: torch.LongTensor, batch_size: int) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats per token) of the full model on each window of `ids` (float64, [n])."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    device = module_device(emb) if emb is not None else module_device(model)
-    out: list[float] = []
-    for batch in ids.split(batch_size):
-        batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        targets = batch[:, 1:].to(logits.device)
-        for row in range(batch.shape[0]):  # one window at a time keeps the fp32 logits small
-            out.append(float(F.cross_entropy(logits[row, :-1].float(), targets[row])))
-    return torch.tensor(out, dtype=torch.float64)
-
-
-def holdout_loss(model: nn.Module, ids: torch.LongTensor, batch_size: int) -> float:
-    """Mean next-token cross-entropy (nats per token) of the full model on the windows `ids` (all of one length)."""
-    return float(window_losses(model, ids, batch_size).mean())
-
-
-def beats_uniform(candidate: torch.Tensor, uniform: torch.Tensor, z: float = MIN_GAIN_SE) -> bool:
-    """Whether per-window losses `candidate` are lower than `uniform`'s by more than `z` standard errors of the
-    mean paired difference (plain "lower on average" when there is one window)."""
-    diff = (uniform - candidate).reshape(-1)
-    gain = float(diff.mean())
-    se = float(diff.std()) / math.sqrt(diff.numel()) if diff.numel() > 1 else 0.0
-    return gain > 0.0 and gain > z * se
+    logger.info("%s: %d calibration windows for statistics, %d held out for scoring", cfg.layerwise, n - k, k)
 
 
 def _snapshot(state: RunState) -> list[list[torch.Tensor]]:
@@ -162,133 +166,239 @@ def _plan_key(plans: Sequence[BlockPlan]) -> tuple:
     return tuple((round(p.sparsity, 9), p.nm) for p in plans)
 
 
-def choose_and_prune(state: RunState) -> list[BlockPlan]:
-    """Search (uniform | OWL with (M, λ)) on the held-out windows, prune the model in place with the winner.
+@dataclass
+class _Option:
+    """One candidate allocation: its family, knob values and per-block plans; `loss` once screened."""
 
+    family: str
+    knob: dict[str, float]
+    plans: list[BlockPlan]
+    loss: float = math.nan
+
+    @property
+    def sort_key(self) -> tuple:
+        return (self.loss, self.family, tuple(self.knob.values()))
+
+    def candidate(self, loss: float, chosen: bool = False, screened: bool = False, **stats: float | None) -> Candidate:
+        layerwise = self.family + (SCREEN_SUFFIX if screened else "")
+        return Candidate(
+            layerwise, self.knob.get("owl_m"), self.knob.get("owl_lambda"), loss, chosen,
+            family=self.family, knob=dict(self.knob), **stats,
+        )
+
+
+def _atp_betas(state: RunState, num_blocks: int) -> list[float]:
+    cfg = state.config
+    if cfg.auto_atp_betas is not None:
+        betas = list(cfg.auto_atp_betas)
+    else:
+        betas = [round(d / max(num_blocks - 1, 1), 6) for d in ATP_SPREADS]
+    return sorted(set(betas) | {float(cfg.atp_beta)})
+
+
+def _sequences(state: RunState, families: Sequence[str]) -> list[list[_Option]]:
+    """The candidates of each family, as sequences along an ascending knob (screened with early stopping)."""
+    cfg = state.config
+    n = len(state.blocks)
+    out: list[list[_Option]] = []
+    if "owl" in families:
+        ms = sorted(set(cfg.auto_owl_ms) | {float(cfg.owl_m)})
+        lambdas = sorted(set(cfg.auto_owl_lambdas) | {float(cfg.owl_lambda)})
+        per_block: list[list[float]] = []  # dense weights, cached dense statistics: no forward
+        each_block(state, lambda i: per_block.append(block_outlier_ratios(state.units[i], state.dense_stats[i], ms)))
+        for k, m in enumerate(ms):
+            ratios = [per_block[i][k] for i in range(n)]
+            out.append(
+                [_Option("owl", {"owl_m": m, "owl_lambda": lam}, plan(state, ratios, owl_lambda=lam, record=False))
+                 for lam in lambdas]
+            )
+    grids = {
+        "dlp": ("dlp_alpha", sorted(set(cfg.auto_dlp_alphas) | {float(cfg.dlp_alpha)})),
+        "alphapruning": (
+            "alphapruning_epsilon", sorted(set(cfg.auto_alphapruning_epsilons) | {float(cfg.alphapruning_epsilon)})
+        ),
+        "atp": ("atp_beta", _atp_betas(state, n)),
+    }
+    metrics = {"dlp": state.mean_scores, "alphapruning": None, "atp": None}
+    if "alphapruning" in families:
+        metrics["alphapruning"] = block_esd_alphas(state)
+    for family in ("dlp", "alphapruning", "atp"):
+        if family not in families:
+            continue
+        name, values = grids[family]
+        out.append(
+            [_Option(family, {name: v}, family_plans(state, family, metrics[family], v, record=False)) for v in values]
+        )
+    return out
+
+
+def choose_and_prune(state: RunState) -> list[BlockPlan]:
+    """Search the allocation on the held-out windows, prune the model in place with the winner.
+
+    `owl-auto`: uniform or OWL with (M, λ); `auto`: uniform or any family of `auto_families` with its knob grid.
     Needs `split_holdout` and the outlier pass to have run (`state.holdout_ids`, `state.dense_stats`).
     Appends every candidate tried to `state.candidates` and returns the winner's per-block plans.
     """
     cfg = state.config
     if state.holdout_ids is None or not state.dense_stats:
         raise RuntimeError("choose_and_prune needs split_holdout and the outlier pass to have run first.")
-    n = len(state.blocks)
+    wide = cfg.layerwise == "auto"
+    families = list(cfg.auto_families) if wide else ["owl"]
     model, hold, bs = state.model, state.holdout_ids, cfg.batch_size
     start = time.perf_counter()
     dense = _snapshot(state)
-
-    ms = sorted(set(cfg.auto_owl_ms) | {float(cfg.owl_m)})
-    lambdas = sorted(set(cfg.auto_owl_lambdas) | {float(cfg.owl_lambda)})
-    per_block: list[list[float]] = []  # dense weights, cached dense statistics: no forward
-    each_block(state, lambda i: per_block.append(block_outlier_ratios(state.units[i], state.dense_stats[i], ms)))
-    ratios = {m: [per_block[i][k] for i in range(n)] for k, m in enumerate(ms)}
-    uniform_plans = uniform(state)
+    base = _Option("uniform", {}, uniform(state))
+    sequences = _sequences(state, families)
 
     # ---- exact uniform first: the baseline, and the pruned-prefix input norms that the screening reuses
-    exact_losses: list[float] = []
     norms: list[dict[str, torch.Tensor]] = []
-    prune_pass(state, uniform_plans, record_norms=norms)
-    uniform_windows = window_losses(model, hold, bs)
-    exact_losses.append(float(uniform_windows.mean()))
-    best_loss, best_index = exact_losses[0], 0
+    prune_pass(state, base.plans, record_norms=norms)
+    uniform_chunks = chunk_losses(model, hold, bs)
     state.timings["auto_exact"] = time.perf_counter() - start
 
     # ---- screening: cheap prune from the uniform run's input norms, full-model loss on the held-out windows
     t = time.perf_counter()
     seen: dict[tuple, float] = {}
-    screened: list[tuple[float | None, float | None, list[BlockPlan], float]] = []
+    screened: list[_Option] = []
 
-    def screen(plans: list[BlockPlan]) -> float:
-        key = _plan_key(plans)
+    def screen(option: _Option) -> float:
+        key = _plan_key(option.plans)
         if key not in seen:
             _restore(state, dense)
-            _screen_prune(state, plans, norms)
+            _screen_prune(state, option.plans, norms)
             seen[key] = holdout_loss(model, hold, bs)
-        return seen[key]
+        option.loss = seen[key]
+        screened.append(option)
+        return option.loss
 
-    screened.append((None, None, uniform_plans, screen(uniform_plans)))
-    for m in ms:
-        best_m, stale = math.inf, 0
-        for lam in lambdas:
-            plans = plan(state, ratios[m], owl_lambda=lam, record=False)
-            loss = screen(plans)
-            screened.append((m, lam, plans, loss))
-            if loss < best_m - 1e-12:
-                best_m, stale = loss, 0
+    screen(base)
+    for sequence in sequences:
+        best, stale = math.inf, 0
+        for option in sequence:
+            loss = screen(option)
+            if loss < best - 1e-12:
+                best, stale = loss, 0
             else:
                 stale += 1
                 if stale >= PATIENCE:
                     break
     state.timings["auto_screen"] = time.perf_counter() - t
 
-    # ---- exact check of the best OWL candidates of the screening
+    # ---- exact check of the best candidates of the screening
     t = time.perf_counter()
-    owl_ranked: list[tuple[float | None, float | None, list[BlockPlan], float]] = []
-    keys = {_plan_key(uniform_plans)}
-    for cand in sorted((c for c in screened if c[0] is not None), key=lambda c: (c[3], c[0], c[1])):
-        key = _plan_key(cand[2])
-        if key not in keys:
-            keys.add(key)
-            owl_ranked.append(cand)
-    finalists = [screened[0]] + owl_ranked[: cfg.auto_finalists]
-    if state.criterion.updates_weights:
-        # the screening prunes with a mask-only proxy, which can misjudge a criterion that reconstructs the kept
-        # weights (SparseGPT) at high sparsity: the configured (owl_m, owl_lambda) is always checked exactly as well
-        prior = next(
-            (c for c in screened if c[0] == float(cfg.owl_m) and c[1] == float(cfg.owl_lambda)),
-            (float(cfg.owl_m), float(cfg.owl_lambda), plan(state, ratios[float(cfg.owl_m)], record=False), math.nan),
-        )
-        if all(_plan_key(prior[2]) != _plan_key(f[2]) for f in finalists):
-            finalists.append(prior)
+    finalists = [base] + _finalists(state, screened, base, wide)
+    exact_chunks = [uniform_chunks]
+    best_index = 0
     for j in range(1, len(finalists)):
         _restore(state, dense)
-        prune_pass(state, finalists[j][2])
-        windows = window_losses(model, hold, bs)
-        loss = float(windows.mean())
-        exact_losses.append(loss)
-        if loss < best_loss - 1e-12 and beats_uniform(windows, uniform_windows):
-            best_loss, best_index = loss, j
+        prune_pass(state, finalists[j].plans)
+        chunks = chunk_losses(model, hold, bs)
+        exact_chunks.append(chunks)
+        if float(chunks.mean()) < float(exact_chunks[best_index].mean()) - 1e-12 and beats_uniform(chunks, uniform_chunks):
+            best_index = j
     state.timings["auto_exact"] += time.perf_counter() - t
 
     # ---- report, then the winner once more on every window
-    m_w, lam_w, _plans, _ = finalists[best_index]
-    for m, lam, _plans, loss in screened:
-        state.candidates.append(Candidate(("uniform" if m is None else "owl") + SCREEN_SUFFIX, m, lam, loss, False))
-    for j, (m, lam, _plans, _) in enumerate(finalists):
-        state.candidates.append(Candidate("uniform" if m is None else "owl", m, lam, exact_losses[j], j == best_index))
+    per_window = exact_chunks[0].numel() // hold.shape[0]
+    for option in screened:
+        state.candidates.append(option.candidate(option.loss, screened=True))
+    for j, option in enumerate(finalists):
+        chunks = exact_chunks[j]
+        z_window = None
+        if j and chunks.numel() == per_window * hold.shape[0]:
+            windows = lambda c: c.reshape(hold.shape[0], per_window).mean(dim=1)  # noqa: E731
+            z_window = _finite(gain_z(windows(chunks), windows(uniform_chunks)))
+        state.candidates.append(
+            option.candidate(
+                float(chunks.mean()), chosen=j == best_index,
+                gain_z=None if j == 0 else _finite(gain_z(chunks, uniform_chunks)), window_z=z_window,
+            )
+        )
+    winner = finalists[best_index]
     _restore(state, dense)
     dense.clear()  # free the copy before the refit
-    plans_w = refit(state, m_w, lam_w)
+    plans_w = refit(state, winner.family, winner.knob)
     logger.info(
-        "owl-auto chose %s (held-out loss %.4f; uniform %.4f) after %d screened and %d exact candidates",
-        "uniform" if m_w is None else f"OWL M={m_w:g} λ={lam_w:g}",
-        exact_losses[best_index],
-        exact_losses[0],
+        "%s chose %s (held-out loss %.4f; uniform %.4f) after %d screened and %d exact candidates",
+        cfg.layerwise,
+        winner.family + ("" if not winner.knob else " " + ", ".join(f"{k}={v:g}" for k, v in winner.knob.items())),
+        float(exact_chunks[best_index].mean()),
+        float(exact_chunks[0].mean()),
         len(screened),
         len(finalists),
     )
     return plans_w
 
 
-def refit(state: RunState, owl_m: float | None, owl_lambda: float | None) -> list[BlockPlan]:
+def _finite(z: float) -> float | None:
+    """A z statistic for the report: rounded, None when infinite (a gain with no spread at all)."""
+    return round(z, 4) if math.isfinite(z) else None
+
+
+def _finalists(state: RunState, screened: list[_Option], base: _Option, wide: bool) -> list[_Option]:
+    """Non-uniform candidates checked exactly.
+
+    `owl-auto`: the `auto_finalists` best screened OWL settings (SparseGPT: also the configured (M, λ), which the
+    Wanda proxy can misjudge at high sparsity). `auto`: the best screened setting of each of the `auto_finalists`
+    best families, and OWL with the configured (paper) `owl_m`, `owl_lambda` when it screened better than uniform
+    (always with SparseGPT).
+    """
+    cfg = state.config
+    keys = {_plan_key(base.plans)}
+    out: list[_Option] = []
+    families_taken: set[str] = set()
+    for option in sorted((o for o in screened if o.family != "uniform"), key=lambda o: o.sort_key):
+        if len(out) >= cfg.auto_finalists:
+            break
+        key = _plan_key(option.plans)
+        if key in keys or (wide and option.family in families_taken):
+            continue
+        keys.add(key)
+        families_taken.add(option.family)
+        out.append(option)
+    configured = {"owl_m": float(cfg.owl_m), "owl_lambda": float(cfg.owl_lambda)}
+    prior = next((o for o in screened if o.family == "owl" and o.knob == configured), None)
+    if prior is None and state.criterion.updates_weights and (wide and "owl" in cfg.auto_families or not wide):
+        prior = _Option("owl", configured, plan(state, state.outlier_ratios or [], record=False))  # not screened
+    # The screening prunes with a mask-only proxy, which can misjudge a criterion that reconstructs the kept weights
+    # (SparseGPT) at high sparsity: there the configured OWL setting is always checked exactly. `auto` also checks it
+    # exactly whenever it screened better than uniform, so that it is held to OWL's configured (paper) setting too.
+    if prior is not None and (state.criterion.updates_weights or (wide and prior.loss < base.loss)):
+        if _plan_key(prior.plans) not in keys:
+            out.append(prior)
+    return out
+
+
+def refit(state: RunState, family: str, knob: dict[str, float]) -> list[BlockPlan]:
     """Prune the dense model with the chosen setting on *all* calibration windows, the held-out ones included.
 
     The held-out windows only served to choose; the result is what a direct run with the choice gives
-    (`layerwise="uniform"`, or `layerwise="owl"` with `owl_m`, `owl_lambda`) on the same calibration data: the
+    (`layerwise="uniform"`, or the chosen family with its knob) on the same calibration data: for OWL and DLP the
     held-out windows' dense statistics are added to the outlier pass's (one dense pass over them, h·L block
-    forwards) before the outlier ratios of the chosen M are taken, and the sequential prune sees every window.
+    forwards) before the outlier ratios (mean scores) are taken, and the sequential prune sees every window.
     """
     t = time.perf_counter()
     cfg = state.config
     if state.holdout_ids is None or state.calibration_ids is None:
         raise RuntimeError("refit needs split_holdout to have run first.")
-    if owl_m is None:
+    state.outlier_ratios = None
+    state.block_metrics = None
+    if family == "uniform":
         plans = uniform(state)
-        state.dense_stats = []  # a direct uniform run takes block 0's statistics in its own prune pass
-        state.outlier_ratios = None
-    else:
-        ratios = holdout_ratios(state, state.runner.capture(state.holdout_ids, cfg.batch_size), owl_m)
+    elif family in ("owl", "dlp"):
+        m = knob.get("owl_m", cfg.owl_m)
+        ratios = holdout_ratios(state, state.runner.capture(state.holdout_ids, cfg.batch_size), m)
         state.outlier_ratios = ratios
-        plans = plan(state, ratios, owl_lambda=owl_lambda)  # records a clamping warning, if any
+        if family == "owl":
+            plans = plan(state, ratios, owl_lambda=knob["owl_lambda"])  # records a clamping warning, if any
+        else:
+            state.block_metrics = list(state.mean_scores or [])
+            plans = family_plans(state, "dlp", state.block_metrics, knob["dlp_alpha"])
+    else:  # alphapruning, atp: no statistics (AlphaPruning reads the dense weights, restored before the refit)
+        state.block_metrics = block_esd_alphas(state) if family == "alphapruning" else None
+        plans = family_plans(state, family, state.block_metrics, next(iter(knob.values())))
+    if family not in ("owl", "dlp"):
+        state.dense_stats = []  # a direct run of these takes block 0's statistics in its own prune pass
     state.calibration_ids = torch.cat([state.calibration_ids, state.holdout_ids])
     state.inputs0 = None
     state.inputs0 = state.runner.capture(state.calibration_ids, cfg.batch_size)

@@ -44,3 +44,43 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value.strip().lower() not in choices:
         raise OWLConfigError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}, got {value!r}.")
     return value.strip().lower()
+
+
+def check_range(name: str, value: Any, low: float, high: float | None = None, hint: str = "") -> None:
+    """A finite number in [low, high) (or ≥ low when `high` is None)."""
+    check_number(name, value)
+    if value < low or (high is not None and value >= high):
+        bound = f"in [{low}, {high})" if high is not None else f"≥ {low}"
+        raise OWLConfigError(f"`{name}` must be {bound}, got {value}" + (f"; {hint}." if hint else "."))
+
+
+def number_list(
+    name: str, values: Any, positive: bool = False, high: float | None = None, optional: bool = False
+) -> list[float] | None:
+    """A non-empty list of finite numbers (a single number is accepted), each > 0 (`positive`) or ≥ 0, and below
+    `high` when given; returned as floats. `None` passes through when `optional`."""
+    if values is None and optional:
+        return None
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        values = [values]
+    if not isinstance(values, (list, tuple)) or not values:
+        raise OWLConfigError(f"`{name}` must be a non-empty list of numbers, got {values!r}.")
+    for v in values:
+        check_number(name, v)
+        if (positive and v <= 0) or v < 0 or (high is not None and v >= high):
+            bound = "> 0" if positive else (f"in [0, {high})" if high is not None else "≥ 0")
+            raise OWLConfigError(f"every value of `{name}` must be {bound}, got {v!r}.")
+    return [float(v) for v in values]
+
+
+def choice_list(name: str, values: Any, choices: tuple[str, ...]) -> list[str]:
+    """A non-empty list of distinct choices (a single string is accepted), lower-cased, in the given order."""
+    values = [values] if isinstance(values, str) else values
+    if not isinstance(values, (list, tuple)) or not values or any(
+        not isinstance(v, str) or v.strip().lower() not in choices for v in values
+    ):
+        raise OWLConfigError(
+            f"`{name}` must be a non-empty list of {', '.join(repr(c) for c in choices)}, got {values!r}; "
+            f"e.g. {list(choices[:2])}."
+        )
+    return list(dict.fromkeys(v.strip().lower() for v in values))

@@ -170,9 +170,9 @@ def test_deterministic():
 
 def test_uniform_wins_when_owl_only_hurts(monkeypatch):
     """With a scoring that penalises any spread of block sparsities, auto falls back to uniform."""
-    import optimum_owl.search as auto
+    import optimum_owl.scoring as auto
 
-    monkeypatch.setattr(auto, "window_losses", _spread_losses(1.0))
+    monkeypatch.setattr(auto, "token_losses", _spread_losses(1.0))
     model = _tiny_llama()
     dense = copy.deepcopy(model)
     ids = _ids()
@@ -188,7 +188,7 @@ def test_uniform_wins_when_owl_only_hurts(monkeypatch):
 
 
 def _spread_losses(sign: float):
-    """Fake per-window scoring: one window whose loss rises (sign 1) or falls (sign -1) with the spread of the
+    """Fake per-token scoring: one token per window whose loss rises (sign 1) or falls (sign -1) with the spread of the
     block sparsities."""
 
     def fake(model, ids, batch_size):
@@ -196,15 +196,15 @@ def _spread_losses(sign: float):
         for layer in model.model.layers:
             ws = [p for p in layer.parameters() if p.dim() == 2]
             fractions.append(sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws))
-        return torch.tensor([1.0 + sign * (max(fractions) - min(fractions))], dtype=torch.float64)
+        return torch.full((ids.shape[0], 1), 1.0 + sign * (max(fractions) - min(fractions)), dtype=torch.float64)
 
     return fake
 
 
 def test_owl_winner_is_refitted_like_a_direct_owl_run(monkeypatch):
-    import optimum_owl.search as auto
+    import optimum_owl.scoring as auto
 
-    monkeypatch.setattr(auto, "window_losses", _spread_losses(-1.0))
+    monkeypatch.setattr(auto, "token_losses", _spread_losses(-1.0))
     model = _tiny_llama()
     dense = copy.deepcopy(model)
     ids = _ids()

@@ -36,7 +36,7 @@ def test_resume_state_of_format_1_is_refused(tmp_path):
     ckpt = tmp_path / "run"
     OWLPruner(_config(ckpt)).prune(tiny_model("llama", layers=2), dataset=calib_ids(4, 16))
     state = json.loads((ckpt / STATE_FILE).read_text())
-    assert state["version"] == FORMAT_VERSION == 2
+    assert state["version"] == FORMAT_VERSION == 3  # 3: checksums (issue 13), 2: codec bit order
     state["version"] = 1
     (ckpt / STATE_FILE).write_text(json.dumps(state))
     with pytest.raises(ResumeMismatchError, match="format 1.*Delete the folder"):

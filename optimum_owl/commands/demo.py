@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import existing_file, int_at_least
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -16,10 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="wanda", choices=["wanda", "sparsegpt", "magnitude"])
     p.add_argument("--owl-m", type=float, default=5.0)
     p.add_argument("--owl-lambda", type=float, default=0.08)
-    p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--num-samples", type=int_at_least(1), default=64)
+    p.add_argument("--seqlen", type=int_at_least(2), default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-text", default=None, help="optional .txt/.jsonl to evaluate on too (e.g. WikiText-2 test)")
+    p.add_argument("--eval-text", default=None, type=existing_file, help="optional .txt/.jsonl to evaluate on too (e.g. WikiText-2 test)")
     p.set_defaults(func=run)
 
 
@@ -35,4 +37,7 @@ def run(args: argparse.Namespace) -> int:
     print(owl.block_table())
     print(f"\nPerplexity of stories260K (bundled, MIT) at {args.sparsity:.0%} sparsity:\n")
     print(result.table())
+    note = result.rounding_note()
+    if note:
+        print(f"\n{note}")
     return 0

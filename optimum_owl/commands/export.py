@@ -39,10 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_onnx(args: argparse.Namespace) -> int:
     from ..export import export_onnx, require_onnx
+    from ..utils import check_output_dir
 
     require_onnx("onnx", "onnxruntime")
-    if Path(args.output_dir).exists() and not args.overwrite:
-        raise FileExistsError(f"--output-dir {args.output_dir} exists; pass --overwrite to replace it.")
+    check_output_dir(args.output_dir, args.overwrite, protected={"input model": args.model})
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import optimum_owl  # noqa: F401  (registers the optimum-owl checkpoint format when available)

@@ -7,6 +7,8 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
+from . import dtype_arg, existing_file, int_at_least
+
 if TYPE_CHECKING:
     from ..config import OWLPrunerConfig
 
@@ -44,11 +46,21 @@ FLAG_HELP: dict[str, dict[str, str]] = {
         "dsnot_cycles": "--refine dsnot: most swaps per row",
         "dsnot_threshold": "--refine dsnot: stop a row when a swap gains less than this fraction",
     },
-    "owl-auto (--layerwise owl-auto)": {
+    "allocation families (--layerwise dlp | alphapruning | atp)": {
+        "dlp_alpha": "DLP: block sparsities span 2α around the target",
+        "alphapruning_epsilon": "AlphaPruning: block sparsities are the target × (1 ± ε), rescaled to the mean",
+        "atp_beta": "ATP: sparsity step β from one block to the next",
+    },
+    "search (--layerwise owl-auto | auto)": {
         "auto_owl_ms": "M values searched (--owl-m is always added)",
         "auto_owl_lambdas": "λ values searched (--owl-lambda is always added)",
         "auto_holdout": "fraction of calibration windows held out to score candidates, in (0, 0.5]",
-        "auto_finalists": "best screened OWL candidates pruned exactly and scored again",
+        "auto_finalists": "best screened candidates (auto: of that many families) pruned exactly and scored again",
+        "auto_families": "auto: families searched besides uniform",
+        "auto_dlp_alphas": "auto: DLP α values searched (--dlp-alpha is always added)",
+        "auto_alphapruning_epsilons": "auto: AlphaPruning ε values searched (--alphapruning-epsilon is always added)",
+        "auto_atp_betas": "auto: ATP β values searched (--atp-beta is always added); unset: spreads 0.08-0.32 over "
+        "the depth",
     },
     "memory and resuming (docs/scale.md)": {
         "offload_activations": "keep calibration activations on CPU between blocks",
@@ -87,6 +99,8 @@ def _flag_kwargs(name: str) -> dict[str, Any]:
     default = _config_default(name)
     if isinstance(default, bool):
         return {"action": "store_true"}
+    if default is None and "list[float]" in str(_field(name).type):  # an optional list of numbers
+        return {"type": float, "nargs": "+", "metavar": name.rsplit("_", 1)[-1].upper().removesuffix("S")}
     if isinstance(default, list):
         if not default:  # a list of strings given one per flag (`--ignore a --ignore b`)
             return {"action": "append", "metavar": name.upper().removesuffix("S")}
@@ -131,10 +145,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer path (defaults to MODEL)")
     p.add_argument("--output-dir", "-o", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
-    p.add_argument("--eval-text", default=None, help=".txt/.jsonl to measure perplexity on, before and after")
+    p.add_argument("--eval-text", default=None, type=existing_file, help=".txt/.jsonl to measure perplexity on, before and after")
     p.add_argument("--eval-seqlen", type=int, default=None, help="window for --eval-text (default: --seqlen)")
-    p.add_argument("--eval-max-windows", type=int, default=None)
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
+    p.add_argument("--eval-max-windows", type=int_at_least(1), default=None,
+                   help="--eval-text: evaluate only the first N windows")
+    p.add_argument("--dtype", default="auto", type=dtype_arg,
+                   help="dtype to load and prune in: auto (the checkpoint's own, default) | float32 | bfloat16 | float16")
+    p.add_argument("--allow-pruned", action="store_true",
+                   help="prune MODEL even if its block weights are already sparse (the sparsities compound)")
     p.add_argument("--dense-checkpoint", action="store_true",
                    help="save plain dense safetensors (zeros in place, no quantization_config) for engines that do "
                    "not read optimum-owl's compact bitmask format; loading the default compact format needs "
@@ -143,22 +161,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _saved_bytes_lower_bound(model: Any, sparsity: float, dense: bool) -> int:
+    """Bytes the saved weights take at least: all of them dense, or (compact) the kept share of them."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+    return int(total if dense else total * (1.0 - sparsity))
 
+
+def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import load_tokenizer
     from ..evaluation import perplexity
-    from ..modeling import load_model
+    from ..modeling import PRUNED_ZERO_SHARE, get_blocks_and_units, load_model, zero_share
     from ..pruner import OWLPruner
     from ..serialization import save_pruned
+    from ..utils import check_free_space, check_output_dir, public_path
 
     config = config_from_args(args)  # validate before loading anything
-    if Path(args.output_dir).exists() and not args.overwrite:
-        raise FileExistsError(f"--output-dir {args.output_dir} exists; pass --overwrite to replace it.")
+    check_output_dir(args.output_dir, args.overwrite, protected={"input model": args.model},
+                     disjoint={"--checkpoint-dir": config.checkpoint_dir, "--offload-folder": config.offload_folder})
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = load_model(args.model, dtype=dtype)
+    check_free_space(args.output_dir, _saved_bytes_lower_bound(model, config.sparsity, args.dense_checkpoint))
+    share = zero_share(get_blocks_and_units(model, config.block_name, config.ignore)[2])
+    if share is not None and share > PRUNED_ZERO_SHARE and not args.allow_pruned:
+        raise ValueError(
+            f"{args.model} is already pruned ({share:.4f} of its block weights are zero); pruning it again compounds "
+            "the sparsity. Prune the dense model, or pass --allow-pruned."
+        )
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     eval_seqlen = args.eval_seqlen or config.seqlen
     before = None
@@ -167,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
     report = OWLPruner(config).prune(model, dataset=args.calibration, tokenizer=tokenizer)
     if args.eval_text:
         after = perplexity(model, tokenizer, args.eval_text, seqlen=eval_seqlen, max_windows=args.eval_max_windows)
-        report.evaluation = {"text": args.eval_text, "seqlen": eval_seqlen, "dense_ppl": before, "pruned_ppl": after}
+        report.evaluation = {"text": public_path(args.eval_text), "seqlen": eval_seqlen,
+                             "max_windows": args.eval_max_windows, "dense_ppl": before, "pruned_ppl": after}
     save_pruned(model, args.output_dir, report=report, config=config, tokenizer=tokenizer, overwrite=args.overwrite,
                 dense=args.dense_checkpoint)
     print(report.to_markdown())

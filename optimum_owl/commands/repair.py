@@ -6,6 +6,8 @@ import argparse
 import json
 import logging
 
+from . import existing_file, int_at_least
+
 logger = logging.getLogger(__name__)
 
 
@@ -19,10 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("model", help="pruned model folder or Hub id")
-    p.add_argument("--train-data", required=True, help="training text: .txt or .jsonl file (field --text-column)")
+    p.add_argument("--train-data", required=True, type=existing_file, help="training text: .txt or .jsonl file (field --text-column)")
     p.add_argument("--output", required=True, help="output folder (merged model, or the adapter with --no-merge)")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
-    p.add_argument("--eval-data", default=None, help="held-out .txt/.jsonl for perplexity before and after")
+    p.add_argument("--eval-data", default=None, type=existing_file, help="held-out .txt/.jsonl for perplexity before and after")
     p.add_argument("--method", choices=("masked_lora", "full_ft"), default="masked_lora")
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
     p.add_argument("--lora-alpha", type=float, default=32.0)
@@ -36,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-train-windows", type=int, default=None)
+    p.add_argument("--max-eval-windows", type=int_at_least(1), default=64,
+                   help="--eval-data perplexity on its first N windows, before and after (default 64)")
+    p.add_argument("--eval-all-windows", action="store_true", help="evaluate every --eval-data window (can be slow)")
     p.add_argument("--text-column", default="text")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
@@ -47,15 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from transformers import AutoTokenizer
 
     from ..modeling import load_model
     from ..repair import RepairConfig, repair, save_masked_adapter, save_repaired
+    from ..utils import check_output_dir
 
-    if Path(args.output).exists() and not args.overwrite:
-        raise FileExistsError(f"--output {args.output} already exists; pass --overwrite to replace it.")
+    check_output_dir(args.output, args.overwrite, flag="--output", protected={"input model": args.model})
     targets: str | list[str] = "pruned"
     if args.targets:
         targets = args.targets[0] if len(args.targets) == 1 and args.targets[0] in ("pruned", "all") else list(args.targets)
@@ -64,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         target_modules=targets, seqlen=args.seqlen, max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr, weight_decay=args.weight_decay, max_train_windows=args.max_train_windows,
+        max_eval_windows=None if args.eval_all_windows else args.max_eval_windows,
         text_column=args.text_column, seed=args.seed, bf16=args.bf16, report_to=args.report_to,
         merge=not args.no_merge,
     )
@@ -84,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         "zeros_preserved": report.zeros_preserved,
         "eval_ppl_before": report.eval_ppl_before,
         "eval_ppl_after": report.eval_ppl_after,
+        "eval_windows": report.eval_windows,
+        "eval_windows_available": report.eval_windows_available,
     }
     print(json.dumps(summary))
     return 0

@@ -33,6 +33,11 @@ def sparsegpt_prune(
     W = weight.detach().to(torch.float32, copy=True, memory_format=torch.contiguous_format)
     H = hessian.to(W.device, torch.float32).clone()
     rows, cols = W.shape
+    if nm is not None and cols % nm[1]:
+        raise ValueError(
+            f"N:M pattern {nm[0]}:{nm[1]} needs in_features divisible by {nm[1]}, but `{name}` has {cols} inputs; "
+            "add the module to `ignore`."
+        )
     if nm is not None and blocksize % nm[1]:
         raise ValueError(f"`sparsegpt_blocksize` {blocksize} must be a multiple of M={nm[1]} for an N:M pattern.")
     dead = torch.diag(H) == 0

@@ -9,6 +9,7 @@ optimum-onnx cannot be used: its releases pin transformers < 4.58.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..memory import release_freed_memory
 from ..utils import atomic_output_dir, atomic_write_text
 from .errors import UnsupportedArchitectureError, require_onnx
 from .ort import METADATA_NAME, ONNX_NAME, OnnxCausalLM, compare_with_torch
@@ -322,6 +324,11 @@ def export_onnx(
             metadata["report"] = {"sparsity": report.sparsity, "config": report.config}
         atomic_write_text(tmp / METADATA_NAME, json.dumps(metadata, indent=2) + "\n")
         if validate:
+            # The in-memory graph (weights included) is not needed any more: free it before onnxruntime loads the
+            # file and folds the bitmask decoding into dense weights (the peak of the export, docs/onnx.md).
+            del proto
+            gc.collect()
+            release_freed_memory()
             metadata["validation"] = _validate(model, tmp, prompt_ids, max_new_tokens)
             atomic_write_text(tmp / METADATA_NAME, json.dumps(metadata, indent=2) + "\n")
     logger.info(

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..utils import public_config, public_path, redact_secrets
 from .plot import PLOT_NAME
 
 logger = logging.getLogger(__name__)
@@ -62,9 +63,13 @@ def license_of(base_model: str | None, token: str | bool | None = None) -> str |
 
 
 def _config_dict(config: Any, report: Any) -> dict[str, Any]:
+    """The config as published: local absolute paths reduced to their last component (reports written by older
+    versions may still hold them)."""
     if config is None:
-        return dict(report.config) if report is not None else {}
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        cfg = dict(report.config) if report is not None else {}
+    else:
+        cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return public_config(cfg)
 
 
 def _eval_rows(report: Any, eval_results: Any) -> list[dict[str, Any]]:
@@ -78,7 +83,8 @@ def _eval_rows(report: Any, eval_results: Any) -> list[dict[str, Any]]:
                 "metric": "perplexity",
                 "value": ev["pruned_ppl"],
                 "dense_value": ev.get("dense_ppl"),
-                "details": f"windows of {ev.get('seqlen')} tokens" if ev.get("seqlen") else None,
+                "details": (f"windows of {ev.get('seqlen')} tokens" if ev.get("seqlen") else "")
+                + (f", first {ev['max_windows']} windows" if ev.get("max_windows") else "") or None,
             }
         )
     if isinstance(eval_results, dict):
@@ -188,11 +194,12 @@ def render_model_card(
 
     cfg = _config_dict(config, report)
     model_info = dict(getattr(report, "model", None) or {})
-    name_or_path = model_info.get("name_or_path")
+    local_name_or_path = model_info.get("name_or_path")
+    name_or_path = public_path(local_name_or_path)
     if base_model is None and is_hub_id(name_or_path):
         base_model = name_or_path
-    if license is None and name_or_path and Path(name_or_path).is_dir():
-        license = license_of(name_or_path)
+    if license is None and local_name_or_path and Path(local_name_or_path).is_dir():
+        license = license_of(local_name_or_path)
     if license is None and base_model:
         license = license_of(base_model)
     sparsity = report.sparsity if report is not None else (weight_sparsity or 0.0)
@@ -201,7 +208,7 @@ def render_model_card(
         f"{base_model.split('/')[-1]}-owl" if base_model else "OWL-pruned model"
     )
     calib = dict(getattr(report, "calibration", None) or {})
-    source = calib.get("source") or cfg.get("dataset")
+    source = public_path(calib.get("source") or cfg.get("dataset"))
     datasets = [d for d in {_hub_dataset(source)} if d]
     tags = list(BASE_TAGS)
     if cfg.get("method"):
@@ -281,7 +288,7 @@ def render_model_card(
     body += [json.dumps(cfg, indent=2, sort_keys=True), "```", ""]
     load_src = base_model or name_or_path or "<dense model>"
     if command:
-        body += ["Command:", "", "```bash", command, "```", ""]
+        body += ["Command:", "", "```bash", redact_secrets(command), "```", ""]
     elif cfg:
         body += ["Equivalent command:", "", "```bash", prune_command(cfg, load_src, source), "```", ""]
     cfg_args = ", ".join(f"{k}={v!r}" for k, v in sorted(cfg.items()) if k not in ("quant_method", "dataset"))

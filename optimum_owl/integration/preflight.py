@@ -11,13 +11,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX, OWLCheckpointError, check_parts, popcount
+from ..bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX, OWLCheckpointError, check_parts, crc32, popcount
 
 logger = logging.getLogger(__name__)
 
 # safetensors header metadata written into every shard of a compact checkpoint
 METADATA_FORMAT_KEY = "owl_format"
 METADATA_CRC_KEY = "owl_crc32"
+# `{name: [CRC-32, dtype]}` of every tensor stored as is (embeddings, norms, biases, weights not worth compressing)
+METADATA_DENSE_CRC_KEY = "owl_crc32_dense"
 
 
 def _model_shape(model: nn.Module, name: str) -> tuple[int, ...] | None:
@@ -31,6 +33,35 @@ def _model_shape(model: nn.Module, name: str) -> tuple[int, ...] | None:
         except AttributeError:
             continue
     return None
+
+
+def dense_checksums(checkpoint_files: list[str]) -> dict[str, list[Any]]:
+    """The `owl_crc32_dense` tables of the checkpoint files' metadata (empty for checkpoints saved without them)."""
+    from safetensors import safe_open
+
+    table: dict[str, list[Any]] = {}
+    for file in (str(f) for f in checkpoint_files):
+        if not file.endswith(".safetensors"):
+            continue
+        with safe_open(file, framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(METADATA_DENSE_CRC_KEY)
+        if raw:
+            try:
+                table.update(json.loads(raw))
+            except json.JSONDecodeError as err:
+                raise OWLCheckpointError(f"Corrupt `{METADATA_DENSE_CRC_KEY}` metadata in {file}: {err}.") from None
+    return table
+
+
+def check_dense_crc(table: dict[str, list[Any]], name: str, tensor: Any) -> None:
+    """Raise `OWLCheckpointError` when `tensor` (stored as is) does not match its recorded CRC-32; a tensor without
+    a record, or cast to another dtype on load (its stored bytes are gone), is not checked."""
+    expected = table.get(name)
+    if expected is None or not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+        return
+    crc, dtype = expected
+    if str(tensor.dtype).removeprefix("torch.") == dtype and crc32(tensor) != crc:
+        raise OWLCheckpointError(f"`{name}` fails its CRC-32 check (corrupt file); re-download or re-save the checkpoint.")
 
 
 def preflight_check(checkpoint_files: list[str], model: nn.Module | None = None) -> dict[str, list[Any]]:

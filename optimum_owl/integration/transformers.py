@@ -39,7 +39,15 @@ from ..config import OWLPrunerConfig
 from ..engine import prune_model
 from ..errors import OWLOffloadError  # noqa: F401  (defined in optimum_owl.errors)
 from ..modeling import is_conv1d
-from .preflight import METADATA_CRC_KEY, METADATA_FORMAT_KEY, preflight_check
+from ..utils import public_config
+from .preflight import (
+    METADATA_CRC_KEY,
+    METADATA_DENSE_CRC_KEY,
+    METADATA_FORMAT_KEY,
+    check_dense_crc,
+    dense_checksums,
+    preflight_check,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +106,7 @@ def compressible_names(model: nn.Module) -> list[str]:
 
 def compact_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The model's state dict with every sufficiently sparse eligible weight replaced by `(values, bitmask, shape)`,
-    and the safetensors metadata (format name and CRC-32 of every compressed tensor)."""
+    and the safetensors metadata (format name, CRC-32 of every compressed tensor's parts and of every other tensor)."""
     state_dict = model.state_dict()
     eligible = set(compressible_names(model))
     out: dict[str, torch.Tensor] = {}
@@ -129,7 +137,10 @@ def compact_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
             values = out[name]
             checksums[name] = [crc32(values), crc32(out[key]), crc32(out[name + SHAPE_SUFFIX]),
                                str(values.dtype).removeprefix("torch.")]
-    metadata = {METADATA_FORMAT_KEY: FORMAT_NAME, METADATA_CRC_KEY: json.dumps(checksums, sort_keys=True)}
+    dense_crc = {n: [crc32(t), str(t.dtype).removeprefix("torch.")] for n, t in out.items()
+                 if n.removesuffix(BITMASK_SUFFIX).removesuffix(SHAPE_SUFFIX) not in checksums and t.device.type != "meta"}
+    metadata = {METADATA_FORMAT_KEY: FORMAT_NAME, METADATA_CRC_KEY: json.dumps(checksums, sort_keys=True),
+                METADATA_DENSE_CRC_KEY: json.dumps(dense_crc, sort_keys=True)}
     logger.info("Compact checkpoint: %d of %d eligible weights stored as bitmask + values", len(checksums), len(eligible))
     return out, metadata
 
@@ -156,6 +167,7 @@ class BitmaskDeserialize(ConversionOps):
         shape = parts.get("weight" + SHAPE_SUFFIX)
         name = full_layer_name or "weight"
         if bitmask is None and shape is None:
+            check_dense_crc(self._quantizer._dense_checksums, name, values)
             return {name: values}
         missing = [n for n, t in (("", values), (BITMASK_SUFFIX, bitmask), (SHAPE_SUFFIX, shape)) if t is None]
         if missing:
@@ -218,6 +230,7 @@ class OWLHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: OWLPrunerConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self._checksums: dict[str, list[Any]] = {}
+        self._dense_checksums: dict[str, list[Any]] = {}
 
     # --- environment
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -228,6 +241,7 @@ class OWLHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: Any = None, **kwargs: Any):
         if self.pre_quantized and checkpoint_files:
             self._checksums = preflight_check(checkpoint_files, model)
+            self._dense_checksums = dense_checksums(checkpoint_files)
         return model
 
     def get_load_operations(self) -> dict:
@@ -293,8 +307,8 @@ def _mark_dense_model(model: nn.Module) -> None:
 
 
 def _clean_config(config: OWLPrunerConfig) -> OWLPrunerConfig:
-    """A copy without the runtime-only fields (tokenizer, in-memory calibration data)."""
-    return OWLPrunerConfig.from_dict(config.to_dict())
+    """A copy for `config.json`: no runtime-only fields (tokenizer, in-memory data), local paths shortened."""
+    return OWLPrunerConfig.from_dict(public_config(config.to_dict()))
 
 
 def prune_loaded_model(model: nn.Module, quantizer: OWLHfQuantizer) -> nn.Module:

@@ -38,6 +38,8 @@ class RepairConfig:
         warmup_ratio (`float`): share of the steps with a linear warm-up.
         lr_scheduler_type (`str`): transformers scheduler name (`"cosine"`, `"linear"`, `"constant"`, ...).
         max_train_windows (`int`, *optional*): cap on the number of training windows.
+        max_eval_windows (`int`, *optional*, defaults to 64): `eval_data` perplexity uses only its first windows
+            (before and after repair, so twice); `None` evaluates every window.
         text_column (`str`): column read from `datasets.Dataset` / `.jsonl` inputs.
         seed (`int`): seed for adapter initialisation and data order.
         bf16 / fp16 (`bool`): mixed precision for the Trainer (masks stay exact under both).
@@ -73,6 +75,7 @@ class RepairConfig:
     warmup_ratio: float = 0.03
     lr_scheduler_type: str = "cosine"
     max_train_windows: int | None = None
+    max_eval_windows: int | None = 64
     text_column: str = "text"
     seed: int = 0
     bf16: bool = False
@@ -115,6 +118,8 @@ class RepairConfig:
             raise RepairConfigError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio!r}.")
         if self.max_train_windows is not None and self.max_train_windows < 1:
             raise RepairConfigError(f"`max_train_windows` must be a positive integer or None, got {self.max_train_windows!r}.")
+        if self.max_eval_windows is not None and self.max_eval_windows < 1:
+            raise RepairConfigError(f"`max_eval_windows` must be a positive integer or None, got {self.max_eval_windows!r}.")
         if self.bf16 and self.fp16:
             raise RepairConfigError("`bf16` and `fp16` are exclusive; set at most one of them.")
         tm = self.target_modules

@@ -276,7 +276,10 @@ def attach_masked_lora(model: nn.Module, config: RepairConfig | None = None) -> 
     lora_cfg = build_lora_config(model, config, targets)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        peft_model = get_peft_model(model, lora_cfg)
+        with warnings.catch_warnings():
+            # PEFT reads transformers' deprecated `is_gradient_checkpointing` alias; the FutureWarning is not ours
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(model, lora_cfg)
     logger.info("Attached masked LoRA (r=%d) to %d modules", config.r, len(targets))
     return peft_model
 
@@ -287,8 +290,7 @@ def warn_no_zeros() -> None:
         "ordinary (dense) fine-tune and the merged model is as dense as before. Prune first (OWLPruner.apply), "
         "or load the pruned checkpoint instead of the dense one."
     )
-    logger.warning(msg)
-    warnings.warn(msg, RepairWarning, stacklevel=3)
+    warnings.warn(msg, RepairWarning, stacklevel=3)  # once: the CLI routes warnings through logging
 
 
 def _nm_patterns(model: nn.Module) -> dict[str, tuple[int, int]]:

@@ -42,6 +42,7 @@ class RepairReport:
         zeros_preserved: every weight that was zero before is still zero.
         merged_max_abs_logit_diff: max |merged − unmerged| logits on one training window (masked LoRA, merged).
         eval_ppl_before / eval_ppl_after: perplexity on `eval_data` when given.
+        eval_windows / eval_windows_available: windows of `eval_data` evaluated (capped by `max_eval_windows`) / in all.
         seconds: wall time of the training call.
         config: the `RepairConfig` as a dict.
     """
@@ -61,6 +62,8 @@ class RepairReport:
     merged_max_abs_logit_diff: float | None = None
     eval_ppl_before: float | None = None
     eval_ppl_after: float | None = None
+    eval_windows: int = 0
+    eval_windows_available: int = 0
     seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -166,6 +169,7 @@ def _training_args(config: RepairConfig, output_dir: str) -> Any:
         fp16=config.fp16,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator (else a UserWarning)
     )
     if config.bf16 and not torch.cuda.is_available():
         kwargs["use_cpu"] = True  # transformers refuses bf16 without a GPU unless told to train on CPU
@@ -245,6 +249,13 @@ def repair(
         if eval_data is not None
         else None
     )
+    available = 0 if eval_windows is None else int(eval_windows.shape[0])
+    if eval_windows is not None and config.max_eval_windows is not None and available > config.max_eval_windows:
+        eval_windows = eval_windows[: config.max_eval_windows]
+        logger.info(
+            "eval_data: perplexity on the first %d of %d windows, before and after repair (max_eval_windows=%d; "
+            "None evaluates all).", config.max_eval_windows, available, config.max_eval_windows,
+        )
     check_not_quantized(model)
 
     before = zero_masks(model)
@@ -252,6 +263,7 @@ def repair(
     report = RepairReport(method=config.method, config=config.to_dict(), sparsity_before=total_before,
                           block_sparsity_before=blocks_before, train_windows=int(windows.shape[0]),
                           train_tokens=int(windows.numel()))
+    report.eval_windows, report.eval_windows_available = (0 if eval_windows is None else int(eval_windows.shape[0])), available
     report.eval_ppl_before = _eval_ppl(model, eval_windows)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX, OWLCheckpointError, crc32
 from ..config import OWLPrunerConfig
-from ..integration.preflight import preflight_check
+from ..integration.preflight import dense_checksums, preflight_check
 from ..utils import atomic_output_dir
 
 logger = logging.getLogger(__name__)
@@ -192,25 +192,34 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Fully check a compact checkpoint folder without loading a model.
 
     Runs the same preflight as `from_pretrained` (headers, companions, mask lengths, popcount vs values), then
-    verifies the CRC-32 of every compressed tensor. Raises `OWLCheckpointError` naming the tensor on failure.
+    verifies the CRC-32 recorded at save time of every tensor in the files: the values, bitmask and shape of each
+    compressed weight (`owl_crc32`) and every tensor stored as is, such as embeddings, norms and biases
+    (`owl_crc32_dense`). Raises `OWLCheckpointError` naming the tensor on failure. Tensors without a recorded CRC
+    (checkpoints saved before optimum-owl recorded the dense table) are listed in `unchecked_tensors`.
 
     Returns:
-        `size_summary(path)` plus `checked_crc` (number of tensors whose checksums matched).
+        `size_summary(path)` plus `checked_crc` (number of tensors whose checksums matched) and `unchecked_tensors`.
     """
     from safetensors import safe_open
 
     files = checkpoint_files(path)
-    checksums = preflight_check([str(f) for f in files])
+    expected: dict[str, int] = {}
+    for name, (crc_values, crc_mask, crc_shape, _dtype) in preflight_check([str(f) for f in files]).items():
+        expected.update({name: crc_values, name + BITMASK_SUFFIX: crc_mask, name + SHAPE_SUFFIX: crc_shape})
+    for name, (crc, _dtype) in dense_checksums([str(f) for f in files]).items():
+        expected.setdefault(name, crc)
     checked = 0
+    unchecked: list[str] = []
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
-            keys = set(handle.keys())
-            for name, (crc_values, crc_mask, crc_shape, _dtype) in checksums.items():
-                for key, crc in ((name, crc_values), (name + BITMASK_SUFFIX, crc_mask), (name + SHAPE_SUFFIX, crc_shape)):
-                    if key in keys:
-                        if crc32(handle.get_tensor(key)) != crc:
-                            raise OWLCheckpointError(f"`{key}` in {file.name} fails its CRC-32 check: corrupt file.")
-                        checked += 1
+            for key in handle.keys():
+                if key not in expected:
+                    unchecked.append(key)
+                    continue
+                if crc32(handle.get_tensor(key)) != expected[key]:
+                    raise OWLCheckpointError(f"`{key}` in {file.name} fails its CRC-32 check: corrupt file.")
+                checked += 1
     summary = size_summary(path)
     summary["checked_crc"] = checked
+    summary["unchecked_tensors"] = sorted(unchecked)
     return summary
