@@ -158,3 +158,17 @@ def test_lazy_registration_and_loading_without_import(dense_dir, tmp_path):
     assert bad.returncode != 0
     assert "Unknown quantization type, got owl" in bad.stderr
     assert "size mismatch" in bad.stderr or "ignore_mismatched_sizes" in bad.stderr
+
+
+def test_prune_on_load_marks_once_and_attaches_the_report_once(dense_dir, monkeypatch):
+    """The plugin runs the core once, then attaches the report and marks the model once (issue 10)."""
+    from optimum_owl import engine
+
+    marks, runs = [], []
+    real_mark, real_prune = owl_tf.mark_pruned, engine.prune_model
+    monkeypatch.setattr(owl_tf, "mark_pruned", lambda model, config=None: marks.append(1) or real_mark(model, config))
+    monkeypatch.setattr(owl_tf, "prune_model", lambda *a, **k: runs.append(1) or real_prune(*a, **k))
+    config = OWLPrunerConfig(sparsity=0.5, method="magnitude", layerwise="uniform")
+    model = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=config)
+    assert (runs, marks) == ([1], [1])
+    assert model.owl_report.sparsity == pytest.approx(0.5, abs=0.01)
