@@ -82,19 +82,25 @@ def pruned_weight(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     return w
 
 
-def sparse_variant(dense: nn.Module, names: list[str], pruned: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
-    """A copy of `dense` that shares every tensor with it except the listed linears, which become SparseLinear."""
-    memo = {id(t): t for t in list(dense.parameters()) + list(dense.buffers())}
-    model = copy.deepcopy(dense, memo)
+def sparse_variants(dense32: nn.Module, dense16: nn.Module, names: list[str], sparsity: float) -> tuple[nn.Module, nn.Module]:
+    """fp32 and bf16 copies of the dense models that share every tensor with them except the listed linears, which
+    become SparseLinear with the same mask (pruned one layer at a time: no dense pruned copy of the whole model)."""
+    out = []
+    for dense in (dense32, dense16):
+        memo = {id(t): t for t in list(dense.parameters()) + list(dense.buffers())}
+        out.append(copy.deepcopy(dense, memo))
     for name in names:
-        src = dense.get_submodule(name)
-        holder = nn.Linear(src.in_features, src.out_features, bias=src.bias is not None, device="meta")
-        holder.weight = nn.Parameter(pruned[name].to(dtype), requires_grad=False)
-        if src.bias is not None:
-            holder.bias = src.bias
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, SparseLinear.from_dense(holder))
-    return model
+        src = dense32.get_submodule(name)
+        pruned = pruned_weight(src.weight, sparsity)
+        for model, dtype in zip(out, (torch.float32, torch.bfloat16)):
+            holder = nn.Linear(src.in_features, src.out_features, bias=src.bias is not None, device="meta")
+            holder.weight = nn.Parameter(pruned.to(dtype), requires_grad=False)
+            if src.bias is not None:
+                holder.bias = nn.Parameter(src.bias.detach().to(dtype), requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, SparseLinear.from_dense(holder))
+        del pruned
+    return out[0], out[1]
 
 
 def weight_bytes(model: nn.Module, names: list[str]) -> dict[str, int]:
@@ -161,14 +167,9 @@ def run_speed(args: argparse.Namespace) -> dict:
     dense_bytes32 = weight_bytes(dense32, names)
     print(json.dumps(result["machine"]), flush=True)
     for sparsity in args.sparsities:
-        pruned = {n: pruned_weight(dense32.get_submodule(n).weight, sparsity) for n in names}
-        variants = {
-            "dense_fp32": dense32,
-            "dense_bf16": dense16,
-            "sparse_fp32": sparse_variant(dense32, names, pruned, torch.float32),
-            "sparse_bf16": sparse_variant(dense16, names, pruned, torch.bfloat16),
-        }
-        del pruned
+        sparse32, sparse16 = sparse_variants(dense32, dense16, names, sparsity)
+        variants = {"dense_fp32": dense32, "dense_bf16": dense16, "sparse_fp32": sparse32, "sparse_bf16": sparse16}
+        del sparse32, sparse16
         level: dict[str, dict] = {k: {"decode_tok_s": [], "prefill_s": []} for k in variants}
         for name, model in variants.items():  # warm-up (kernel build, allocator, caches)
             time_decode(model, prompt, 3)

@@ -293,3 +293,10 @@ def test_generate_cli_loads_compact_checkpoint_sparse_and_compares_dense(tmp_pat
     assert "21 sparse linears" in out and "tokens identical: True" in out and "decode speed-up sparse / dense" in out
     assert main(["generate", str(tmp_path / "m"), "--tokenizer", str(tok), "--prompt", "Once", "--max-new-tokens",
                  "0"]) == 2
+
+
+def test_model_card_states_what_was_measured_and_on_which_cpu():
+    from optimum_owl.hub.card import sparse_inference_card_section
+
+    text = "\n".join(sparse_inference_card_section())
+    assert "## Sparse inference on CPU" in text and "AMD EPYC" in text and "--compare-dense" in text

@@ -322,12 +322,30 @@ def render_model_card(
         "loading. To keep the sparsity while fine-tuning, re-apply the masks after each optimizer step.",
         "",
     ]
+    body += sparse_inference_card_section()
     if onnx is not None:
         body += onnx_card_section(onnx, onnx_path=onnx_path, repo_id=repo_id)
     if report is not None and report.warnings:
         body += ["## Warnings from the run", ""] + [f"- {w}" for w in report.warnings] + [""]
     text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
     return ModelCard(text)
+
+
+def sparse_inference_card_section() -> list[str]:
+    """Model-card lines on sparse CPU inference: how to use it and what optimum-owl measured, on which CPU."""
+    from ..inference import MEASURED
+
+    return [
+        "## Sparse inference on CPU",
+        "",
+        "`optimum_owl.sparsify(model)` (or `optimum_owl.inference.load_sparse(folder)` for a downloaded copy) keeps "
+        "only the compact form of the pruned weights in memory and decodes with optimum-owl's AVX2 kernel; "
+        "`optimum-owl generate <folder> --prompt ... --compare-dense` measures it on your CPU.",
+        "",
+        f"Measured by optimum-owl ({MEASURED}). This model itself was not measured: speed depends on the CPU, "
+        "the thread count and the sparsity. Details: optimum-owl's docs/inference.md.",
+        "",
+    ]
 
 
 def onnx_card_section(meta: dict[str, Any], onnx_path: str = "onnx", repo_id: str | None = None) -> list[str]:

@@ -14,4 +14,11 @@ from __future__ import annotations
 from .kernel import kernel_status
 from .module import SparseLinear, densify, sparsify
 
-__all__ = ["SparseLinear", "densify", "kernel_status", "sparsify"]
+__all__ = ["MEASURED", "SparseLinear", "densify", "kernel_status", "sparsify"]
+
+# What optimum-owl measured, and where (quoted in generated model cards; full tables in docs/benchmarks.md).
+MEASURED = (
+    "AMD EPYC Zen 3, 2 cores, AVX2, no AVX-512, 2 threads, torch 2.13, 2026-11-30: at 70% unstructured sparsity "
+    "one 2048x5632 layer decodes 2.0x (5632x2048: 2.8x) faster than dense fp32 with fp32 values; SmolLM2-135M "
+    "decodes 1.34x dense fp32 (fp32 values) and 1.11x the faster dense (bf16 values)"
+)

@@ -37,7 +37,10 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "sparse_linear.cpp"
 EXTENSION_NAME = "owl_sparse"
-CFLAGS = ["-O3", "-fno-math-errno"]
+# -fopenmp is required: torch's at::parallel_for is a header template that runs serially unless the including
+# translation unit is compiled with OpenMP (the extension then shares torch's bundled libgomp and thread count).
+CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"tried": False, "ops": None, "reason": None}
@@ -55,7 +58,7 @@ def build_tag() -> str:
     """Cache key: source, flags, torch and Python versions."""
     digest = hashlib.sha256()
     digest.update(SOURCE.read_bytes())
-    digest.update(" ".join(CFLAGS).encode())
+    digest.update(" ".join(CFLAGS + LDFLAGS).encode())
     digest.update(torch.__version__.encode())
     digest.update(sys.version.encode())
     return f"{EXTENSION_NAME}_{digest.hexdigest()[:16]}"
@@ -131,6 +134,7 @@ def _build() -> Any:
             name=tag,
             sources=[str(SOURCE)],
             extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=False,
