@@ -22,6 +22,9 @@ numbers they need and turn the result into `BlockPlan`s.
   the raw ratio 1 − ε + 2ε·α̃ is scaled by one factor so the mean hits S: s_i = S·r_i / mean(r). Well-trained
   blocks (heavy tails, small α) keep more weights.
 - ATP (ICML 2025; `atp_allocation`): sparsity rising linearly with depth, s_l = S − β(L−1)/2 + lβ for l = 0 … L−1.
+
+Below the block, `projection_split` moves sparsity between a block's attention projections and its other (MLP)
+matrices while their parameter-weighted mean stays the block's sparsity (`BlockPlan.split`).
 """
 
 from __future__ import annotations
@@ -41,10 +44,49 @@ MAX_BLOCK_SPARSITY = 0.999
 
 @dataclass
 class BlockPlan:
-    """What block i is pruned to: a sparsity (unstructured) or a kept count n of every m (N:M)."""
+    """What block i is pruned to: a sparsity (unstructured) or a kept count n of every m (N:M).
+
+    `split`, when set, is `(attention, mlp)`: the sparsities of the block's attention projections and of its other
+    matrices (`projection_split`; their parameter-weighted mean is `sparsity`)."""
 
     sparsity: float
     nm: tuple[int, int] | None = None
+    split: tuple[float, float] | None = None
+
+    def sparsity_for(self, group: str) -> float:
+        """The sparsity of a matrix of `group` ("attention" or "mlp", `modeling.projection_group`) in this block."""
+        if self.split is None:
+            return self.sparsity
+        return self.split[0] if group == "attention" else self.split[1]
+
+
+def projection_split(
+    sparsity: float, attention_shift: float, attention_params: int, mlp_params: int
+) -> tuple[float, float]:
+    """`(s_a, s_m)`: a block's sparsity S split between its attention projections (P_a weights) and its other
+    matrices (P_m weights) so that (P_a·s_a + P_m·s_m) / (P_a + P_m) = S exactly.
+
+    The attention projections get s_a = S + d (d = `attention_shift`), the rest s_m = S − d·P_a/P_m. When that
+    leaves [0, max(MAX_BLOCK_SPARSITY, S)], s_a is clipped to the range that keeps both inside (the shift is
+    shortened, never reversed). A block without one of the two groups, or d = 0, keeps S for everything.
+
+    Example (a SmolLM2-135M block: q, o 576×576, k, v 192×576, so P_a = 884,736; gate, up, down 576×1536, so
+    P_m = 2,654,208 and P_a/P_m = 1/3):
+
+    ```python
+    >>> projection_split(0.7, 0.06, 884_736, 2_654_208)   # 0.7 − 0.06/3
+    (0.76, 0.68)
+    ```
+    """
+    if attention_params <= 0 or mlp_params <= 0 or attention_shift == 0:
+        return sparsity, sparsity
+    pa, pm = float(attention_params), float(mlp_params)
+    hi = max(MAX_BLOCK_SPARSITY, sparsity)
+    budget = (pa + pm) * sparsity  # zeros the block must have
+    lo_a, hi_a = max(0.0, (budget - pm * hi) / pa), min(hi, budget / pa)  # s_m ≤ hi and s_m ≥ 0
+    s_a = min(max(sparsity + attention_shift, lo_a), hi_a)
+    s_m = (budget - pa * s_a) / pm
+    return round(s_a, 12), round(min(max(s_m, 0.0), hi), 12)
 
 
 def score_summary(scores: Callable[[], Iterable[torch.Tensor]], owl_ms: Sequence[float]) -> tuple[float, list[float]]:

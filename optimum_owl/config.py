@@ -82,6 +82,10 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             AlphaPruning scripts' value for Wanda and SparseGPT). In [0, 1).
         atp_beta (`float`, *optional*, defaults to 0.005):
             `layerwise="atp"`: sparsity step β from one block to the next (ATP searches it per model). ≥ 0.
+        attention_shift (`float`, *optional*, defaults to 0.0):
+            Sparsity added to every block's attention projections (q/k/v/o; GPT-2's `attn.*`); the block's other
+            matrices (MLP, experts) get what keeps its parameter-weighted mean at the sparsity the `layerwise` family
+            gave it (`allocation.projection_split`; clipped so both stay in [0, 1)). In [−1, 1); unstructured only.
         pattern (`str`, *optional*, defaults to `"unstructured"`):
             `"unstructured"` or `"N:M"`: at most N non-zeros kept in every M consecutive inputs (so `"2:4"` is 50%).
         nm_mixed (`bool`, *optional*, defaults to `False`):
@@ -184,6 +188,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
     dlp_alpha: float = 0.15
     alphapruning_epsilon: float = 0.2
     atp_beta: float = 0.005
+    attention_shift: float = 0.0
     pattern: str = "unstructured"
     nm_mixed: bool = False
     wanda_group: str = "row"
@@ -222,9 +227,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
     # ----------------------------------------------------------------------------------------------- validation
     def validate(self) -> None:
         """Check every field; raise `OWLConfigError` naming the field and the fix."""
-        check_number("sparsity", self.sparsity)
-        if not 0.0 <= self.sparsity < 1.0:
-            raise OWLConfigError(f"`sparsity` must be in [0, 1) (fraction of zeros), got {self.sparsity}; e.g. 0.7.")
+        check_range("sparsity", self.sparsity, 0.0, 1.0, hint="the fraction of zeros, e.g. 0.7")
         self.method = check_choice("method", self.method, criterion_names())
         criterion = get_criterion(self.method)
         self.layerwise = check_choice("layerwise", self.layerwise, LAYERWISE)
@@ -233,26 +236,23 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         check_number("owl_m", self.owl_m)
         if self.owl_m <= 0:
             raise OWLConfigError(f"`owl_m` (the paper's M) must be > 0, got {self.owl_m}; the paper uses 5.")
-        check_number("owl_lambda", self.owl_lambda)
-        if self.owl_lambda < 0:
-            raise OWLConfigError(
-                f"`owl_lambda` (the paper's λ) must be ≥ 0, got {self.owl_lambda}; the paper uses 0.08 "
-                "(0 gives uniform sparsity)."
-            )
+        check_range("owl_lambda", self.owl_lambda, 0.0, hint="the paper's λ is 0.08 (0 gives uniform sparsity)")
         check_range("dlp_alpha", self.dlp_alpha, 0.0, hint="the DLP paper uses 0.15 (0 gives uniform sparsity)")
         check_range("alphapruning_epsilon", self.alphapruning_epsilon, 0.0, 1.0, hint="AlphaPruning uses 0.2-0.3")
         check_range("atp_beta", self.atp_beta, 0.0, hint="e.g. 0.005; ATP searches it in steps of 0.002")
         parse_pattern(self.pattern)
         self.pattern = self.pattern.strip().lower()
+        check_range("attention_shift", self.attention_shift, -1.0, 1.0, hint="e.g. 0.05 (0 keeps one sparsity per block)")
+        if self.attention_shift and self.nm_pattern is not None:
+            raise OWLConfigError(f"`attention_shift` needs pattern='unstructured' (an N:M pattern fixes every matrix's "
+                                 f"sparsity), got pattern={self.pattern!r}; set attention_shift=0.")
         for name in ("num_samples", "seqlen", "batch_size", "sparsegpt_blocksize"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OWLConfigError(f"`{name}` must be a positive integer, got {value!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise OWLConfigError(f"`seed` must be an integer, got {self.seed!r}.")
-        check_number("sparsegpt_damp", self.sparsegpt_damp)
-        if self.sparsegpt_damp < 0:
-            raise OWLConfigError(f"`sparsegpt_damp` must be ≥ 0, got {self.sparsegpt_damp}; the paper uses 0.01.")
+        check_range("sparsegpt_damp", self.sparsegpt_damp, 0.0, hint="the paper uses 0.01")
         if self.propagation == "dense" and criterion.updates_weights:
             plain = ", ".join(repr(n) for n in criterion_names() if not get_criterion(n).updates_weights)
             raise OWLConfigError(
@@ -301,9 +301,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
                 )
         if isinstance(self.dsnot_cycles, bool) or not isinstance(self.dsnot_cycles, int) or self.dsnot_cycles < 1:
             raise OWLConfigError(f"`dsnot_cycles` must be a positive integer, got {self.dsnot_cycles!r}; e.g. 50.")
-        check_number("dsnot_threshold", self.dsnot_threshold)
-        if not 0.0 <= self.dsnot_threshold < 1.0:
-            raise OWLConfigError(f"`dsnot_threshold` must be in [0, 1), got {self.dsnot_threshold}; e.g. 0.001.")
+        check_range("dsnot_threshold", self.dsnot_threshold, 0.0, 1.0, hint="e.g. 0.001")
 
     def _validate_scale(self) -> None:
         """`device`, `offload_folder`, `checkpoint_dir` (offload and resumable runs, docs/scale.md)."""

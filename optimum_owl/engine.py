@@ -196,7 +196,8 @@ def build_report(state: RunState, plans: list[BlockPlan], calibration: dict[str,
                 block_zeros += zeros
                 block_params += w.numel()
                 report.modules.append(
-                    ModuleReport(u.name, i, list(u.shape), round(plans[i].sparsity, 12), zeros / max(w.numel(), 1), w.numel())
+                    ModuleReport(u.name, i, list(u.shape), round(plans[i].sparsity_for(u.group), 12),
+                                 zeros / max(w.numel(), 1), w.numel())
                 )
         ratio = state.outlier_ratios[i] if state.outlier_ratios is not None and owl_like else None
         metric = state.block_metrics[i] if state.block_metrics is not None else None
@@ -210,6 +211,8 @@ def build_report(state: RunState, plans: list[BlockPlan], calibration: dict[str,
                 num_params=block_params,
                 nm=list(plans[i].nm) if plans[i].nm else None,
                 metric=metric,
+                attention_sparsity=None if plans[i].split is None else plans[i].split[0],
+                mlp_sparsity=None if plans[i].split is None else plans[i].split[1],
             )
         )
         report.total_params += block_params

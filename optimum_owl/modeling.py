@@ -50,6 +50,7 @@ class Unit:
         param_name: the parameter's attribute name on `module` (`"weight"`, `"gate_up_proj"`, ...).
         expert: the expert index for fused experts, else `None`.
         transposed: whether the stored tensor is `[in, out]` (Conv1D, transposed experts).
+        group: `"attention"` or `"mlp"` (every other matrix: feed-forward, experts), `projection_group`.
     """
 
     name: str
@@ -58,6 +59,7 @@ class Unit:
     param_name: str = "weight"
     expert: int | None = None
     transposed: bool = False
+    group: str = "mlp"
 
     def parameter(self) -> torch.Tensor:
         return getattr(self.module, self.param_name)
@@ -145,6 +147,16 @@ def expert_param_names(module: nn.Module) -> tuple[str, str]:
     return ("gate_up_proj" if getattr(module, "gate_up_proj", None) is not None else "up_proj"), "down_proj"
 
 
+def projection_group(name: str) -> str:
+    """`"attention"` when a part of `name` (a unit's name inside its block) names attention, else `"mlp"`.
+
+    Covers the naming of Llama/Mistral/Qwen2/OPT (`self_attn.q_proj`, OPT's `fc1` is MLP), GPT-2 (`attn.c_attn`,
+    `attn.c_proj`; `mlp.c_proj` is MLP), GPT-NeoX/Falcon/BLOOM (`attention.*`, `self_attention.*`), T5
+    (`SelfAttention`, `EncDecAttention`) and BERT (`attention.output.dense`; its `output.dense` is MLP).
+    """
+    return "attention" if any("attn" in part or "attention" in part for part in name.lower().split(".")) else "mlp"
+
+
 def find_units(block: nn.Module, prefix: str, ignore: list[str] | tuple[str, ...] = ()) -> list[Unit]:
     """All prunable units in `block` (its fqn prefix is `prefix`), minus names matching `ignore` patterns."""
     patterns = tuple(ignore) + DEFAULT_IGNORE
@@ -153,10 +165,10 @@ def find_units(block: nn.Module, prefix: str, ignore: list[str] | tuple[str, ...
         name = f"{prefix}.{sub_name}" if sub_name else prefix
         if isinstance(module, nn.Linear):
             if not matches_any(name, patterns):
-                units.append(Unit(name, module, "linear"))
+                units.append(Unit(name, module, "linear", group=projection_group(sub_name)))
         elif is_conv1d(module) and getattr(module, "weight", None) is not None:
             if not matches_any(name, patterns):
-                units.append(Unit(name, module, "conv1d", transposed=True))
+                units.append(Unit(name, module, "conv1d", transposed=True, group=projection_group(sub_name)))
         elif is_fused_experts(module):
             if getattr(module, "has_post_expert_norm", False):
                 logger.warning("Skipping fused experts %s: post-expert norms are not supported.", name)
@@ -166,7 +178,7 @@ def find_units(block: nn.Module, prefix: str, ignore: list[str] | tuple[str, ...
                 for e in range(getattr(module, pname).shape[0]):
                     uname = f"{name}.{pname}.{e}"
                     if not matches_any(uname, patterns):
-                        units.append(Unit(uname, module, "expert", pname, e, transposed))
+                        units.append(Unit(uname, module, "expert", pname, e, transposed, projection_group(sub_name)))
     return units
 
 

@@ -29,6 +29,7 @@ from .allocation import (
     dlp_allocation,
     esd_alpha,
     owl_plans,
+    projection_split,
     score_summary,
     uniform_plans,
 )
@@ -78,7 +79,21 @@ class RunState:
 # ------------------------------------------------------------------------------------------------ plans
 def uniform(state: RunState) -> list[BlockPlan]:
     cfg = state.config
-    return uniform_plans(cfg.target_sparsity, cfg.nm_pattern, len(state.blocks))
+    return split_plans(state, uniform_plans(cfg.target_sparsity, cfg.nm_pattern, len(state.blocks)))
+
+
+def split_plans(state: RunState, plans: list[BlockPlan]) -> list[BlockPlan]:
+    """With `attention_shift` (unstructured only), each block's sparsity split between its attention projections
+    and its other matrices (`projection_split`, mean kept); every family's plans pass through here."""
+    shift = state.config.attention_shift
+    if not shift:
+        return plans
+    out = []
+    for units, p in zip(state.units, plans):
+        attention = sum(u.numel for u in units if u.group == "attention")
+        mlp = sum(u.numel for u in units if u.group != "attention")
+        out.append(BlockPlan(p.sparsity, p.nm, projection_split(p.sparsity, shift, attention, mlp)))
+    return out
 
 
 def plan(state: RunState, ratios: Sequence[float], owl_lambda: float | None = None, record: bool = True) -> list[BlockPlan]:
@@ -91,7 +106,7 @@ def plan(state: RunState, ratios: Sequence[float], owl_lambda: float | None = No
             f"OWL allocation S={cfg.sparsity}, λ={lam} left [0, 1): block sparsities were clamped and the rest "
             "shifted so the mean stays at the target. A smaller `owl_lambda` avoids this."
         )
-    return plans
+    return split_plans(state, plans)
 
 
 def block_summary(units: Sequence[Unit], stats: BlockStats, owl_ms: Sequence[float]) -> tuple[float, list[float]]:
@@ -126,7 +141,7 @@ def family_plans(
             f"{family} allocation S={cfg.sparsity} with knob {knob} left [0, 1): block sparsities were clamped and the "
             "rest shifted so the mean stays at the target. A smaller knob avoids this."
         )
-    return [BlockPlan(s) for s in sparsities]
+    return split_plans(state, [BlockPlan(s) for s in sparsities])
 
 
 def block_esd_alphas(state: RunState) -> list[float]:
@@ -169,7 +184,8 @@ def prune_block(state: RunState, index: int, stats: BlockStats | None, plan: Blo
     criterion, cfg = state.criterion, state.config
     for unit in state.units[index]:
         acc = stats[unit.name] if stats is not None else None
-        criterion.prune(PruneTask(unit.weight(), acc, unit.shape[1], plan.sparsity, plan.nm, cfg, unit.name))
+        sparsity = plan.sparsity_for(unit.group)
+        criterion.prune(PruneTask(unit.weight(), acc, unit.shape[1], sparsity, plan.nm, cfg, unit.name))
 
 
 def _fresh_stats(state: RunState, index: int) -> BlockStats | None:

@@ -39,6 +39,8 @@ class BlockReport:
     num_params: int
     nm: list[int] | None = None
     metric: float | None = None  # the allocation family's block metric (`PruneReport.allocation["metric"]` names it)
+    attention_sparsity: float | None = None  # with `attention_shift`: target of the attention projections
+    mlp_sparsity: float | None = None  # with `attention_shift`: target of the block's other matrices
 
 
 # What each family's block metric is, for reports and tables.
@@ -157,16 +159,21 @@ class PruneReport:
         """The per-block allocation as a Markdown table."""
         show_nm = any(b.nm for b in self.blocks)
         metric = self.allocation.get("metric") if any(b.metric is not None for b in self.blocks) else None
-        head = "| block | outlier ratio |" + (f" {metric} |" if metric else "") + " target sparsity | achieved sparsity |"
-        head += " N:M |" if show_nm else ""
-        sep = "|---:|---:|" + ("---:|" if metric else "") + "---:|---:|" + ("---:|" if show_nm else "")
+        split = any(b.attention_sparsity is not None for b in self.blocks)
+        head = "| block | outlier ratio |" + (f" {metric} |" if metric else "") + " target sparsity |"
+        head += (" attention target | MLP target |" if split else "") + " achieved sparsity |" + (" N:M |" if show_nm else "")
+        sep = "|---:|---:|" + ("---:|" if metric else "") + "---:|" + ("---:|---:|" if split else "") + "---:|"
+        sep += "---:|" if show_nm else ""
         rows = [head, sep]
         for b in self.blocks:
             ratio = "–" if b.outlier_ratio is None else f"{b.outlier_ratio:.4%}"
             row = f"| {b.index} | {ratio} |"
             if metric:
                 row += " – |" if b.metric is None else f" {b.metric:.4g} |"
-            row += f" {b.target_sparsity:.4f} | {b.achieved_sparsity:.4f} |"
+            row += f" {b.target_sparsity:.4f} |"
+            if split:
+                row += " – | – |" if b.attention_sparsity is None else f" {b.attention_sparsity:.4f} | {b.mlp_sparsity:.4f} |"
+            row += f" {b.achieved_sparsity:.4f} |"
             if show_nm:
                 row += f" {b.nm[0]}:{b.nm[1]} |" if b.nm else " – |"
             rows.append(row)
@@ -193,7 +200,8 @@ class PruneReport:
                 f"M={cfg.get('owl_m')}, λ={cfg.get('owl_lambda')}"
                 if not self.allocation.get("knob")
                 else ", ".join(f"{k}={v}" for k, v in self.allocation["knob"].items())
-            ),
+            )
+            + (f", attention_shift={cfg['attention_shift']}" if cfg.get("attention_shift") else ""),
             f"- target sparsity: {self._target_text()}; achieved: {self.sparsity:.4f} "
             f"({self.total_zeros:,} of {self.total_params:,} prunable weights are zero)",
         ]

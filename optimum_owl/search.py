@@ -159,7 +159,7 @@ def _screen_prune(state: RunState, plans: Sequence[BlockPlan], norms: list[dict[
         for u in state.units[i]:
             w = u.weight()
             scores, group = criterion.screen(w, norms[i].get(u.name), cfg)
-            apply_keep_mask_(w, keep_mask(scores, plans[i].sparsity, plans[i].nm, group))
+            apply_keep_mask_(w, keep_mask(scores, plans[i].sparsity_for(u.group), plans[i].nm, group))
 
     each_block(state, visit)
 

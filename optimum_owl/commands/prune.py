@@ -50,6 +50,8 @@ FLAG_HELP: dict[str, dict[str, str]] = {
         "dlp_alpha": "DLP: block sparsities span 2α around the target",
         "alphapruning_epsilon": "AlphaPruning: block sparsities are the target × (1 ± ε), rescaled to the mean",
         "atp_beta": "ATP: sparsity step β from one block to the next",
+        "attention_shift": "any family: sparsity added to each block's attention projections, taken from its MLP "
+        "(block mean kept)",
     },
     "search (--layerwise owl-auto | auto)": {
         "auto_owl_ms": "M values searched (--owl-m is always added)",
