@@ -132,6 +132,48 @@ def test_model_card_metadata_and_body(tmp_path):
     assert f"{report.sparsity:.2%} sparsity" in text
 
 
+def _card_command(card) -> list[str]:
+    import shlex
+
+    text = str(card)
+    block = text.split("Equivalent command:", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return shlex.split(block.split("\n# ", 1)[0])
+
+
+def test_card_command_reproduces_every_family_and_search_knob_through_the_cli():
+    from optimum_owl.cli import build_parser
+    from optimum_owl.commands.prune import config_from_args
+    from optimum_owl.hub import render_model_card
+
+    config = OWLPrunerConfig(
+        sparsity=0.65, layerwise="auto", owl_m=7.0, dlp_alpha=0.2, alphapruning_epsilon=0.3, atp_beta=0.01,
+        attention_shift=-0.05, auto_families=["atp", "dlp"], auto_dlp_alphas=[0.1, 0.3], auto_atp_betas=[0.01, 0.02],
+        auto_owl_ms=[4.0], auto_owl_lambdas=[0.1, 0.2], auto_alphapruning_epsilons=[0.25], auto_holdout=0.25,
+        auto_finalists=2, refine="dsnot", dsnot_cycles=7, dsnot_threshold=0.01, wanda_group="layer",
+        sparsegpt_blocksize=64, sparsegpt_damp=0.02, ignore=["*q_proj", "re:.*k_proj"], num_samples=16, seqlen=256,
+        batch_size=4, seed=3, text_column="body",
+    )
+    argv = _card_command(render_model_card(None, config, base_model="tester/base-llama"))
+    assert argv[:3] == ["optimum-owl", "prune", "tester/base-llama"]
+    for flag in ("--dlp-alpha", "--alphapruning-epsilon", "--atp-beta", "--attention-shift", "--auto-families",
+                 "--auto-atp-betas", "--refine", "--dsnot-cycles", "--wanda-group"):
+        assert flag in argv
+    assert config_from_args(build_parser().parse_args(argv[1:])) == config  # the round trip gives the same config
+    # defaults stay short: knobs at their defaults are left out, the basic flags are always there
+    plain = _card_command(render_model_card(None, OWLPrunerConfig(), base_model="b"))
+    assert "--sparsity" in plain and "--owl-lambda" in plain and "--dlp-alpha" not in plain
+    assert config_from_args(build_parser().parse_args(plain[1:])) == OWLPrunerConfig()
+
+
+def test_card_command_names_fields_without_a_flag(monkeypatch):
+    import optimum_owl.commands.prune as prune_cmd
+    from optimum_owl.hub import render_model_card
+
+    monkeypatch.setattr(prune_cmd, "OPTIONAL_FIELDS", tuple(f for f in prune_cmd.OPTIONAL_FIELDS if f != "atp_beta"))
+    text = str(render_model_card(None, OWLPrunerConfig(atp_beta=0.01), base_model="b"))
+    assert "# not settable from the CLI, use the Python API for: atp_beta=0.01" in text and "--atp-beta" not in text
+
+
 def test_card_for_unpruned_model_says_so():
     from optimum_owl.hub import render_model_card
 

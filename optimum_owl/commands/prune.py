@@ -134,6 +134,32 @@ def config_from_args(args: argparse.Namespace) -> OWLPrunerConfig:
     return OWLPrunerConfig(**{name: getattr(args, name) for name in OPTIONAL_FIELDS if hasattr(args, name)})
 
 
+def config_flags(cfg: dict[str, Any]) -> list[str]:
+    """The `optimum-owl prune` flags that rebuild the config dict `cfg` through `config_from_args` (its inverse, up
+    to the fields that do not change the result: `resume.NON_RESULT_FIELDS`). Derived from `OPTIONAL_FIELDS`: the
+    "pruning" group is always written (a readable command), every other flag when its value differs from the
+    config's default, so a new field with a flag is reproduced without touching this function."""
+    from ..resume import NON_RESULT_FIELDS
+
+    always = set(next(iter(FLAG_HELP.values())))
+    out: list[str] = []
+    for name in OPTIONAL_FIELDS:
+        if name in NON_RESULT_FIELDS or name not in cfg:
+            continue
+        value, default = cfg[name], _config_default(name)
+        if value is None or value is False or value == [] or (name not in always and value == default):
+            continue
+        if value is True:
+            out.append(_flag(name))
+        elif _flag_kwargs(name).get("action") == "append":
+            out += [item for v in value for item in (_flag(name), str(v))]
+        elif isinstance(value, (list, tuple)):
+            out += [_flag(name), *(str(v) for v in value)]
+        else:
+            out += [_flag(name), str(value)]
+    return out
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "prune",

@@ -99,43 +99,26 @@ def _eval_rows(report: Any, eval_results: Any) -> list[dict[str, Any]]:
     return rows
 
 
-# OWLPrunerConfig fields and their `optimum-owl prune` flags (fields without a flag are listed in the card's JSON).
-_CLI_FLAGS = (
-    ("sparsity", "--sparsity"),
-    ("method", "--method"),
-    ("layerwise", "--layerwise"),
-    ("owl_m", "--owl-m"),
-    ("owl_lambda", "--owl-lambda"),
-    ("pattern", "--pattern"),
-    ("propagation", "--propagation"),
-    ("num_samples", "--num-samples"),
-    ("seqlen", "--seqlen"),
-    ("batch_size", "--batch-size"),
-    ("seed", "--seed"),
-    ("text_column", "--text-column"),
-)
-_NO_FLAG_DEFAULTS = {"wanda_group": "row", "sparsegpt_blocksize": 128, "sparsegpt_damp": 0.01, "offload_activations": False}
-
-
 def prune_command(cfg: dict[str, Any], model: str, source: Any) -> str:
-    """The `optimum-owl prune` command line equivalent to a config dict (shell-quoted)."""
+    """The `optimum-owl prune` command line equivalent to a config dict (shell-quoted); the flags come from the CLI's
+    own field list (`commands.prune.config_flags`), so every knob with a flag is reproduced."""
+    import dataclasses
     import shlex
+
+    from ..commands.prune import OPTIONAL_FIELDS, config_flags
+    from ..config import OWLPrunerConfig
 
     parts = ["optimum-owl", "prune", model]
     if source is not None:
         parts += ["--calibration", str(source)]
-    for key, flag in _CLI_FLAGS:
-        if cfg.get(key) is not None:
-            parts += [flag, str(cfg[key])]
-    if cfg.get("nm_mixed"):
-        parts.append("--nm-mixed")
-    if cfg.get("block_name"):
-        parts += ["--block-name", cfg["block_name"]]
-    for pattern in cfg.get("ignore") or []:
-        parts += ["--ignore", pattern]
-    parts += ["-o", "pruned-model"]
+    parts += config_flags(cfg) + ["-o", "pruned-model"]
     text = " ".join(shlex.quote(p) for p in parts)
-    differs = [k for k, v in _NO_FLAG_DEFAULTS.items() if k in cfg and cfg[k] != v]
+    no_flag = {f.name: f for f in dataclasses.fields(OWLPrunerConfig) if f.init and f.name not in OPTIONAL_FIELDS}
+    differs = [
+        k for k, f in no_flag.items()
+        if k in cfg and k not in ("dataset", "tokenizer") and cfg[k] != (f.default_factory() if f.default_factory
+                                                                          is not dataclasses.MISSING else f.default)
+    ]
     if differs:
         text += "\n# not settable from the CLI, use the Python API for: " + ", ".join(f"{k}={cfg[k]!r}" for k in differs)
     return text
