@@ -137,7 +137,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             pruned weights), the next block's inputs and the plan. Rerunning the same config on the same (freshly
             loaded) model and calibration data continues after the last finished block with identical final
             masks; a different config or data raises an error naming this folder. Needs
-            `propagation="sequential"` and `layerwise` "owl" or "uniform".
+            `propagation="sequential"` and a fixed `layerwise` (not "owl-auto" or "auto").
         auto_holdout (`float`, *optional*, defaults to 0.125):
             Searches: fraction of the calibration windows held out to choose (at least `min(4, num_samples // 4)`
             and 1); no statistic that compares candidates sees them, the winner is refitted on all. In (0, 0.5].
@@ -325,11 +325,11 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             if not isinstance(value, (str, os.PathLike)) or not str(value):
                 raise OWLConfigError(f"`{name}` must be a folder path (str), got {value!r}.")
             setattr(self, name, str(value))
-        if self.checkpoint_dir is not None and (self.propagation != "sequential" or self.layerwise not in ("owl", "uniform")):
+        if self.checkpoint_dir is not None and (self.propagation != "sequential" or self.layerwise in ("owl-auto", "auto")):
             raise OWLConfigError(
-                f"`checkpoint_dir` (resumable runs) needs propagation='sequential' and layerwise 'owl' or 'uniform', "
-                f"got propagation={self.propagation!r}, layerwise={self.layerwise!r}; drop `checkpoint_dir` or "
-                "change those fields."
+                f"`checkpoint_dir` (resumable runs) needs propagation='sequential' and a fixed layerwise (uniform, owl, "
+                f"dlp, alphapruning, atp; a search's candidates are not resumable), got propagation="
+                f"{self.propagation!r}, layerwise={self.layerwise!r}; drop `checkpoint_dir` or change those fields."
             )
 
     # ----------------------------------------------------------------------------------------------- derived

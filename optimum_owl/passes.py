@@ -201,8 +201,9 @@ def _fresh_stats(state: RunState, index: int) -> BlockStats | None:
 # ------------------------------------------------------------------------------------------------ passes
 def outlier_pass(state: RunState) -> list[float]:
     """Dense pass: per block, input statistics and outlier ratio; outputs feed the next block unpruned."""
-    if state.resume is not None and state.resume.saved_ratios() is not None:
+    if state.resume is not None and None not in (state.resume.saved_ratios(), state.resume.saved_mean_scores()):
         state.outlier_ratios = state.resume.saved_ratios()  # resumed run: the dense pass already happened
+        state.mean_scores = state.resume.saved_mean_scores()
         return state.outlier_ratios
     t = time.perf_counter()
     ratios: list[float] = []
@@ -223,7 +224,7 @@ def outlier_pass(state: RunState) -> list[float]:
     state.mean_scores = means
     state.timings["outlier_pass"] = time.perf_counter() - t
     if state.resume is not None:
-        state.resume.save_ratios(ratios)
+        state.resume.save_ratios(ratios, means)
     return ratios
 
 

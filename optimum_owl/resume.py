@@ -4,15 +4,17 @@ With `OWLPrunerConfig(checkpoint_dir=...)` the pruner keeps, in that folder:
 
 | file | written | holds |
 |---|---|---|
-| `owl_checkpoint.json` | after every step (last, atomically) | format version, run fingerprint, OWL outlier ratios, per-block plans, number of finished blocks, name of the inputs file, the SHA-256 of every `.pt` file it names and of itself |
+| `owl_checkpoint.json` | after every step (last, atomically) | format version, run fingerprint, OWL outlier ratios and DLP mean scores, per-block plans, number of finished blocks, name of the inputs file, the SHA-256 of every `.pt` file it names and of itself |
 | `block_NNNNN.pt` | when block N is finished | per unit: the keep mask packed to bits by THE codec (`optimum_owl.bitmask`, little-endian bits) for criteria that only choose a mask, or the pruned weight for criteria that update weights (SparseGPT) |
 | `inputs_NNNNN.pt` | when block N-1 is finished | block N's calibration inputs (hidden states and the block's other arguments) |
 
 Every file is written to a temporary name and renamed, and `owl_checkpoint.json` is replaced only after the files
 it names exist, so an interruption at any point leaves a consistent checkpoint. A rerun with the same config and
 calibration data on a freshly loaded model checks every file against its SHA-256 (a corrupt or truncated file is
-refused, naming it), restores the finished blocks, skips the OWL outlier pass when its
-ratios were saved, and continues with the next block: the final masks are identical to an uninterrupted run.
+refused, naming it), restores the finished blocks, skips the outlier pass (OWL, DLP) when its
+results were saved, and continues with the next block: the final masks are identical to an uninterrupted run. Every
+fixed `layerwise` resumes: ATP's plans depend on the config only, AlphaPruning's are recomputed from the (dense,
+freshly loaded) weights before anything is restored, and the saved plans must equal the recomputed ones.
 
 The fingerprint covers the config (except `device`, `offload_folder`, `offload_activations`, `checkpoint_dir`,
 which do not change the result on a given device), the model's block path and prunable unit names and shapes,
@@ -123,6 +125,7 @@ class ResumeState:
             "num_blocks": num_blocks,
             "method": method,
             "outlier_ratios": None,
+            "mean_scores": None,
             "plans": None,
             "finished": 0,
             "inputs_file": None,
@@ -201,14 +204,22 @@ class ResumeState:
         _atomic_torch_save(obj, self.directory / name)
         self.state["checksums"][name] = _sha256(self.directory / name)
 
-    # ------------------------------------------------------------------------------------------ OWL ratios
+    # ------------------------------------------------------------------------------------------ outlier pass
     def saved_ratios(self) -> list[float] | None:
         """The outlier ratios of an earlier attempt of this run, or `None`."""
         ratios = self.state.get("outlier_ratios")
         return [float(r) for r in ratios] if ratios is not None else None
 
-    def save_ratios(self, ratios: Sequence[float]) -> None:
+    def saved_mean_scores(self) -> list[float] | None:
+        """The blocks' mean Wanda scores (DLP's metric) of an earlier attempt, or `None` (also for state written
+        before they were saved: the outlier pass then simply runs again)."""
+        means = self.state.get("mean_scores")
+        return [float(m) for m in means] if means is not None else None
+
+    def save_ratios(self, ratios: Sequence[float], mean_scores: Sequence[float] | None = None) -> None:
+        """Record the outlier pass's results: outlier ratios (OWL) and mean scores (DLP)."""
         self.state["outlier_ratios"] = [float(r) for r in ratios]
+        self.state["mean_scores"] = None if mean_scores is None else [float(m) for m in mean_scores]
         self._save_state()
 
     # ------------------------------------------------------------------------------------------ blocks

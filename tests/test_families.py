@@ -122,7 +122,7 @@ def test_data_free_families_with_magnitude_need_no_calibration_data():
     "kwargs, field",
     [(dict(dlp_alpha=-0.1), "dlp_alpha"), (dict(alphapruning_epsilon=1.0), "alphapruning_epsilon"),
      (dict(atp_beta=float("nan")), "atp_beta"), (dict(layerwise="dlp", pattern="2:4", nm_mixed=True), "nm_mixed"),
-     (dict(layerwise="dlp", checkpoint_dir="x"), "checkpoint_dir")],
+     (dict(layerwise="auto", checkpoint_dir="x"), "checkpoint_dir")],
 )
 def test_family_fields_are_validated(kwargs, field):
     with pytest.raises(OWLConfigError, match=field):

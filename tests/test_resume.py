@@ -93,10 +93,11 @@ def _count_calls(monkeypatch, fail_at: int | None = None) -> list[int]:
 
 @pytest.mark.parametrize(
     "method,layerwise,offloaded",
-    [("wanda", "owl", False), ("wanda", "owl", True), ("sparsegpt", "owl", False), ("magnitude", "uniform", True)],
+    [("wanda", "owl", False), ("wanda", "owl", True), ("sparsegpt", "owl", False), ("magnitude", "uniform", True),
+     ("wanda", "dlp", False), ("sparsegpt", "alphapruning", False), ("wanda", "atp", False), ("magnitude", "atp", False)],
 )
 def test_interrupt_and_resume_gives_identical_masks(checkpoint, calib, tmp_path, monkeypatch, method, layerwise, offloaded):
-    cfg = dict(method=method, layerwise=layerwise)
+    cfg = dict(method=method, layerwise=layerwise, dlp_alpha=0.2, alphapruning_epsilon=0.3, atp_beta=0.05)
     ref = _load(checkpoint)
     ref_report = OWLPruner(_config(**cfg)).prune(ref, dataset=calib)
     expected = _masks(ref)
@@ -126,25 +127,59 @@ def test_interrupt_and_resume_gives_identical_masks(checkpoint, calib, tmp_path,
             assert torch.equal(got[name], w), name
     assert [b.achieved_sparsity for b in report.blocks] == [b.achieved_sparsity for b in ref_report.blocks]
     assert [b.outlier_ratio for b in report.blocks] == [b.outlier_ratio for b in ref_report.blocks]
+    assert [b.metric for b in report.blocks] == [b.metric for b in ref_report.blocks]
+    assert report.block_sparsities == ref_report.block_sparsities
+    if layerwise != "uniform":
+        assert len(set(report.block_sparsities)) > 1  # the family's own allocation, not uniform
     assert json.loads((ckpt / STATE_FILE).read_text())["finished"] == NUM_LAYERS
 
 
-def test_outlier_pass_is_not_repeated(checkpoint, calib, tmp_path, monkeypatch):
+@pytest.mark.parametrize("layerwise", ["owl", "dlp"])
+def test_outlier_pass_is_not_repeated(checkpoint, calib, tmp_path, monkeypatch, layerwise):
     ckpt = tmp_path / "run"
     with monkeypatch.context() as m:
         _count_calls(m, fail_at=0)
         with pytest.raises(Interrupted):
-            OWLPruner(_config(checkpoint_dir=str(ckpt))).prune(_load(checkpoint), dataset=calib)
-    assert json.loads((ckpt / STATE_FILE).read_text())["outlier_ratios"] is not None
+            OWLPruner(_config(checkpoint_dir=str(ckpt), layerwise=layerwise)).prune(_load(checkpoint), dataset=calib)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    assert state["outlier_ratios"] is not None and state["mean_scores"] is not None
 
     def no_forward(*a, **k):
         raise AssertionError("the outlier pass ran again")
 
     with monkeypatch.context() as m:
-        m.setattr("optimum_owl.passes.block_outlier_ratios", no_forward)
-        report = OWLPruner(_config(checkpoint_dir=str(ckpt))).prune(_load(checkpoint), dataset=calib)
-    ref = OWLPruner(_config()).prune(_load(checkpoint), dataset=calib)
+        m.setattr("optimum_owl.passes.block_summary", no_forward)  # what the outlier pass computes per block
+        report = OWLPruner(_config(checkpoint_dir=str(ckpt), layerwise=layerwise)).prune(_load(checkpoint), dataset=calib)
+    ref = OWLPruner(_config(layerwise=layerwise)).prune(_load(checkpoint), dataset=calib)
     assert [b.outlier_ratio for b in report.blocks] == [b.outlier_ratio for b in ref.blocks]
+    assert [b.metric for b in report.blocks] == [b.metric for b in ref.blocks]
+    assert report.block_sparsities == ref.block_sparsities
+
+
+def test_state_without_mean_scores_reruns_the_outlier_pass_for_dlp(checkpoint, calib, tmp_path, monkeypatch):
+    """A state file written before mean scores were saved (OWL run format): DLP cannot plan from it, so the outlier
+    pass runs again (it is deterministic; the saved plans must still match)."""
+    from optimum_owl.resume import _state_digest
+
+    ckpt = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _count_calls(m, fail_at=2)
+        with pytest.raises(Interrupted):
+            OWLPruner(_config(checkpoint_dir=str(ckpt), layerwise="dlp")).prune(_load(checkpoint), dataset=calib)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    del state["mean_scores"]  # as written before this field existed
+    state["state_sha256"] = _state_digest(state)
+    (ckpt / STATE_FILE).write_text(json.dumps(state))
+    model = _load(checkpoint)
+    with monkeypatch.context() as m:
+        calls = _count_calls(m)
+        report = OWLPruner(_config(checkpoint_dir=str(ckpt), layerwise="dlp")).prune(model, dataset=calib)
+    assert calls == [2, 3]
+    ref_model = _load(checkpoint)
+    ref = OWLPruner(_config(layerwise="dlp")).prune(ref_model, dataset=calib)
+    assert report.block_sparsities == ref.block_sparsities
+    a, b = _masks(model), _masks(ref_model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_completed_checkpoint_restores_everything(checkpoint, calib, tmp_path, monkeypatch):
@@ -177,8 +212,11 @@ def test_mismatched_run_is_refused(checkpoint, calib, tmp_path, monkeypatch):
 def test_checkpoint_config_validation(tmp_path):
     with pytest.raises(OWLConfigError, match="checkpoint_dir"):
         OWLPrunerConfig(checkpoint_dir=str(tmp_path), propagation="dense")
-    with pytest.raises(OWLConfigError, match="checkpoint_dir"):
-        OWLPrunerConfig(checkpoint_dir=str(tmp_path), layerwise="owl-auto")
+    for search in ("owl-auto", "auto"):
+        with pytest.raises(OWLConfigError, match="checkpoint_dir.*fixed layerwise"):
+            OWLPrunerConfig(checkpoint_dir=str(tmp_path), layerwise=search)
+    for fixed in ("uniform", "owl", "dlp", "alphapruning", "atp"):
+        assert OWLPrunerConfig(checkpoint_dir=str(tmp_path), layerwise=fixed).checkpoint_dir == str(tmp_path)
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(OWLConfigError, match="checkpoint_dir"):
