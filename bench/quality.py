@@ -14,6 +14,9 @@ Usage (from the project root):
 
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/quality.py --model smollm2
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/quality.py --model smollm2 --only uniform owl --sparsities 0.7
+    # the per-projection split (not in the default table): one cell per command, into its own JSON
+    OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/quality.py --model smollm2 \
+        --out bench/results/quality_smollm2_split.json --cells wanda-atp-attn+0.05:0.7
     PYTHONPATH=$PWD python bench/quality.py --model smollm2 --render   # Markdown tables + docs/img/quality_*.png
 
 Every cell (model, setting, sparsity) is written to the JSON as soon as it is measured, and a cell already in the
@@ -84,10 +87,19 @@ SETTINGS = [
     ("sparsegpt-owl-auto", "SparseGPT owl-auto", dict(method="sparsegpt", layerwise="owl-auto")),
     ("sparsegpt-auto", "SparseGPT auto", dict(method="sparsegpt", layerwise="auto")),
 ]
+# The per-projection split (`attention_shift`: attention projections d above the block's sparsity, the MLP below it,
+# block mean kept), measured on its own: bench/results/quality_smollm2_split.json via --out and --cells.
+SPLIT_SETTINGS = [
+    (f"wanda-{family}-attn{shift:+.2f}" if round(shift, 2) == shift else f"wanda-{family}-attn{shift:+g}",
+     f"Wanda {label}, attention {shift:+g}", dict(method="wanda", layerwise=family, attention_shift=shift))
+    for family, label in (("atp", "ATP (β=0.005)"), ("uniform", "uniform"))
+    for shift in (0.0125, 0.025, 0.0375, 0.05, -0.05, 0.1, -0.1)
+]
+SETTINGS += SPLIT_SETTINGS
 # what each model's table runs by default (the stories260K rows of earlier tables stay in its JSON)
 DEFAULT_KEYS = {
-    "smollm2": [k for k, _, _ in SETTINGS if "dsnot" not in k and k != "wanda-owl-dense"],
-    "stories260K": [k for k, _, _ in SETTINGS],
+    "smollm2": [k for k, _, _ in SETTINGS if "dsnot" not in k and k != "wanda-owl-dense" and "-attn" not in k],
+    "stories260K": [k for k, _, _ in SETTINGS if "-attn" not in k],
 }
 LABELS = {k: label for k, label, _ in SETTINGS}
 
@@ -201,6 +213,7 @@ def run(args: argparse.Namespace) -> None:
                 "method": config.method,
                 "layerwise": config.layerwise,
                 "refine": config.refine,
+                "attention_shift": config.attention_shift,
                 "propagation": config.propagation,
                 "sparsity": sparsity,
                 "achieved": round(report.sparsity, 5),
@@ -321,6 +334,8 @@ def render(args: argparse.Namespace) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     img = ROOT / "docs" / "img" / ("quality.png" if args.model == "stories260K" else f"quality_{args.model}.png")
+    if args.out:  # a separate results file gets its own plot
+        img = img.with_name(Path(args.out).stem + ".png")
     img.parent.mkdir(parents=True, exist_ok=True)
     tmp = img.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
