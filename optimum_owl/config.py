@@ -156,6 +156,9 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             `layerwise="auto"`: each family's knob values searched (defaults `[0.05, 0.1, 0.15, 0.2, 0.25]`,
             `[0.1, 0.2, 0.3]`, and for ATP `None`: the β that spread the block sparsities over 0.08–0.32 from the
             first block to the last); the configured knob is always added.
+        auto_attention_shifts (`list[float]`, *optional*):
+            `layerwise="auto"`: the best screened setting is screened again with each of these `attention_shift`
+            values (and checked exactly like any candidate when it screens best); `None` (default): none.
         refine (`str`, *optional*):
             Training-free refinement after the mask is chosen: `"dsnot"` (DSnoT-style swaps of pruned and kept
             weights within each row that lower the expected output error, keeping every row's count). Needs
@@ -215,6 +218,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
     auto_dlp_alphas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.25])
     auto_alphapruning_epsilons: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3])
     auto_atp_betas: list[float] | None = None
+    auto_attention_shifts: list[float] | None = None
     refine: str | None = None
     dsnot_cycles: int = 50
     dsnot_threshold: float = 1e-3
@@ -244,10 +248,12 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         parse_pattern(self.pattern)
         self.pattern = self.pattern.strip().lower()
         check_range("attention_shift", self.attention_shift, -1.0, 1.0, hint="e.g. 0.05 (0 keeps one sparsity per block)")
-        if self.attention_shift and self.nm_pattern is not None:
-            raise OWLConfigError(f"`attention_shift` needs pattern='unstructured' (an N:M pattern fixes every matrix's "
-                                 f"sparsity), got pattern={self.pattern!r}; set attention_shift=0.")
-        for name in ("num_samples", "seqlen", "batch_size", "sparsegpt_blocksize"):
+        self.auto_attention_shifts = number_list("auto_attention_shifts", self.auto_attention_shifts, low=-1.0,
+                                                 high=1.0, optional=True)
+        if (self.attention_shift or self.auto_attention_shifts) and self.nm_pattern is not None:
+            raise OWLConfigError(f"`attention_shift` / `auto_attention_shifts` need pattern='unstructured' (an N:M "
+                                 f"pattern fixes every matrix's sparsity), got pattern={self.pattern!r}; unset them.")
+        for name in ("num_samples", "seqlen", "batch_size", "sparsegpt_blocksize", "auto_finalists", "dsnot_cycles"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OWLConfigError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -287,8 +293,6 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         self.auto_alphapruning_epsilons = number_list("auto_alphapruning_epsilons", self.auto_alphapruning_epsilons, high=1.0)
         self.auto_atp_betas = number_list("auto_atp_betas", self.auto_atp_betas, optional=True)
         self.auto_families = choice_list("auto_families", self.auto_families, AUTO_FAMILIES)
-        if isinstance(self.auto_finalists, bool) or not isinstance(self.auto_finalists, int) or self.auto_finalists < 1:
-            raise OWLConfigError(f"`auto_finalists` must be a positive integer, got {self.auto_finalists!r}; e.g. 1.")
         if self.refine is not None:
             if not isinstance(self.refine, str) or self.refine.strip().lower() not in REFINE:
                 raise OWLConfigError(f"`refine` must be None or 'dsnot', got {self.refine!r}.")
@@ -300,8 +304,6 @@ class OWLPrunerConfig(QuantizationConfigMixin):
                     f"using calibration statistics and keeps dense values), got method={self.method!r}; set "
                     f"refine=None or method={able[0]!r}."
                 )
-        if isinstance(self.dsnot_cycles, bool) or not isinstance(self.dsnot_cycles, int) or self.dsnot_cycles < 1:
-            raise OWLConfigError(f"`dsnot_cycles` must be a positive integer, got {self.dsnot_cycles!r}; e.g. 50.")
         check_range("dsnot_threshold", self.dsnot_threshold, 0.0, 1.0, hint="e.g. 0.001")
 
     def _validate_scale(self) -> None:

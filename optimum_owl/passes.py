@@ -82,10 +82,10 @@ def uniform(state: RunState) -> list[BlockPlan]:
     return split_plans(state, uniform_plans(cfg.target_sparsity, cfg.nm_pattern, len(state.blocks)))
 
 
-def split_plans(state: RunState, plans: list[BlockPlan]) -> list[BlockPlan]:
-    """With `attention_shift` (unstructured only), each block's sparsity split between its attention projections
-    and its other matrices (`projection_split`, mean kept); every family's plans pass through here."""
-    shift = state.config.attention_shift
+def split_plans(state: RunState, plans: list[BlockPlan], shift: float | None = None) -> list[BlockPlan]:
+    """With `attention_shift` (or `shift`; unstructured only), each block's sparsity split between its attention
+    projections and its other matrices (`projection_split`, mean kept); every family's plans pass through here."""
+    shift = state.config.attention_shift if shift is None else shift
     if not shift:
         return plans
     out = []

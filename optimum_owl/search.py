@@ -23,9 +23,9 @@ depend on the candidate:
    for SparseGPT): no statistics forward, one full-model forward on the held-out windows. Candidates with the same
    per-block sparsities share one score; along each knob (ascending) a sequence (OWL: one per M) stops after two
    values in a row that do not improve its best loss. `auto` searches OWL by coordinates: λ along the configured
-   M, then the other Ms at the best λ (about 7 candidates instead of about 19 on SmolLM2). (Norms from the *dense*
-   pass were tried first and ranked candidates poorly on stories260K: a pruned prefix changes the inputs of later
-   blocks.)
+   M, then the other Ms at the best λ (about 7 instead of about 19 candidates on SmolLM2); then, with
+   `auto_attention_shifts`, the best setting so far with each attention shift. (Norms from the *dense* pass ranked
+   candidates poorly on stories260K: a pruned prefix changes the inputs of later blocks.)
 5. **Exact check**: the `auto_finalists` best candidates of the screening (`auto`: the best of as many different
    families) are pruned for real and scored again (also OWL with the configured `owl_m`, `owl_lambda`: with
    SparseGPT always, with `auto` when it screened better than uniform). A finalist replaces uniform sparsity only if
@@ -41,8 +41,7 @@ depend on the candidate:
    chosen setting gives on the same data (`layerwise="uniform"`, or `"owl"` with the chosen M and λ, whose outlier
    ratios then also count the held-out windows), so choosing uniform costs no calibration data.
 
-Between candidates the dense weights are restored from a CPU copy of the prunable weights (extra host memory: one
-copy of the prunable weights).
+Between candidates the dense weights are restored from a CPU copy of the prunable weights (extra host memory).
 
 Cost, in block forwards over the calibration windows (L blocks, held-out fraction h, K screened candidates, F = 1 +
 `auto_finalists` exact candidates, one more for `auto`'s configured OWL): (1−h)·L for the outlier pass, K·h·L for screening (one full-model forward on the
@@ -74,6 +73,7 @@ from .passes import (
     holdout_ratios,
     plan,
     prune_pass,
+    split_plans,
     uniform,
 )
 from .report import Candidate
@@ -165,7 +165,7 @@ def _screen_prune(state: RunState, plans: Sequence[BlockPlan], norms: list[dict[
 
 
 def _plan_key(plans: Sequence[BlockPlan]) -> tuple:
-    return tuple((round(p.sparsity, 9), p.nm) for p in plans)
+    return tuple((round(p.sparsity, 9), p.nm, p.split) for p in plans)
 
 
 @dataclass
@@ -294,6 +294,10 @@ def choose_and_prune(state: RunState) -> list[BlockPlan]:
                 stale += 1
                 if stale >= PATIENCE:
                     break
+    if wide and cfg.auto_attention_shifts:  # below the block: the best setting again with each attention shift
+        best = min(screened, key=lambda o: o.sort_key)
+        for d in cfg.auto_attention_shifts:
+            screen(_Option(best.family, {**best.knob, "attention_shift": d}, split_plans(state, best.plans, d)))
     state.timings["auto_screen"] = time.perf_counter() - t
 
     # ---- exact check of the best candidates of the screening
@@ -330,15 +334,9 @@ def choose_and_prune(state: RunState) -> list[BlockPlan]:
     _restore(state, dense)
     dense.clear()  # free the copy before the refit
     plans_w = refit(state, winner.family, winner.knob)
-    logger.info(
-        "%s chose %s (held-out loss %.4f; uniform %.4f) after %d screened and %d exact candidates",
-        cfg.layerwise,
-        winner.family + ("" if not winner.knob else " " + ", ".join(f"{k}={v:g}" for k, v in winner.knob.items())),
-        float(exact_chunks[best_index].mean()),
-        float(exact_chunks[0].mean()),
-        len(screened),
-        len(finalists),
-    )
+    logger.info("%s chose %s (held-out loss %.4f; uniform %.4f) after %d screened and %d exact candidates",
+                cfg.layerwise, winner.candidate(math.nan).setting, float(exact_chunks[best_index].mean()),
+                float(exact_chunks[0].mean()), len(screened), len(finalists))
     return plans_w
 
 
@@ -359,7 +357,7 @@ def _finalists(state: RunState, screened: list[_Option], base: _Option, wide: bo
     keys = {_plan_key(base.plans)}
     out: list[_Option] = []
     families_taken: set[str] = set()
-    for option in sorted((o for o in screened if o.family != "uniform"), key=lambda o: o.sort_key):
+    for option in sorted((o for o in screened if o.family != "uniform" or o.knob), key=lambda o: o.sort_key):
         if len(out) >= cfg.auto_finalists:
             break
         key = _plan_key(option.plans)
@@ -411,6 +409,8 @@ def refit(state: RunState, family: str, knob: dict[str, float]) -> list[BlockPla
         plans = family_plans(state, family, state.block_metrics, next(iter(knob.values())))
     if family not in ("owl", "dlp"):
         state.dense_stats = []  # a direct run of these takes block 0's statistics in its own prune pass
+    if "attention_shift" in knob:
+        plans = split_plans(state, plans, knob["attention_shift"])
     state.calibration_ids = torch.cat([state.calibration_ids, state.holdout_ids])
     state.inputs0 = None
     state.inputs0 = state.runner.capture(state.calibration_ids, cfg.batch_size)

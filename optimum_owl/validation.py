@@ -55,9 +55,9 @@ def check_range(name: str, value: Any, low: float, high: float | None = None, hi
 
 
 def number_list(
-    name: str, values: Any, positive: bool = False, high: float | None = None, optional: bool = False
+    name: str, values: Any, positive: bool = False, high: float | None = None, optional: bool = False, low: float = 0.0
 ) -> list[float] | None:
-    """A non-empty list of finite numbers (a single number is accepted), each > 0 (`positive`) or ≥ 0, and below
+    """A non-empty list of finite numbers (a single number is accepted), each > 0 (`positive`) or ≥ `low`, and below
     `high` when given; returned as floats. `None` passes through when `optional`."""
     if values is None and optional:
         return None
@@ -67,8 +67,8 @@ def number_list(
         raise OWLConfigError(f"`{name}` must be a non-empty list of numbers, got {values!r}.")
     for v in values:
         check_number(name, v)
-        if (positive and v <= 0) or v < 0 or (high is not None and v >= high):
-            bound = "> 0" if positive else (f"in [0, {high})" if high is not None else "≥ 0")
+        if (positive and v <= 0) or v < low or (high is not None and v >= high):
+            bound = "> 0" if positive else (f"in [{low:g}, {high:g})" if high is not None else f"≥ {low:g}")
             raise OWLConfigError(f"every value of `{name}` must be {bound}, got {v!r}.")
     return [float(v) for v in values]
 

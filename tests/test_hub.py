@@ -147,7 +147,7 @@ def test_card_command_reproduces_every_family_and_search_knob_through_the_cli():
 
     config = OWLPrunerConfig(
         sparsity=0.65, layerwise="auto", owl_m=7.0, dlp_alpha=0.2, alphapruning_epsilon=0.3, atp_beta=0.01,
-        attention_shift=-0.05, auto_families=["atp", "dlp"], auto_dlp_alphas=[0.1, 0.3], auto_atp_betas=[0.01, 0.02],
+        attention_shift=-0.05, auto_attention_shifts=[-0.05, 0.025], auto_families=["atp", "dlp"], auto_dlp_alphas=[0.1, 0.3], auto_atp_betas=[0.01, 0.02],
         auto_owl_ms=[4.0], auto_owl_lambdas=[0.1, 0.2], auto_alphapruning_epsilons=[0.25], auto_holdout=0.25,
         auto_finalists=2, refine="dsnot", dsnot_cycles=7, dsnot_threshold=0.01, wanda_group="layer",
         sparsegpt_blocksize=64, sparsegpt_damp=0.02, ignore=["*q_proj", "re:.*k_proj"], num_samples=16, seqlen=256,
@@ -156,7 +156,7 @@ def test_card_command_reproduces_every_family_and_search_knob_through_the_cli():
     argv = _card_command(render_model_card(None, config, base_model="tester/base-llama"))
     assert argv[:3] == ["optimum-owl", "prune", "tester/base-llama"]
     for flag in ("--dlp-alpha", "--alphapruning-epsilon", "--atp-beta", "--attention-shift", "--auto-families",
-                 "--auto-atp-betas", "--refine", "--dsnot-cycles", "--wanda-group"):
+                 "--auto-atp-betas", "--auto-attention-shifts", "--refine", "--dsnot-cycles", "--wanda-group"):
         assert flag in argv
     assert config_from_args(build_parser().parse_args(argv[1:])) == config  # the round trip gives the same config
     # defaults stay short: knobs at their defaults are left out, the basic flags are always there

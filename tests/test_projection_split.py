@@ -118,3 +118,57 @@ def test_attention_shift_round_trips_through_owl_config(tmp_path):
     config = OWLPrunerConfig(attention_shift=-0.1)
     assert OWLPrunerConfig.from_pretrained(config.save_pretrained(tmp_path)).attention_shift == -0.1
     assert OWLPrunerConfig(attention_shift=0.0, pattern="2:4").attention_shift == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ layerwise="auto"
+def _attention_heavy_losses(model, ids, batch_size):
+    """Fake per-token scoring that rewards pruning the attention projections more than the MLP."""
+    import torch
+
+    gap = 0.0
+    for layer in model.model.layers:
+        attention = [p for p in layer.self_attn.parameters() if p.dim() == 2]
+        mlp = [p for p in layer.mlp.parameters() if p.dim() == 2]
+        share = lambda ws: sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)  # noqa: E731
+        gap += share(attention) - share(mlp)
+    return torch.full((ids.shape[0], 3), 1.0 - gap, dtype=torch.float64)
+
+
+def test_auto_searches_attention_shifts_and_refits_like_a_direct_run(monkeypatch):
+    import copy
+
+    import torch
+
+    import optimum_owl.scoring as scoring
+
+    monkeypatch.setattr(scoring, "token_losses", _attention_heavy_losses)
+    base = dict(
+        sparsity=0.6, num_samples=12, seqlen=16, batch_size=3, auto_holdout=0.25, auto_families=["atp"],
+        auto_atp_betas=[0.02],
+    )
+    model = tiny_model("llama", layers=3)
+    dense = copy.deepcopy(model)
+    config = OWLPrunerConfig(layerwise="auto", auto_attention_shifts=[-0.1, 0.05, 0.1], **base)
+    report = OWLPruner(config).prune(model, dataset=calib_ids(12))
+    shifted = [c for c in report.candidates if c.layerwise.endswith(", screened") and "attention_shift" in c.knob]
+    assert sorted(c.knob["attention_shift"] for c in shifted) == [-0.1, 0.05, 0.1]
+    assert len({c.loss for c in shifted}) == 3  # each split is scored on its own (not merged with the unsplit plans)
+    (chosen,) = [c for c in report.candidates if c.chosen]
+    assert chosen.knob.get("attention_shift") == 0.1 and report.allocation["knob"] == chosen.knob
+    assert all(b.attention_sparsity == pytest.approx(b.target_sparsity + 0.1) for b in report.blocks)
+    # the refit is what a direct run with the chosen family, knob and shift gives
+    direct = copy.deepcopy(dense)
+    knob = dict(chosen.knob)
+    shift = knob.pop("attention_shift")
+    layerwise = chosen.family
+    OWLPruner(OWLPrunerConfig(layerwise=layerwise, attention_shift=shift, **knob, **base)).prune(direct, dataset=calib_ids(12))
+    weights = lambda m: [p for p in m.model.layers.parameters() if p.dim() == 2]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(weights(model), weights(direct)))
+
+
+def test_auto_attention_shifts_are_validated():
+    with pytest.raises(OWLConfigError, match="auto_attention_shifts"):
+        OWLPrunerConfig(auto_attention_shifts=[0.05, 1.5])
+    with pytest.raises(OWLConfigError, match="auto_attention_shifts"):
+        OWLPrunerConfig(auto_attention_shifts=[0.05], pattern="2:4")
+    assert OWLPrunerConfig(auto_attention_shifts=[-0.05, 0.05]).auto_attention_shifts == [-0.05, 0.05]

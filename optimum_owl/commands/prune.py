@@ -63,6 +63,7 @@ FLAG_HELP: dict[str, dict[str, str]] = {
         "auto_alphapruning_epsilons": "auto: AlphaPruning ε values searched (--alphapruning-epsilon is always added)",
         "auto_atp_betas": "auto: ATP β values searched (--atp-beta is always added); unset: spreads 0.08-0.32 over "
         "the depth",
+        "auto_attention_shifts": "auto: attention shifts (see --attention-shift) tried on the best screened setting",
     },
     "memory and resuming (docs/scale.md)": {
         "offload_activations": "keep calibration activations on CPU between blocks",
