@@ -95,11 +95,20 @@ SPLIT_SETTINGS = [
     for family, label in (("atp", "ATP (β=0.005)"), ("uniform", "uniform"))
     for shift in (0.0125, 0.025, 0.0375, 0.05, -0.05, 0.1, -0.1)
 ]
+# `auto`'s choice at 70% (ATP with β = 0.32 / 29), with and without a split
+SPLIT_SETTINGS += [
+    (f"wanda-atp0.011-attn{shift:+g}" if shift else "wanda-atp0.011", f"Wanda ATP (β=0.011034), attention {shift:+g}",
+     dict(method="wanda", layerwise="atp", atp_beta=0.011034, attention_shift=shift))
+    for shift in (0.0, 0.025, 0.05)
+]
+SPLIT_SETTINGS.append(("wanda-auto-attn", "Wanda auto, attention shifts +0.025, +0.05, +0.1 searched",
+                       dict(method="wanda", layerwise="auto", auto_attention_shifts=[0.025, 0.05, 0.1])))
+SPLIT_KEYS = {k for k, _, _ in SPLIT_SETTINGS}
 SETTINGS += SPLIT_SETTINGS
 # what each model's table runs by default (the stories260K rows of earlier tables stay in its JSON)
 DEFAULT_KEYS = {
-    "smollm2": [k for k, _, _ in SETTINGS if "dsnot" not in k and k != "wanda-owl-dense" and "-attn" not in k],
-    "stories260K": [k for k, _, _ in SETTINGS if "-attn" not in k],
+    "smollm2": [k for k, _, _ in SETTINGS if "dsnot" not in k and k != "wanda-owl-dense" and k not in SPLIT_KEYS],
+    "stories260K": [k for k, _, _ in SETTINGS if k not in SPLIT_KEYS],
 }
 LABELS = {k: label for k, label, _ in SETTINGS}
 

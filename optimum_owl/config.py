@@ -86,7 +86,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             Sparsity added to every block's attention projections (q/k/v/o; GPT-2's `attn.*`); the block's other
             matrices (MLP, experts) get what keeps its parameter-weighted mean at the sparsity the `layerwise` family
             gave it (`allocation.projection_split`; clipped so both stay in [0, 1)). In [−1, 1); unstructured only.
-            SmolLM2-135M, Wanda 70%: +0.025 on ATP −5.5% perplexity, −0.05 +43% (docs/algorithm.md).
+            SmolLM2-135M, Wanda 70%: on ATP β=0.005 +0.025 is −5.5% perplexity, −0.05 +43%; no gain at β=0.011.
         pattern (`str`, *optional*, defaults to `"unstructured"`):
             `"unstructured"` or `"N:M"`: at most N non-zeros kept in every M consecutive inputs (so `"2:4"` is 50%).
         nm_mixed (`bool`, *optional*, defaults to `False`):
