@@ -11,6 +11,11 @@ Modes:
 - `rss`: saves the pruned model (dense checkpoint + compact checkpoint) and measures, each in a fresh subprocess, the
   peak RSS of loading it dense (`from_pretrained`) and straight into the sparse form (`load_sparse`), fp32 and bf16,
   then of an 8-token generation.
+- `traffic`: the decode kernel against the memory-traffic limit. A stack of 5632 x 2048 layers (12 of them: several
+  times the L3 cache, so every weight byte comes from memory, as in a real decode step) at each sparsity, fp32 and
+  bf16 values, alternating dense `F.linear` (same dtype), the sparse kernel at one token, and a plain streaming read
+  of a 1 GiB tensor (`sum`, the machine's read bandwidth ceiling); best of `--repeats` rounds. Reports each one's
+  weight GB/s, the kernel's fraction of the read ceiling and its speed-up over dense beside the bytes ratio.
 - `crossover`: one 2048 -> 5632 and one 5632 -> 2048 layer at 70%: decode kernel, prefill kernel (tile expansion +
   GEMM) and dense fp32 `F.linear` for 1..64 tokens; the crossover used by `SparseLinear` comes from this table.
 
@@ -245,6 +250,58 @@ def run_crossover(args: argparse.Namespace) -> dict:
     return {"machine": machine(), "rows": rows}
 
 
+def run_traffic(args: argparse.Namespace) -> dict:
+    import torch.nn.functional as F
+
+    from optimum_owl.inference.kernel import kernel
+
+    torch.set_num_threads(args.threads)
+    ops = kernel()
+    if ops is None:
+        raise SystemExit("the C++ kernel is not available on this machine: nothing to measure")
+    stream = torch.ones(2**28)  # 1 GiB of float32
+    out_f, in_f, layers = 5632, 2048, 12
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for sparsity in args.sparsities:
+            torch.manual_seed(0)
+            dense = [pruned_weight(torch.randn(out_f, in_f), sparsity).to(dtype) for _ in range(layers)]
+            sparse = []
+            for w in dense:
+                lin = nn.Linear(in_f, out_f, bias=False, device="meta")
+                lin.weight = nn.Parameter(w, requires_grad=False)
+                sparse.append(SparseLinear.from_dense(lin))
+            x = torch.randn(1, in_f)
+            xd = x.to(dtype)
+            width = sparse[0].mask.shape[1] * 8
+            xp = F.pad(x, (0, width - in_f)).contiguous()
+            fns = {
+                "dense": lambda xd=xd, dense=dense: [F.linear(xd, w) for w in dense],
+                "sparse": lambda xp=xp, sparse=sparse: [ops.decode(xp, s.mask, s.values, s.offsets, None) for s in sparse],
+                "read": stream.sum,
+            }
+            best = {k: float("inf") for k in fns}
+            for _ in range(args.repeats):
+                for k, f in fns.items():
+                    t = time.perf_counter()
+                    f()
+                    best[k] = min(best[k], time.perf_counter() - t)
+            dense_bytes = sum(w.numel() * w.element_size() for w in dense)
+            sparse_bytes = sum(s.weight_nbytes() for s in sparse)
+            read_gbs = stream.numel() * 4 / best["read"] / 1e9
+            sparse_gbs = sparse_bytes / best["sparse"] / 1e9
+            row = {
+                "dtype": str(dtype).removeprefix("torch."), "sparsity": sparsity,
+                "dense_ms": best["dense"] * 1e3, "sparse_ms": best["sparse"] * 1e3,
+                "dense_GB_s": dense_bytes / best["dense"] / 1e9, "sparse_GB_s": sparse_gbs, "read_GB_s": read_gbs,
+                "sparse_fraction_of_read": sparse_gbs / read_gbs,
+                "speedup": best["dense"] / best["sparse"], "bytes_ratio": dense_bytes / sparse_bytes,
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return {"machine": machine(), "rows": rows}
+
+
 # ------------------------------------------------------------------------------------------------------ RSS
 def _peak() -> int:
     """VmHWM: this process's peak resident set (anonymous + mapped file pages). Not `ru_maxrss`, which a child
@@ -317,7 +374,7 @@ def run_rss(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["speed", "rss", "crossover", "_rss_child"])
+    parser.add_argument("mode", choices=["speed", "rss", "crossover", "traffic", "_rss_child"])
     parser.add_argument("--model", choices=["llama09b", "smollm2", "tiny"], default="tiny")
     parser.add_argument("--sparsities", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 0.7, 0.8])
     parser.add_argument("--threads", type=int, default=2)
@@ -337,7 +394,7 @@ def main() -> None:
     if args.mode == "_rss_child":
         rss_child(args)
         return
-    result = {"speed": run_speed, "rss": run_rss, "crossover": run_crossover}[args.mode](args)
+    result = {"speed": run_speed, "rss": run_rss, "crossover": run_crossover, "traffic": run_traffic}[args.mode](args)
     result["command"] = " ".join(sys.argv)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

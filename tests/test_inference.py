@@ -116,6 +116,25 @@ def test_kernel_decode_and_prefill_paths_agree_and_thread_count_does_not_change_
     assert torch.equal(one, two)  # rows are split across threads, each row's sum order is fixed
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_path_follows_bias_changes_in_place_and_by_load_state_dict(dtype):
+    # the decode path caches its kernel arguments (and a float32 copy of a bf16/fp16 bias): changing the bias in place,
+    # or loading another state dict, must still be seen by the next call
+    lin = _linear(40, 72, 0.7, seed=4, dtype=dtype)
+    sparse = SparseLinear.from_dense(lin)
+    x = torch.randn(1, 2, 72).to(dtype)
+    before = sparse(x).float()
+    torch.testing.assert_close(before, lin(x).float(), rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        sparse.bias.add_(1.0)
+    after = sparse(x).float()
+    torch.testing.assert_close(after - before, torch.ones_like(before), rtol=0, atol=0.1)  # stale bias: off by 1
+    other = _linear(40, 72, 0.5, seed=5, dtype=dtype)
+    sparse.load_state_dict(SparseLinear.from_dense(other).state_dict())
+    torch.testing.assert_close(sparse(x).float(), other(x).float(), rtol=2e-2, atol=2e-2)
+
+
 def test_pure_path_matches_dense_on_3d_inputs_and_gradients_use_it():
     lin = _linear(24, 40, 0.6, seed=1, dtype=torch.float32)
     sparse = SparseLinear.from_dense(lin)

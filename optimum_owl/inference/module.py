@@ -166,8 +166,6 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects inputs with {self.in_features} features, got {x.shape[-1]}.")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
         ops = None
         if x.device.type != "cpu":
             _log_once("device", f"optimum-owl sparse inference: using the pure-PyTorch path because the tensors are on "
@@ -177,36 +175,50 @@ class SparseLinear(nn.Module):
                               "gradients (the kernel is inference-only).")
         else:
             ops = kernel()
-        y = self._forward_pure(x2) if ops is None else self._forward_kernel(ops, x2)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        n = x.numel() // self.in_features
+        if ops is not None and n < self.crossover:
+            return self._decode(ops, x, n)  # the hot path of generation: kept free of avoidable tensor ops
+        x2 = x.reshape(-1, self.in_features)
+        y = self._forward_pure(x2) if ops is None else self._prefill(ops, x2)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _forward_pure(self, x2: torch.Tensor) -> torch.Tensor:
         weight = unpack_dense_torch(self.mask, self.values, self.out_features, self.in_features, self._nnz)
         bias = None if self.bias is None else self.bias.float()
         return F.linear(x2.float(), weight.float(), bias)
 
-    def _forward_kernel(self, ops: Any, x2: torch.Tensor) -> torch.Tensor:
-        width = self.mask.shape[1] * 8
+    def _padded_float(self, x2: torch.Tensor) -> torch.Tensor:
+        """`x2` as contiguous float32 `[n, 64 * words per row]` (zero columns past `in_features`), as the kernel reads it."""
         xp = x2 if x2.dtype == torch.float32 else x2.float()
+        width = self.mask.shape[1] * 8
         if width != self.in_features:
             xp = F.pad(xp, (0, width - self.in_features))
-        xp = xp.contiguous()
+        return xp.contiguous()
+
+    def _prefill(self, ops: Any, x2: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float().contiguous()
-        if x2.shape[0] >= self.crossover:
-            return ops.prefill(xp, self.mask, self.values, self.offsets, bias, self.in_features, self._tile_rows)
-        # decode: the hot path of generation; the buffers' layout was checked once (`_kernel_args`)
-        y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
-        rc = ops.lib.owl_decode(xp.data_ptr(), xp.shape[0], *self._kernel_args(ops),
-                                None if bias is None else bias.data_ptr(), y.data_ptr())
+        return ops.prefill(self._padded_float(x2), self.mask, self.values, self.offsets, bias, self.in_features,
+                           self._tile_rows)
+
+    def _decode(self, ops: Any, x: torch.Tensor, n: int) -> torch.Tensor:
+        xp = self._padded_float(x.reshape(n, self.in_features))
+        y = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.float32)
+        rc = ops.lib.owl_decode(xp.data_ptr(), n, *self._kernel_args(ops), y.data_ptr())
         if rc:
             raise RuntimeError(f"owl kernel: owl_decode failed with code {rc}")
-        return y
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _kernel_args(self, ops: Any) -> tuple:
-        key = (self.mask.data_ptr(), self.values.data_ptr(), self.offsets.data_ptr(), self.values.dtype)
+        """owl_decode's arguments after `x, n` and before `y`: checked once, rebuilt only when a buffer moved."""
+        bias = self.bias
+        key = (self.mask.data_ptr(), self.values.data_ptr(), self.offsets.data_ptr(), self.values.dtype,
+               None if bias is None else (bias.data_ptr(), bias.dtype, bias._version))
         if getattr(self, "_args_key", None) != key:  # first call, or the buffers moved (`.to()`, load_state_dict)
             code = ops._check(torch.empty(0, self.mask.shape[1] * 8), self.mask, self.values, self.offsets)
-            self._args = (key[0], self.out_features, self.mask.shape[1] // 8, key[1], code, key[2])
+            # kept on the module so that the float32 copy of a bf16/fp16 bias lives as long as the pointer is used
+            self._bias32 = None if bias is None else bias.detach().float().contiguous()
+            bias_ptr = None if self._bias32 is None else self._bias32.data_ptr()
+            self._args = (key[0], self.out_features, self.mask.shape[1] // 8, key[1], code, key[2], bias_ptr)
             self._args_key = key
         return self._args
 
