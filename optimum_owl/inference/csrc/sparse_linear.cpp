@@ -19,13 +19,14 @@
 //             bf16 -> fp32 conversion in one shuffle;
 //   float16: vpshufb expands the 8 halves inside 16 bytes (zero halves where the bit is clear), then vcvtph2ps.
 // Each 64-bit mask word also prefetches the values ~2 KiB ahead: the stream is read once, hardware prefetch alone
-// leaves the core waiting on memory (measured: +15-25% weight GB/s at 2 threads for float32).
+// leaves the core waiting on memory (measured: +10-35% weight GB/s at 2 threads for float32 in a standalone test).
 // Prefill (many tokens): `owl_expand` expands a tile of rows into a small dense float32 buffer that the Python side
 // multiplies with torch.mm (BLAS), so the cost stays that of a dense GEMM plus the expansion.
 // Rows are split over torch's intra-op thread pool (at::parallel_for), so torch.set_num_threads applies. Decode
 // hands out rows in chunks from a shared counter instead of one fixed half per thread: a worker that wakes up late
 // (tens of microseconds when the pool went to sleep between calls) no longer leaves the other thread waiting at the
-// barrier; measured on the 0.95B model's layers at 2 threads. Each row is still summed by one thread in a fixed
+// barrier (on the 0.95B model's layers it measured equal to the fixed split within the machine's noise; kept
+// because it cannot be slower by more than one chunk). Each row is still summed by one thread in a fixed
 // order, so results do not depend on the thread count or on the schedule.
 // Only the AVX2 + FMA + F16C path exists (no AVX-512 path: none could be run or verified where this was written);
 // the functions carry target attributes, the Python loader calls them only after checking the CPU flags, and each
