@@ -42,7 +42,8 @@ class OWLCheckpointError(ValueError):
 
 
 class OWLOffloadError(ValueError):
-    """Prune-on-load was asked for a model whose weights are offloaded in a way it cannot prune."""
+    """No longer raised: prune-on-load prunes offloaded blocks (CPU or disk) through `offload.BlockOffloader`
+    instead of refusing them. Kept so that code catching it still imports."""
 
 
 class UnsupportedArchitectureError(ValueError):

@@ -326,3 +326,21 @@ def test_cli_export_onnx_and_push_then_run_download(hub, tmp_path, capsys):
     with torch.no_grad():
         ref = model.generate(torch.tensor(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     assert np.array_equal(OnnxCausalLM(local).generate(ids, max_new_tokens=6), ref.numpy())
+
+
+def test_save_for_hub_with_a_plain_dict_config_writes_a_versioned_validated_config(tmp_path):
+    from optimum_owl.config import CONFIG_FORMAT_VERSION, OWLConfigError
+    from optimum_owl.hub import save_for_hub
+
+    model, report, config = tiny_pruned_llama()
+    plain = {k: v for k, v in config.to_json_dict().items() if k != "format_version"}
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    save_for_hub(model, folder, report, plain)
+    written = json.loads((folder / "owl_config.json").read_text())
+    assert written["format_version"] == CONFIG_FORMAT_VERSION
+    assert OWLPrunerConfig.from_pretrained(folder).to_dict() == config.to_dict()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(OWLConfigError, match="sparsity"):
+        save_for_hub(model, bad, report, {**plain, "sparsity": 1.5})

@@ -97,10 +97,11 @@ def save_for_hub(
     if report is not None:
         report.save(folder / REPORT_NAME)
     if config is not None:
-        if hasattr(config, "save_pretrained"):
-            config.save_pretrained(folder)
-        else:
-            atomic_write_text(folder / CONFIG_NAME, json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+        if not hasattr(config, "save_pretrained"):  # a plain dict: validated (and versioned) like a config
+            from ..config import OWLPrunerConfig
+
+            config = OWLPrunerConfig.from_dict(dict(config))
+        config.save_pretrained(folder)
     onnx_subdir = None
     if onnx_dir is not None:
         _check_onnx_dir(onnx_dir)
