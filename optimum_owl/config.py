@@ -146,11 +146,9 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             Searches (`"owl-auto"`, `"auto"`): the M values searched (`owl_m` is always added).
         auto_owl_lambdas (`list[float]`, *optional*, defaults to `[0.02, 0.05, 0.08, 0.12, 0.16, 0.2]`):
             Searches: the λ values searched (`owl_lambda` is always added).
-        auto_finalists (`int`, *optional*):
+        auto_finalists (`int`, *optional*, defaults to 1):
             How many of the best screened candidates (`"auto"`: of that many families) are pruned exactly next to
             uniform (and the configured `owl_m`, `owl_lambda`: with SparseGPT, or `"auto"` when it screened better).
-            Not set: 1, except 2 for `"auto"` with a method that updates the kept weights (SparseGPT), whose ranking
-            by the mask-only screening is the least reliable.
             One replaces uniform only with a held-out gain above 2 standard errors over 32-token chunks.
         auto_families (`list[str]`, *optional*, defaults to `["owl", "dlp", "alphapruning", "atp"]`):
             `layerwise="auto"`: the families searched besides uniform.
@@ -215,7 +213,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
     auto_holdout: float = 0.125
     auto_owl_ms: list[float] = field(default_factory=lambda: [3.0, 5.0, 7.0, 10.0])
     auto_owl_lambdas: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.08, 0.12, 0.16, 0.2])
-    auto_finalists: int | None = None
+    auto_finalists: int = 1
     auto_families: list[str] = field(default_factory=lambda: ["owl", "dlp", "alphapruning", "atp"])
     auto_dlp_alphas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.25])
     auto_alphapruning_epsilons: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3])
@@ -257,8 +255,6 @@ class OWLPrunerConfig(QuantizationConfigMixin):
                                  f"pattern fixes every matrix's sparsity), got pattern={self.pattern!r}; unset them.")
         for name in ("num_samples", "seqlen", "batch_size", "sparsegpt_blocksize", "auto_finalists", "dsnot_cycles"):
             value = getattr(self, name)
-            if value is None and name == "auto_finalists":
-                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OWLConfigError(f"`{name}` must be a positive integer, got {value!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

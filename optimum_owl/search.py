@@ -27,7 +27,7 @@ depend on the candidate:
    `auto_attention_shifts`, the best setting so far with each attention shift. (Norms from the *dense* pass ranked
    candidates poorly on stories260K: a pruned prefix changes the inputs of later blocks.)
 5. **Exact check**: the `auto_finalists` best candidates of the screening (`auto`: the best of as many different
-   families; not set: 1, or 2 for `auto` with SparseGPT) are pruned for real and scored again (also OWL with the configured `owl_m`, `owl_lambda`: with
+   families) are pruned for real and scored again (also OWL with the configured `owl_m`, `owl_lambda`: with
    SparseGPT always, with `auto` when it screened better than uniform). A finalist replaces uniform sparsity only if
    its held-out loss is lower by more than `MIN_GAIN_SE` (2) standard errors of the mean paired difference
    (`beats_uniform`); the lowest loss among such finalists wins, else uniform. The paired samples are chunks of `CHUNK_TOKENS` (32) consecutive predicted tokens
@@ -348,19 +348,17 @@ def _finite(z: float) -> float | None:
 def _finalists(state: RunState, screened: list[_Option], base: _Option, wide: bool) -> list[_Option]:
     """Non-uniform candidates checked exactly.
 
-    `owl-auto`: the `auto_finalists` (default 1) best screened OWL settings (SparseGPT: also the configured (M, λ),
-    which the Wanda proxy can misjudge at high sparsity). `auto`: the best screened setting of each of the
-    `auto_finalists` best families (default 1; 2 with SparseGPT: on SmolLM2 at 70% the proxy's first family, ATP,
-    ended 5% behind AlphaPruning, its second, in WikiText-2 perplexity after SparseGPT's reconstruction), and OWL with the configured (paper) `owl_m`, `owl_lambda` when it screened better than uniform
+    `owl-auto`: the `auto_finalists` best screened OWL settings (SparseGPT: also the configured (M, λ), which the
+    Wanda proxy can misjudge at high sparsity). `auto`: the best screened setting of each of the `auto_finalists`
+    best families, and OWL with the configured (paper) `owl_m`, `owl_lambda` when it screened better than uniform
     (always with SparseGPT).
     """
     cfg = state.config
-    count = cfg.auto_finalists or (2 if wide and state.criterion.updates_weights else 1)
     keys = {_plan_key(base.plans)}
     out: list[_Option] = []
     families_taken: set[str] = set()
     for option in sorted((o for o in screened if o.family != "uniform" or o.knob), key=lambda o: o.sort_key):
-        if len(out) >= count:
+        if len(out) >= cfg.auto_finalists:
             break
         key = _plan_key(option.plans)
         if key in keys or (wide and option.family in families_taken):

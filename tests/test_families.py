@@ -196,26 +196,6 @@ def test_auto_keeps_uniform_when_no_family_beats_it_beyond_the_noise(monkeypatch
     assert chosen.family == "uniform" and report.block_sparsities == [0.7, 0.7, 0.7]
 
 
-def test_auto_checks_two_families_exactly_by_default_with_sparsegpt_only(monkeypatch):
-    import optimum_owl.scoring as scoring
-
-    monkeypatch.setattr(scoring, "token_losses", _rising_losses)
-
-    def exact_and_screened(**kw):  # without OWL: no configured OWL setting is added to the exact check
-        config = _auto_config(auto_families=["dlp", "alphapruning", "atp"], auto_atp_betas=[0.05, 0.1], **kw)
-        report = OWLPruner(config).prune(tiny_model("llama", layers=3), dataset=calib_ids(12))
-        exact = [c.family for c in report.candidates if not c.layerwise.endswith(", screened")]
-        screened = sorted((c for c in report.candidates if c.layerwise.endswith(", screened")), key=lambda c: c.loss)
-        return exact, list(dict.fromkeys(c.family for c in screened if c.family != "uniform"))
-
-    exact, ranked = exact_and_screened(method="wanda")
-    assert exact == ["uniform", ranked[0]]
-    exact, ranked = exact_and_screened(method="sparsegpt")
-    assert exact == ["uniform", *ranked[:2]] and len(ranked) == 3
-    exact, ranked = exact_and_screened(method="sparsegpt", auto_finalists=1)
-    assert exact == ["uniform", ranked[0]]
-
-
 def test_chunks_and_holdout_size_for_small_calibration_sets():
     from optimum_owl.search import CHUNK_TOKENS, chunk_losses, holdout_count, token_losses
 

@@ -104,8 +104,6 @@ def _flag_kwargs(name: str) -> dict[str, Any]:
         return {"action": "store_true"}
     if default is None and "list[float]" in str(_field(name).type):  # an optional list of numbers
         return {"type": float, "nargs": "+", "metavar": name.rsplit("_", 1)[-1].upper().removesuffix("S")}
-    if default is None and str(_field(name).type) == "int | None":  # an optional count
-        return {"type": int}
     if isinstance(default, list):
         if not default:  # a list of strings given one per flag (`--ignore a --ignore b`)
             return {"action": "append", "metavar": name.upper().removesuffix("S")}
