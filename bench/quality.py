@@ -18,6 +18,12 @@ Usage (from the project root):
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/quality.py --model smollm2 \
         --out bench/results/quality_smollm2_split.json --cells wanda-atp-attn+0.05:0.7
     PYTHONPATH=$PWD python bench/quality.py --model smollm2 --render   # Markdown tables + docs/img/quality_*.png
+    # the same cells under another float summation order (SparseGPT at 70-80% depends on it), then side by side
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/quality.py --batch-size 4 --out bench/results/quality_smollm2_b4t1.json \
+        --cells sparsegpt-uniform:0.7 sparsegpt-atp:0.7
+    python bench/quality.py --variants bench/results/quality_smollm2.json bench/results/quality_smollm2_b4t1.json
+    # any OWLPrunerConfig field for every cell, into its own JSON
+    PYTHONPATH=$PWD python bench/quality.py --set sparsegpt_damp=0.1 --out damp.json --cells sparsegpt-uniform:0.7
 
 Every cell (model, setting, sparsity) is written to the JSON as soon as it is measured, and a cell already in the
 JSON is never recomputed (delete it from the JSON, or pass --fresh, to measure again).
@@ -29,6 +35,7 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -171,7 +178,8 @@ def run(args: argparse.Namespace) -> None:
         "model": spec["describe"],
         "eval": f"WikiText-2 test, first {spec['eval_windows']} windows of {spec['eval_seqlen']} tokens, "
         + ("one BOS at the start" if spec["add_bos"] else "no BOS"),
-        "calibration": f"{num_samples} windows x {seqlen} tokens of C4 (c4_train_first1000.jsonl), seed {args.seed}",
+        "calibration": f"{num_samples} windows x {seqlen} tokens of C4 (c4_train_first1000.jsonl), seed {args.seed}, "
+        f"batch {args.batch_size}",
         "machine": "2-core x86-64 CPU (AVX2), 24 GiB, no GPU (shared with other jobs)",
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -187,6 +195,9 @@ def run(args: argparse.Namespace) -> None:
             data.setdefault("dense_ppl", on_disk.get("dense_ppl"))
         atomic_write_text(out, json.dumps(data, indent=1) + "\n")
 
+    extra = dict(_parse_set(item) for item in args.set or [])
+    if extra:
+        data["setup"]["overrides"] = extra  # every cell of this file ran with them (use a separate --out)
     done = {cell_key(r) for r in data["rows"]}
     keys = [k for k in DEFAULT_KEYS[args.model] if not args.only or any(o.lower() == k or f"-{o.lower()}" == k[k.index("-"):] for o in args.only)]
     if args.cells:  # an explicit order, "key:sparsity" each (the most informative cells first on a busy machine)
@@ -206,10 +217,10 @@ def run(args: argparse.Namespace) -> None:
         for key, sparsity in cells:
             if (key, round(sparsity, 4)) in done:
                 continue
-            overrides = dict(next(o for k, _, o in SETTINGS if k == key))
+            overrides = dict(next(o for k, _, o in SETTINGS if k == key)) | extra
             model, tok = load_model(args.model, workdir)
             config = OWLPrunerConfig(
-                sparsity=sparsity, num_samples=num_samples, seqlen=seqlen, seed=args.seed, batch_size=8, **overrides
+                sparsity=sparsity, num_samples=num_samples, seqlen=seqlen, seed=args.seed, batch_size=args.batch_size, **overrides
             )
             t = time.perf_counter()
             report = OWLPruner(config).prune(model, dataset=str(C4), tokenizer=tok)
@@ -228,6 +239,8 @@ def run(args: argparse.Namespace) -> None:
                 "achieved": round(report.sparsity, 5),
                 "ppl": ppl,
                 "prune_s": round(prune_s, 2),
+                "batch_size": config.batch_size,
+                "threads": torch.get_num_threads(),  # SparseGPT at high sparsity depends on it (float summation order)
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 "block_sparsities": [round(b.target_sparsity, 4) for b in report.blocks],
                 "chosen": None if chosen is None else _candidate(chosen),
@@ -239,6 +252,17 @@ def run(args: argparse.Namespace) -> None:
             save()
             print(f"{sparsity:.2f} {LABELS[key]:34s} ppl {ppl:10.3f}  prune {prune_s:6.1f}s  chosen {row['chosen']}", flush=True)
             del model
+
+
+def _parse_set(item: str) -> tuple[str, object]:
+    """`--set name=value`: an OWLPrunerConfig field for every cell; the value read as JSON when it parses."""
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"--set expects name=value, got {item!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
 
 
 def _candidate(c) -> dict:
@@ -285,10 +309,45 @@ def _verdicts(by: dict, sparsities: list[float]) -> list[str]:
             else:
                 a = auto["ppl"]
                 owl = f"{a / cells['owl'] - 1:+.1%}" if "owl" in cells else "–"
-                row += f"{a:.2f} ({describe_choice(auto['chosen'])}) | {a / cells['uniform'] - 1:+.1%} | {owl} | "
+                choice = auto.get("choice_text") or describe_choice(auto["chosen"])
+                row += f"{a:.2f} ({choice}) | {a / cells['uniform'] - 1:+.1%} | {owl} | "
                 row += f"{a / cells[best] - 1:+.1%} |"
             lines.append(row)
     return lines
+
+
+def render_variants(paths: list[str]) -> None:
+    """The cells of the first results file that other files also have (the same runs under another thread count or batch size: only the
+    float summation order differs) side by side, their geometric mean, and the verdicts on those means."""
+    runs = []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        setup = data.get("setup", {})
+        runs.append((Path(p).name, {cell_key(r): r for r in _add_keys(data["rows"])}, setup))
+    order = [k for k, _, _ in SETTINGS]
+    cells = sorted((c for c in runs[0][1] if any(c in by for _, by, _ in runs[1:])), key=lambda c: (c[1], order.index(c[0])))
+    if not cells:
+        raise SystemExit("--variants: no cell of the first file is in any other one")
+    lines = ["| setting | sparsity | " + " | ".join(name for name, _, _ in runs) + " | geometric mean | max / min |",
+             "|---|---:|" + "---:|" * (len(runs) + 2)]
+    means: dict = {}
+    for key, s in cells:
+        rows = [by[(key, s)] for _, by, _ in runs if (key, s) in by]
+        ppl = [r["ppl"] for r in rows]
+        mean = math.exp(sum(math.log(x) for x in ppl) / len(ppl))
+        text = []
+        for _, by, _ in runs:
+            r = by.get((key, s))
+            text.append("–" if r is None else f"{r['ppl']:.1f}" + (f" ({describe_choice(r['chosen'])})" if r["chosen"] else ""))
+        choices = sorted({describe_choice(r["chosen"]) for r in rows if r["chosen"]})
+        means[(key, s)] = {"ppl": mean, "chosen": None, "choice_text": " / ".join(choices)}
+        lines.append(f"| {LABELS[key]} | {s:.0%} | " + " | ".join(text) + f" | {mean:.1f} | {max(ppl) / min(ppl):.2f} |")
+    print("\n".join(lines))
+    print()
+    print("\n".join(line for line in _verdicts(means, sorted({s for _, s in cells})) if "not computed" not in line))
+    for name, by, setup in runs:
+        threads = sorted({r.get("threads") for r in by.values() if (r["key"], round(r["sparsity"], 4)) in cells} - {None})
+        print(f"\n{name}: {setup.get('calibration', '?')}; threads {threads or 'not recorded'}")
 
 
 def render(args: argparse.Namespace) -> None:
@@ -360,16 +419,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=None, help="calibration windows (default: the model's)")
     parser.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="calibration batch size (changes only the float summation order of the statistics)")
     parser.add_argument("--only", nargs="*", help="settings to run: full keys ('wanda-owl') or layerwise suffixes ('owl')")
     parser.add_argument("--cells", nargs="*", help="explicit cells in this order, e.g. wanda-owl:0.7 wanda-dlp:0.5")
+    parser.add_argument("--set", nargs="+", metavar="NAME=VALUE",
+                        help="OWLPrunerConfig fields for every cell, e.g. sparsegpt_damp=0.1 (write to a separate --out)")
     parser.add_argument("--fresh", action="store_true", help="ignore (and overwrite) the cells already in the JSON")
     parser.add_argument("--render", action="store_true", help="print the Markdown tables and write the plot")
+    parser.add_argument("--variants", nargs="+", metavar="JSON",
+                        help="print the cells of the first results file that any other one also has, side by side, "
+                             "with geometric means and the verdicts on them")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     needed = SMOL_DIR / SMOL_GGUF if args.model == "smollm2" else ASSETS / "models" / "stories260K"
-    if not args.render and not needed.exists():
+    if not (args.render or args.variants) and not needed.exists():
         print(f"{args.model} not found at {needed}", file=sys.stderr)
         return 2
+    if args.variants:
+        render_variants(args.variants)
+        return 0
     if args.render:
         render(args)
         return 0
