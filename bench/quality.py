@@ -259,6 +259,13 @@ def _parse_set(item: str) -> tuple[str, object]:
     name, sep, value = item.partition("=")
     if not sep or not name:
         raise SystemExit(f"--set expects name=value, got {item!r}")
+    import dataclasses
+
+    from optimum_owl import OWLPrunerConfig
+
+    known = {f.name for f in dataclasses.fields(OWLPrunerConfig)}
+    if name not in known:
+        raise SystemExit(f"--set: {name!r} is not an OWLPrunerConfig field; use one of {sorted(known)}")
     try:
         return name, json.loads(value)
     except json.JSONDecodeError:
@@ -317,8 +324,9 @@ def _verdicts(by: dict, sparsities: list[float]) -> list[str]:
 
 
 def render_variants(paths: list[str]) -> None:
-    """The cells of the first results file that other files also have (the same runs under another thread count or batch size: only the
-    float summation order differs) side by side, their geometric mean, and the verdicts on those means."""
+    """The cells of the first results file that other files also have (the same runs under another thread count or
+    batch size: only the float summation order differs) side by side, their geometric mean, and the verdicts on
+    those means."""
     runs = []
     for p in paths:
         data = json.loads(Path(p).read_text())
@@ -346,7 +354,7 @@ def render_variants(paths: list[str]) -> None:
     print()
     print("\n".join(line for line in _verdicts(means, sorted({s for _, s in cells})) if "not computed" not in line))
     for name, by, setup in runs:
-        threads = sorted({r.get("threads") for r in by.values() if (r["key"], round(r["sparsity"], 4)) in cells} - {None})
+        threads = sorted({r.get("threads") for r in by.values() if cell_key(r) in cells} - {None})
         print(f"\n{name}: {setup.get('calibration', '?')}; threads {threads or 'not recorded'}")
 
 
