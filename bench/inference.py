@@ -18,6 +18,10 @@ Modes:
   weight GB/s, the kernel's fraction of the read ceiling and its speed-up over dense beside the bytes ratio, and the
   kernel's GB/s on one thread over 2048 rows that stay in the L3 cache (`cached_1thread_GB_s`: what the kernel's
   instructions allow per core when memory is not the limit).
+- `breakdown`: where a decoded token's time goes. The same four variants as `speed`, at the first of `--sparsities`;
+  forward hooks time, during single-token forwards only, the block linears (dense or sparse) and the LM head; the
+  rest of the token (attention, norms, activations, `generate`'s own work) is the token's time minus those two.
+  Per variant, the split of the fastest of `--repeats` alternated decodes.
 - `crossover`: one 2048 -> 5632 and one 5632 -> 2048 layer at 70%: decode kernel, prefill kernel (tile expansion +
   GEMM) and dense fp32 `F.linear` for 1..64 tokens; the crossover used by `SparseLinear` comes from this table.
 
@@ -218,6 +222,71 @@ def run_speed(args: argparse.Namespace) -> dict:
     return result
 
 
+class _Timer:
+    """Forward hooks adding up, per key, the wall time of the watched modules during the model's decode steps (forwards
+    of one new token; the prompt's prefill is not a decoded token, even where its LM head sees one position)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.totals: dict[str, float] = {}
+        self._start: dict[int, float] = {}
+        self.decoding = False
+
+        def phase(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self.decoding = ids is not None and ids.shape[-1] == 1
+
+        self.handles = [model.register_forward_pre_hook(phase, with_kwargs=True)]
+
+    def watch(self, module: nn.Module, key: str) -> None:
+        def pre(mod: nn.Module, args: tuple) -> None:
+            self._start[id(mod)] = time.perf_counter()
+
+        def post(mod: nn.Module, args: tuple, output) -> None:
+            if self.decoding:
+                self.totals[key] = self.totals.get(key, 0.0) + time.perf_counter() - self._start[id(mod)]
+
+        self.handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def run_breakdown(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    dense32 = build_model(args.model)
+    names = block_linears(dense32)
+    dense16 = copy.deepcopy(dense32).to(torch.bfloat16)
+    prompt = torch.randint(3, dense32.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+    sparsity = args.sparsities[0]
+    sparse32, sparse16 = sparse_variants(dense32, dense16, names, sparsity)
+    variants = {"dense_fp32": dense32, "dense_bf16": dense16, "sparse_fp32": sparse32, "sparse_bf16": sparse16}
+    del sparse32, sparse16
+    result = {"machine": machine(), "args": vars(args), "sparsity": sparsity, "variants": {}}
+    runs: dict[str, list[dict]] = {k: [] for k in variants}
+    for model in variants.values():
+        time_decode(model, prompt, 3)  # warm-up
+    for rep in range(args.repeats):
+        for name in (list(variants) if rep % 2 == 0 else list(reversed(variants))):
+            model = variants[name]
+            timer = _Timer(model)
+            for lin in names:
+                timer.watch(model.get_submodule(lin), "block_linears")
+            timer.watch(model.get_output_embeddings(), "head")
+            rate, _ = time_decode(model, prompt, args.new_tokens)
+            timer.remove()
+            steps = args.new_tokens - 1  # decode forwards: the prefill produced the first token
+            ms = {k: v / steps * 1e3 for k, v in timer.totals.items()}
+            ms["token"] = 1e3 / rate
+            ms["rest"] = ms["token"] - ms.get("block_linears", 0.0) - ms.get("head", 0.0)
+            runs[name].append(ms)
+            print(f"rep {rep} {name}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()), flush=True)
+    for name, rec in runs.items():
+        result["variants"][name] = {"best": min(rec, key=lambda r: r["token"]), "runs": rec}
+    print(json.dumps({k: v["best"] for k, v in result["variants"].items()}, indent=1), flush=True)
+    return result
+
+
 def run_crossover(args: argparse.Namespace) -> dict:
     import torch.nn.functional as F
 
@@ -398,7 +467,7 @@ def run_rss(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["speed", "rss", "crossover", "traffic", "_rss_child"])
+    parser.add_argument("mode", choices=["speed", "rss", "crossover", "traffic", "breakdown", "_rss_child"])
     parser.add_argument("--model", choices=["llama09b", "smollm2", "tiny"], default="tiny")
     parser.add_argument("--sparsities", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 0.7, 0.8])
     parser.add_argument("--threads", type=int, default=2)
@@ -418,7 +487,8 @@ def main() -> None:
     if args.mode == "_rss_child":
         rss_child(args)
         return
-    result = {"speed": run_speed, "rss": run_rss, "crossover": run_crossover, "traffic": run_traffic}[args.mode](args)
+    result = {"speed": run_speed, "rss": run_rss, "crossover": run_crossover, "traffic": run_traffic,
+              "breakdown": run_breakdown}[args.mode](args)
     result["command"] = " ".join(sys.argv)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
