@@ -1,0 +1,56 @@
+"""Experiment: is SparseGPT's float-order sensitivity on SmolLM2 (docs/benchmarks.md) the float32 factorisation?
+
+Prunes SmolLM2-135M with SparseGPT, uniform allocation, 16 x 256 C4 calibration (the quality table's setting), with
+the damped Hessian factorised (Cholesky, inverse, Cholesky) in float64 instead of float32, under the given
+thread count and batch size, and prints the WikiText-2 perplexity. The library itself factorises in float32, as
+the reference code does; this script patches that one function for the run only.
+
+    PYTHONPATH=$PWD python bench/sparsegpt_float64.py 2:8:0.7 1:8:0.7 1:4:0.7 2:8:0.8 1:8:0.8   # threads:batch:sparsity
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # noqa: E402
+
+from optimum_owl import OWLPruner, OWLPrunerConfig  # noqa: E402
+from optimum_owl.criteria import sparsegpt_math  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results" / "sparsegpt_float64.json"
+_float32_factorisation = sparsegpt_math._upper_cholesky_of_inverse
+
+
+def _float64_factorisation(hessian: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    return _float32_factorisation(hessian.double(), damp, name).float()
+
+
+def main() -> None:
+    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    sparsegpt_math._upper_cholesky_of_inverse = _float64_factorisation
+    spec = quality.MODELS["smollm2"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in sys.argv[1:]:
+            threads, batch, sparsity = run.split(":")
+            torch.set_num_threads(int(threads))
+            model, tokenizer = quality.load_model("smollm2", Path(tmp))
+            config = OWLPrunerConfig(sparsity=float(sparsity), method="sparsegpt", layerwise="uniform",
+                                     num_samples=16, seqlen=256, seed=0, batch_size=int(batch))
+            start = time.perf_counter()
+            OWLPruner(config).prune(model, dataset=str(quality.C4), tokenizer=tokenizer)
+            torch.set_num_threads(2)
+            ppl = quality.evaluate(spec, model, tokenizer)
+            results[run] = {"ppl": ppl, "seconds": time.perf_counter() - start, "factorisation": "float64"}
+            print(f"{run}: WikiText-2 ppl {ppl:.2f}", flush=True)
+            OUT.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
