@@ -19,8 +19,8 @@ Modes:
   kernel's GB/s on one thread over 2048 rows that stay in the L3 cache (`cached_1thread_GB_s`: what the kernel's
   instructions allow per core when memory is not the limit).
 - `breakdown`: where a decoded token's time goes. The same four variants as `speed`, at the first of `--sparsities`;
-  forward hooks time, during single-token forwards only, the block linears (dense or sparse) and the LM head; the
-  rest of the token (attention, norms, activations, `generate`'s own work) is the token's time minus those two.
+  forward hooks time, during the decode steps only (not the prompt's prefill), the block linears (dense or sparse)
+  and the LM head; the rest of the token (attention, norms, activations, `generate`'s own work) is the token's time minus those two.
   Per variant, the split of the fastest of `--repeats` alternated decodes.
 - `crossover`: one 2048 -> 5632 and one 5632 -> 2048 layer at 70%: decode kernel, prefill kernel (tile expansion +
   GEMM) and dense fp32 `F.linear` for 1..64 tokens; the crossover used by `SparseLinear` comes from this table.

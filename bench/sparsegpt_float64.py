@@ -23,13 +23,14 @@ import quality  # noqa: E402
 
 from optimum_owl import OWLPruner, OWLPrunerConfig  # noqa: E402
 from optimum_owl.criteria import sparsegpt_math  # noqa: E402
+from optimum_owl.utils import atomic_write_text  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "sparsegpt_float64.json"
-_float32_factorisation = sparsegpt_math._upper_cholesky_of_inverse
+_library_factorisation = sparsegpt_math._upper_cholesky_of_inverse  # float32 as given
 
 
 def _float64_factorisation(hessian: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    return _float32_factorisation(hessian.double(), damp, name).float()
+    return _library_factorisation(hessian.double(), damp, name).float()
 
 
 def main() -> None:
@@ -49,7 +50,7 @@ def main() -> None:
             ppl = quality.evaluate(spec, model, tokenizer)
             results[run] = {"ppl": ppl, "seconds": time.perf_counter() - start, "factorisation": "float64"}
             print(f"{run}: WikiText-2 ppl {ppl:.2f}", flush=True)
-            OUT.write_text(json.dumps(results, indent=1))
+            atomic_write_text(OUT, json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":
