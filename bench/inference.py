@@ -52,6 +52,7 @@ ASSETS = ROOT.parent / "shared" / "assets"
 sys.path.insert(0, str(ROOT))
 
 from optimum_owl.inference import SparseLinear, kernel_status  # noqa: E402
+from optimum_owl.utils import atomic_write_text  # noqa: E402
 
 MODELS = {
     "llama09b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
@@ -491,7 +492,7 @@ def main() -> None:
               "breakdown": run_breakdown}[args.mode](args)
     result["command"] = " ".join(sys.argv)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        atomic_write_text(Path(args.json), json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

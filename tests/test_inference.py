@@ -118,6 +118,33 @@ def test_kernel_decode_and_prefill_paths_agree_and_thread_count_does_not_change_
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_takes_activations_in_their_dtype_and_rounds_like_torch(dtype):
+    # the kernel widens and pads bf16/fp16/odd-width activations itself and writes its output in their dtype: the
+    # result must be bit for bit the float32 kernel result on the padded float32 input, rounded by torch's `.to()`
+    ops = kernel_mod.kernel()
+    for out, inp in SHAPES:
+        lin = _linear(out, inp, 0.7, seed=out, dtype=dtype)
+        sparse = SparseLinear.from_dense(lin)
+        x = torch.randn(3, 2 * inp).to(dtype)[:, ::2]  # not contiguous
+        with torch.no_grad():
+            y = sparse(x)
+        xp = torch.nn.functional.pad(x.float(), (0, sparse.mask.shape[1] * 8 - inp)).contiguous()
+        ref = ops.decode(xp, sparse.mask, sparse.values, sparse.offsets, lin.bias.detach().float())
+        assert _same_bits(y, ref.to(dtype)), (out, inp)
+    if dtype == torch.float32:
+        return
+    # exact ties: 1 + ulp/2 rounds down to even 1.0, 1 + 3 ulp/2 up to 1 + 2 ulp (truncation or half-up would differ)
+    h = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
+    w = torch.tensor([[1.0, h, 0.0], [1.0, 3 * h, 0.0], [-1.0, -h, 0.0], [-1.0, -3 * h, 0.0]])
+    lin = nn.Linear(3, 4, bias=False).to(dtype)
+    lin.weight.data = w.to(dtype)
+    expected = torch.tensor([1.0, 1.0 + 4 * h, -1.0, -1.0 - 4 * h])
+    y = SparseLinear.from_dense(lin)(torch.tensor([[1.0, 1.0, 0.0]], dtype=dtype))
+    assert _same_bits(y[0], expected.to(dtype)) and _same_bits(y[0], (w.sum(1)).to(dtype))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_path_follows_bias_changes_in_place_and_by_load_state_dict(dtype):
     # the decode path caches its kernel arguments (and a float32 copy of a bf16/fp16 bias): changing the bias in place,
     # or loading another state dict, must still be seen by the next call

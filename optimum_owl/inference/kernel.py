@@ -145,7 +145,7 @@ def _build() -> Any:
     return ops
 
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _p = ctypes.c_void_p
 _i64 = ctypes.c_int64
 
@@ -159,32 +159,45 @@ class KernelOps:
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib
         lib.owl_cpu_supported.restype = ctypes.c_int
-        lib.owl_decode.argtypes = [_p, _i64, _p, _i64, _i64, _p, ctypes.c_int, _p, _p, _p]
+        lib.owl_decode.argtypes = [_p, ctypes.c_int, _i64, _i64, _p, _i64, _i64, _p, ctypes.c_int, _p, _p, _p]
         lib.owl_decode.restype = ctypes.c_int
         lib.owl_expand.argtypes = [_p, _i64, _i64, _i64, _p, ctypes.c_int, _p, _p]
         lib.owl_expand.restype = ctypes.c_int
 
     @staticmethod
     def _check(x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor) -> int:
+        """Check a padded float32 `x` (`[n, 64 * words per row]`) and the weight buffers; return the values' dtype code."""
         if not (x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous() and x.shape[1] == mask.shape[1] * 8):
             raise ValueError("owl kernel: x must be contiguous float32 [n, 64 * words per row]")
-        if not (mask.dtype == torch.uint8 and mask.is_contiguous() and mask.shape[1] % 8 == 0):
+        return KernelOps.check_weight(mask, values, offsets)
+
+    @staticmethod
+    def check_weight(mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor) -> int:
+        """Check the compact weight's buffers; return the values' dtype code for the C entry points."""
+        if not (mask.dtype == torch.uint8 and mask.dim() == 2 and mask.is_contiguous() and mask.shape[1] % 8 == 0):
             raise ValueError("owl kernel: mask must be contiguous uint8 [out, 8 * words per row]")
         if not (offsets.dtype == torch.int64 and offsets.is_contiguous() and offsets.numel() == mask.shape[0] + 1):
             raise ValueError("owl kernel: offsets must be contiguous int64 [out + 1]")
-        if values.dtype not in _DTYPE_CODES or not values.is_contiguous():
+        if values.dtype not in DTYPE_CODES or not values.is_contiguous():
             raise ValueError(f"owl kernel: values must be contiguous float32/bfloat16/float16, got {values.dtype}")
-        return _DTYPE_CODES[values.dtype]
+        return DTYPE_CODES[values.dtype]
 
     def decode(self, x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
-        """float32 `x @ W^T + bias` for a padded float32 `x` of shape `[n, 64 * wpr]`."""
-        code = self._check(x, mask, values, offsets)
+        """`x @ W^T + bias` for a contiguous `x` of shape `[n, in]` (float32, bfloat16 or float16; `in` may be the
+        weight's in_features or its padded width `64 * words per row`), in `x`'s dtype; accumulated in float32."""
+        code = self.check_weight(mask, values, offsets)
+        width = mask.shape[1] * 8
+        if not (x.dtype in DTYPE_CODES and x.dim() == 2 and x.is_contiguous() and width - 64 < x.shape[1] <= width):
+            raise ValueError(f"owl kernel: x must be contiguous float32/bfloat16/float16 [n, in] with in in "
+                             f"({width - 64}, {width}], got {x.dtype} {tuple(x.shape)}")
+        if bias is not None and not (bias.dtype == torch.float32 and bias.is_contiguous()):
+            raise ValueError("owl kernel: bias must be contiguous float32")
         out = mask.shape[0]
-        y = torch.empty(x.shape[0], out, dtype=torch.float32)
+        y = torch.empty(x.shape[0], out, dtype=x.dtype)
         b = None if bias is None else bias.data_ptr()
-        rc = self.lib.owl_decode(x.data_ptr(), x.shape[0], mask.data_ptr(), out, mask.shape[1] // 8,
-                                 values.data_ptr(), code, offsets.data_ptr(), b, y.data_ptr())
+        rc = self.lib.owl_decode(x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[0], x.shape[1], mask.data_ptr(), out,
+                                 mask.shape[1] // 8, values.data_ptr(), code, offsets.data_ptr(), b, y.data_ptr())
         if rc:
             raise RuntimeError(f"owl kernel: owl_decode failed with code {rc}")
         return y
@@ -195,7 +208,7 @@ class KernelOps:
         if not (tile.dtype == torch.float32 and tile.is_contiguous() and tile.shape[0] >= r1 - r0
                 and tile.shape[1] == mask.shape[1] * 8 and 0 <= r0 <= r1 <= mask.shape[0]):
             raise ValueError("owl kernel: bad tile for expand")
-        code = _DTYPE_CODES[values.dtype]
+        code = DTYPE_CODES[values.dtype]
         rc = self.lib.owl_expand(mask.data_ptr(), r0, r1, mask.shape[1] // 8, values.data_ptr(), code,
                                  offsets.data_ptr(), tile.data_ptr())
         if rc:

@@ -20,7 +20,7 @@ from torch import nn
 from ..bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX
 from ..modeling import is_conv1d as _modeling_is_conv1d
 from .format import Packed, from_checkpoint_parts, pack_dense, to_checkpoint_parts, unpack_dense, unpack_dense_torch
-from .kernel import kernel
+from .kernel import DTYPE_CODES, kernel
 
 logger = logging.getLogger(__name__)
 
@@ -201,24 +201,32 @@ class SparseLinear(nn.Module):
                            self._tile_rows)
 
     def _decode(self, ops: Any, x: torch.Tensor, n: int) -> torch.Tensor:
-        xp = self._padded_float(x.reshape(n, self.in_features))
-        y = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.float32)
-        rc = ops.lib.owl_decode(xp.data_ptr(), n, *self._kernel_args(ops), y.data_ptr())
+        # float32 / bfloat16 / float16 activations go to the kernel as they are: it widens (and pads) them itself and
+        # writes the output in their dtype, so a bf16 model's call runs no torch conversion ops
+        code = DTYPE_CODES.get(x.dtype)
+        if code is None:  # e.g. float64: computed in float32, returned in x's dtype as on the other paths
+            return self._decode(ops, x.float(), n).to(x.dtype)
+        xc = x if x.is_contiguous() else x.contiguous()
+        y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)
+        rc = ops.lib.owl_decode(xc.data_ptr(), code, n, self.in_features, *self._kernel_args(ops), y.data_ptr())
         if rc:
             raise RuntimeError(f"owl kernel: owl_decode failed with code {rc}")
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        return y
 
     def _kernel_args(self, ops: Any) -> tuple:
-        """owl_decode's arguments after `x, n` and before `y`: checked once, rebuilt only when a buffer moved."""
-        bias = self.bias
-        key = (self.mask.data_ptr(), self.values.data_ptr(), self.offsets.data_ptr(), self.values.dtype,
+        """owl_decode's arguments after `x, xdtype, n, in` and before `y`: checked once, rebuilt only when a buffer
+        moved (the dicts are read directly: this runs on every decoded token of every layer)."""
+        buffers = self._buffers
+        mask, values, offsets = buffers["mask"], buffers["values"], buffers["offsets"]
+        bias = self._parameters.get("bias")
+        key = (mask.data_ptr(), values.data_ptr(), offsets.data_ptr(), values.dtype,
                None if bias is None else (bias.data_ptr(), bias.dtype, bias._version))
-        if getattr(self, "_args_key", None) != key:  # first call, or the buffers moved (`.to()`, load_state_dict)
-            code = ops._check(torch.empty(0, self.mask.shape[1] * 8), self.mask, self.values, self.offsets)
+        if self.__dict__.get("_args_key") != key:  # first call, or the buffers moved (`.to()`, load_state_dict)
+            code = ops.check_weight(mask, values, offsets)
             # kept on the module so that the float32 copy of a bf16/fp16 bias lives as long as the pointer is used
             self._bias32 = None if bias is None else bias.detach().float().contiguous()
             bias_ptr = None if self._bias32 is None else self._bias32.data_ptr()
-            self._args = (key[0], self.out_features, self.mask.shape[1] // 8, key[1], code, key[2], bias_ptr)
+            self._args = (key[0], self.out_features, mask.shape[1] // 8, key[1], code, key[2], bias_ptr)
             self._args_key = key
         return self._args
 

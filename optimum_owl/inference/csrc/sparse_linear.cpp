@@ -7,8 +7,11 @@
 //   values  float32 / bfloat16 / float16 [nnz + 16]: the stored elements of W in row-major order, then 16 zeros so
 //           that an unaligned 8-element load at any row's last non-zero stays inside the buffer.
 //   offsets int64 [out + 1]: offsets[r] is the index in `values` of row r's first non-zero (prefix sum of popcounts).
-//   x       float32 [n, 64 * wpr] contiguous, zero-padded past `in` (the Python side converts and pads).
-// Results are float32 [n, out]; accumulation is always in float32.
+//   x       float32 [n, 64 * wpr] contiguous, zero-padded past `in`. `owl_decode` also takes the caller's
+//           activations as they are (contiguous [n, in] float32 / bfloat16 / float16) and converts and pads them
+//           into such a buffer itself when they are not already in that form (bfloat16 models: no torch ops per call).
+// Results are [n, out] float32, or the activations' bfloat16 / float16 (rounded to nearest even, as torch's `.to()`
+// rounds); accumulation is always in float32.
 //
 // Decode (few tokens): one pass over each row's mask. For every mask byte, the next 8 packed values are expanded to
 // the byte's 8 lanes and multiplied into up to 4 tokens' accumulators (a weight byte is read once per group of 4
@@ -40,6 +43,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #define OWL_AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
 
@@ -114,9 +118,50 @@ struct Args {
   const int64_t* offsets;
   const float* x;
   const float* bias;
-  float* y;
+  void* y;
   int64_t wpr, n, ldx, out;
+  int ydtype;  // 0 float32, 1 bfloat16, 2 float16
 };
+
+// float32 -> bfloat16, round to nearest even (what torch's conversion does); NaN -> the canonical quiet NaN.
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+OWL_AVX2 inline void store(const Args& a, int64_t i, float v) {
+  switch (a.ydtype) {
+    case 0: static_cast<float*>(a.y)[i] = v; break;
+    case 1: static_cast<uint16_t*>(a.y)[i] = to_bf16(v); break;
+    default: static_cast<uint16_t*>(a.y)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); break;
+  }
+}
+
+// Row t of the caller's activations x [n, in] (dtype 0/1/2) as float32 into dst[0, ld), zeros past `in`.
+OWL_AVX2 void widen_row(const void* x, int xdtype, int64_t t, int64_t in, int64_t ld, float* dst) {
+  int64_t i = 0;
+  if (xdtype == 0) {
+    std::memcpy(dst, static_cast<const float*>(x) + t * in, in * sizeof(float));
+    i = in;
+  } else {
+    const uint16_t* src = static_cast<const uint16_t*>(x) + t * in;
+    for (; i + 8 <= in; i += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      const __m256 f = xdtype == 1 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                                   : _mm256_cvtph_ps(h);
+      _mm256_storeu_ps(dst + i, f);
+    }
+    for (; i < in; ++i) {
+      const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
+      float f;
+      std::memcpy(&f, &u, 4);
+      dst[i] = xdtype == 1 ? f : _cvtsh_ss(src[i]);
+    }
+  }
+  std::memset(dst + in, 0, (ld - in) * sizeof(float));
+}
 
 // NT tokens starting at t0, one row. A accumulators per token hide the FMA latency when NT is small.
 template <typename T, int NT>
@@ -149,7 +194,7 @@ OWL_AVX2 inline void row_dot(const Args& a, int64_t r, int64_t t0) {
   for (int t = 0; t < NT; ++t) {
     __m256 s = acc[t][0];
     for (int j = 1; j < A; ++j) s = _mm256_add_ps(s, acc[t][j]);
-    a.y[(t0 + t) * a.out + r] = hsum(s) + b;
+    store(a, (t0 + t) * a.out + r, hsum(s) + b);
   }
 }
 
@@ -223,11 +268,21 @@ extern "C" {
 
 int owl_cpu_supported() { return cpu_ok() ? 1 : 0; }
 
-// y[n, out] = x[n, 64*wpr] @ W^T (+ bias[out]).
-int owl_decode(const float* x, int64_t n, const uint8_t* mask, int64_t out, int64_t wpr, const void* values,
-               int dtype, const int64_t* offsets, const float* bias, float* y) {
+// y[n, out] = x[n, in] @ W^T (+ bias[out]); x and y contiguous, of dtype xdtype (0 float32, 1 bfloat16, 2 float16).
+// float32 x with in == 64 * wpr is read in place; anything else is widened and padded into a float32 buffer first.
+int owl_decode(const void* x, int xdtype, int64_t n, int64_t in, const uint8_t* mask, int64_t out, int64_t wpr,
+               const void* values, int dtype, const int64_t* offsets, const float* bias, void* y) {
   if (!cpu_ok()) return 2;
-  Args a{reinterpret_cast<const uint64_t*>(mask), values, offsets, x, bias, y, wpr, n, 64 * wpr, out};
+  if (xdtype < 0 || xdtype > 2 || in > 64 * wpr || in <= 64 * (wpr - 1)) return 3;
+  const int64_t ld = 64 * wpr;
+  std::vector<float> widened;
+  const float* xf = static_cast<const float*>(x);
+  if (xdtype != 0 || in != ld) {
+    widened.resize(n * ld);
+    for (int64_t t = 0; t < n; ++t) widen_row(x, xdtype, t, in, ld, widened.data() + t * ld);
+    xf = widened.data();
+  }
+  Args a{reinterpret_cast<const uint64_t*>(mask), values, offsets, xf, bias, y, wpr, n, ld, out, xdtype};
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     parallel_rows(out, [&](int64_t r0, int64_t r1) { decode_rows<T>(a, r0, r1); });
@@ -238,7 +293,7 @@ int owl_decode(const float* x, int64_t n, const uint8_t* mask, int64_t out, int6
 int owl_expand(const uint8_t* mask, int64_t r0, int64_t r1, int64_t wpr, const void* values, int dtype,
                const int64_t* offsets, float* tile) {
   if (!cpu_ok()) return 2;
-  Args a{reinterpret_cast<const uint64_t*>(mask), values, offsets, nullptr, nullptr, nullptr, wpr, 0, 0, 0};
+  Args a{reinterpret_cast<const uint64_t*>(mask), values, offsets, nullptr, nullptr, nullptr, wpr, 0, 0, 0, 0};
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     at::parallel_for(r0, r1, 8, [&](int64_t b, int64_t e) { expand_rows<T>(a, b, e, r0, tile); });
