@@ -1,0 +1,114 @@
+"""Two builds of the decode kernel, alternated in one process (for kernel changes; docs/benchmarks.md).
+
+Builds `optimum_owl/inference/csrc/sparse_linear.cpp` as it is at git revision `--base` and as it is in the working
+tree, each into a temporary folder with the library's flags, checks that both give bit-identical outputs, then times
+one-token decode over a stack of random pruned layers shaped like the 0.95B Llama's (per layer: four 2048 x 2048,
+two 5632 x 2048, one 2048 x 5632; `--layers` of them: several times the L3 cache, so weights come from memory), the
+two builds and dense `F.linear` in turn, `--rounds` times. Reports each one's weight GB/s, best and median.
+
+    OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/kernel_ab.py --base HEAD --dtypes bfloat16,float32,float16
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import inference as bench  # noqa: E402
+
+from optimum_owl.inference import SparseLinear  # noqa: E402
+from optimum_owl.inference import kernel as kernel_mod  # noqa: E402
+from optimum_owl.utils import atomic_write_text  # noqa: E402
+
+SHAPES = [(2048, 2048)] * 4 + [(5632, 2048)] * 2 + [(2048, 5632)]  # (out, in) of one layer's linears
+
+
+def build(source: str, folder: Path, name: str) -> kernel_mod.KernelOps:
+    from torch.utils import cpp_extension
+
+    path = folder / "sparse_linear.cpp"
+    path.write_text(source)
+    library = cpp_extension.load(name=name, sources=[str(path)], extra_cflags=kernel_mod.CFLAGS,
+                                 extra_ldflags=kernel_mod.LDFLAGS, build_directory=str(folder), is_python_module=False)
+    return kernel_mod.KernelOps(ctypes.CDLL(str(library)))
+
+
+def compare(builds: dict, dtype: torch.dtype, sparsity: float, layers: int, rounds: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    mods, dense = [], []
+    for _ in range(layers):
+        for out_f, in_f in SHAPES:
+            w = bench.pruned_weight(torch.randn(out_f, in_f, generator=gen), sparsity).to(dtype)
+            lin = nn.Linear(in_f, out_f, bias=False, device="meta")
+            lin.weight = nn.Parameter(w, requires_grad=False)
+            mods.append(SparseLinear.from_dense(lin))
+            dense.append(w)
+    xs = {n: torch.randn(1, n, generator=gen) for n in (2048, 5632)}
+    outs = [[ops.decode(xs[m.in_features], m.mask, m.values, m.offsets, None) for m in mods[: len(SHAPES)]]
+            for ops in builds.values()]
+    if not all(torch.equal(a, b) for a, b in zip(*outs)):
+        raise SystemExit("the two builds give different outputs")
+    runs = {name: (lambda ops=ops: [ops.decode(xs[m.in_features], m.mask, m.values, m.offsets, None) for m in mods])
+            for name, ops in builds.items()}
+    runs["dense"] = lambda: [F.linear(xs[w.shape[1]].to(dtype), w) for w in dense]
+    nbytes = {name: sum(m.weight_nbytes() for m in mods) for name in builds}
+    nbytes["dense"] = sum(w.numel() * w.element_size() for w in dense)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(rounds):
+        for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    row = {"dtype": str(dtype).removeprefix("torch."), "sparsity": sparsity}
+    for name, t in times.items():
+        row[name] = {"best_GB_s": round(nbytes[name] / min(t) / 1e9, 2),
+                     "median_GB_s": round(nbytes[name] / statistics.median(t) / 1e9, 2)}
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="HEAD", help="git revision of the baseline kernel source")
+    parser.add_argument("--dtypes", default="bfloat16,float32,float16")
+    parser.add_argument("--sparsity", type=float, default=0.7)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rel = "optimum_owl/inference/csrc/sparse_linear.cpp"
+    base_src = subprocess.run(["git", "show", f"{args.base}:{rel}"], cwd=ROOT, check=True, capture_output=True,
+                              text=True).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        builds = {}
+        for name, src in (("base", base_src), ("working_tree", (ROOT / rel).read_text())):
+            folder = Path(tmp) / name
+            folder.mkdir()
+            builds[name] = build(src, folder, f"owl_ab_{name}")
+        rows = []
+        for dt in args.dtypes.split(","):
+            row = compare(builds, getattr(torch, dt), args.sparsity, args.layers, args.rounds)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    result = {"machine": bench.machine(), "args": vars(args), "rows": rows, "command": " ".join(sys.argv)}
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
