@@ -169,7 +169,10 @@ OWL_AVX2 inline void row_dot(const Args& a, int64_t r, int64_t t0) {
   constexpr int A = NT >= 4 ? 1 : (NT == 1 ? 4 : 2);
   const uint64_t* m = a.mask + r * a.wpr;
   const T* v = static_cast<const T*>(a.values) + a.offsets[r];
-  const float* xb = a.x + t0 * a.ldx;
+  // one base pointer per token (one shared base + t * ldx made GCC keep 24 offsets for NT = 4 and reload them from
+  // the stack inside the loop)
+  const float* xt[NT];
+  for (int t = 0; t < NT; ++t) xt[t] = a.x + (t0 + t) * a.ldx;
   __m256 acc[NT][A];
   for (int t = 0; t < NT; ++t)
     for (int j = 0; j < A; ++j) acc[t][j] = _mm256_setzero_ps();
@@ -180,14 +183,13 @@ OWL_AVX2 inline void row_dot(const Args& a, int64_t r, int64_t t0) {
     _mm_prefetch(reinterpret_cast<const char*>(m + w) + kPrefetchBytes / 8, _MM_HINT_T0);
     if (!m[w]) continue;
     const uint8_t* mb = reinterpret_cast<const uint8_t*>(m + w);
-    const float* xw = xb + w * 64;
 #pragma GCC unroll 8
     for (int k = 0; k < 8; ++k) {
       const unsigned byte = mb[k];
       const __m256 e = expand(v, byte);
       v += _mm_popcnt_u32(byte);
       for (int t = 0; t < NT; ++t)
-        acc[t][k % A] = _mm256_fmadd_ps(e, _mm256_loadu_ps(xw + t * a.ldx + 8 * k), acc[t][k % A]);
+        acc[t][k % A] = _mm256_fmadd_ps(e, _mm256_loadu_ps(xt[t] + w * 64 + 8 * k), acc[t][k % A]);
     }
   }
   const float b = a.bias ? a.bias[r] : 0.0f;
