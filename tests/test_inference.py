@@ -144,6 +144,23 @@ def test_decode_takes_activations_in_their_dtype_and_rounds_like_torch(dtype):
 
 
 @needs_kernel
+def test_kernel_error_codes_become_clear_errors():
+    ops = kernel_mod.kernel()
+    sparse = SparseLinear.from_dense(_linear(8, 70, 0.5, seed=1, dtype=torch.float32))
+    x, y = torch.randn(1, 200), torch.empty(1, 8)
+    common = (sparse.mask.data_ptr(), 8, sparse.mask.shape[1] // 8, sparse.values.data_ptr())
+    # 200 inputs for a 70-input weight (two 64-bit words per row hold at most 128)
+    rc = ops.lib.owl_decode(x.data_ptr(), 0, 1, 200, *common, 0, sparse.offsets.data_ptr(), None, y.data_ptr())
+    assert rc == 3
+    with pytest.raises(RuntimeError, match="owl_decode failed: activations of an unsupported dtype or width"):
+        kernel_mod.check_rc("owl_decode", rc)
+    rc = ops.lib.owl_decode(x.data_ptr(), 0, 1, 70, *common, 7, sparse.offsets.data_ptr(), None, y.data_ptr())
+    assert rc == 1
+    with pytest.raises(ValueError, match="in in \\(64, 128\\]"):
+        ops.decode(x, sparse.mask, sparse.values, sparse.offsets, None)
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_path_follows_bias_changes_in_place_and_by_load_state_dict(dtype):
     # the decode path caches its kernel arguments (and a float32 copy of a bf16/fp16 bias): changing the bias in place,

@@ -146,6 +146,15 @@ def _build() -> Any:
 
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# What the C entry points' return codes mean (csrc/sparse_linear.cpp).
+_ERRORS = {1: "unsupported value dtype", 2: "this CPU lacks AVX2/FMA/F16C/POPCNT",
+           3: "activations of an unsupported dtype or width", 4: "out of memory or a thread-pool failure"}
+
+
+def check_rc(entry: str, rc: int) -> None:
+    """Raise a RuntimeError naming `entry` and what its non-zero return code `rc` means."""
+    if rc:
+        raise RuntimeError(f"owl kernel: {entry} failed: {_ERRORS.get(rc, 'unknown error')} (code {rc})")
 _p = ctypes.c_void_p
 _i64 = ctypes.c_int64
 
@@ -198,8 +207,7 @@ class KernelOps:
         b = None if bias is None else bias.data_ptr()
         rc = self.lib.owl_decode(x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[0], x.shape[1], mask.data_ptr(), out,
                                  mask.shape[1] // 8, values.data_ptr(), code, offsets.data_ptr(), b, y.data_ptr())
-        if rc:
-            raise RuntimeError(f"owl kernel: owl_decode failed with code {rc}")
+        check_rc("owl_decode", rc)
         return y
 
     def expand(self, mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, r0: int, r1: int,
@@ -211,8 +219,7 @@ class KernelOps:
         code = DTYPE_CODES[values.dtype]
         rc = self.lib.owl_expand(mask.data_ptr(), r0, r1, mask.shape[1] // 8, values.data_ptr(), code,
                                  offsets.data_ptr(), tile.data_ptr())
-        if rc:
-            raise RuntimeError(f"owl kernel: owl_expand failed with code {rc}")
+        check_rc("owl_expand", rc)
 
     def prefill(self, x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                 bias: torch.Tensor | None, in_features: int, tile_rows: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 from ..bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX
 from ..modeling import is_conv1d as _modeling_is_conv1d
 from .format import Packed, from_checkpoint_parts, pack_dense, to_checkpoint_parts, unpack_dense, unpack_dense_torch
-from .kernel import DTYPE_CODES, kernel
+from .kernel import DTYPE_CODES, check_rc, kernel
 
 logger = logging.getLogger(__name__)
 
@@ -209,8 +209,7 @@ class SparseLinear(nn.Module):
         xc = x if x.is_contiguous() else x.contiguous()
         y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)
         rc = ops.lib.owl_decode(xc.data_ptr(), code, n, self.in_features, *self._kernel_args(ops), y.data_ptr())
-        if rc:
-            raise RuntimeError(f"owl kernel: owl_decode failed with code {rc}")
+        check_rc("owl_decode", rc)
         return y
 
     def _kernel_args(self, ops: Any) -> tuple:

@@ -265,7 +265,9 @@ int by_dtype(int code, F&& f) {
 }  // namespace
 
 // C entry points, called through ctypes (optimum_owl/inference/kernel.py). The caller guarantees the layout above
-// (SparseLinear builds and owns these buffers). dtype: 0 float32, 1 bfloat16, 2 float16. Return 0 on success.
+// (SparseLinear builds and owns these buffers). dtype: 0 float32, 1 bfloat16, 2 float16. Return 0 on success, else
+// 1 unknown dtype, 2 CPU without AVX2/FMA/F16C/POPCNT, 3 activations of the wrong dtype or width, 4 allocation or
+// thread-pool failure (kernel.py turns the code into a message).
 extern "C" {
 
 int owl_cpu_supported() { return cpu_ok() ? 1 : 0; }
@@ -277,18 +279,22 @@ int owl_decode(const void* x, int xdtype, int64_t n, int64_t in, const uint8_t* 
   if (!cpu_ok()) return 2;
   if (xdtype < 0 || xdtype > 2 || in > 64 * wpr || in <= 64 * (wpr - 1)) return 3;
   const int64_t ld = 64 * wpr;
-  std::vector<float> widened;
-  const float* xf = static_cast<const float*>(x);
-  if (xdtype != 0 || in != ld) {
-    widened.resize(n * ld);
-    for (int64_t t = 0; t < n; ++t) widen_row(x, xdtype, t, in, ld, widened.data() + t * ld);
-    xf = widened.data();
+  try {  // no C++ exception may cross into the caller (the buffer's allocation, the thread pool)
+    std::vector<float> widened;
+    const float* xf = static_cast<const float*>(x);
+    if (xdtype != 0 || in != ld) {
+      widened.resize(n * ld);
+      for (int64_t t = 0; t < n; ++t) widen_row(x, xdtype, t, in, ld, widened.data() + t * ld);
+      xf = widened.data();
+    }
+    Args a{reinterpret_cast<const uint64_t*>(mask), values, offsets, xf, bias, y, wpr, n, ld, out, xdtype};
+    return by_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      parallel_rows(out, [&](int64_t r0, int64_t r1) { decode_rows<T>(a, r0, r1); });
+    });
+  } catch (...) {
+    return 4;
   }
-  Args a{reinterpret_cast<const uint64_t*>(mask), values, offsets, xf, bias, y, wpr, n, ld, out, xdtype};
-  return by_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    parallel_rows(out, [&](int64_t r0, int64_t r1) { decode_rows<T>(a, r0, r1); });
-  });
 }
 
 // Rows [r0, r1) of W as dense float32 into tile[(r - r0) * 64 * wpr + c] (for the prefill GEMM done by torch).
@@ -296,10 +302,14 @@ int owl_expand(const uint8_t* mask, int64_t r0, int64_t r1, int64_t wpr, const v
                const int64_t* offsets, float* tile) {
   if (!cpu_ok()) return 2;
   Args a{reinterpret_cast<const uint64_t*>(mask), values, offsets, nullptr, nullptr, nullptr, wpr, 0, 0, 0, 0};
-  return by_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    at::parallel_for(r0, r1, 8, [&](int64_t b, int64_t e) { expand_rows<T>(a, b, e, r0, tile); });
-  });
+  try {
+    return by_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      at::parallel_for(r0, r1, 8, [&](int64_t b, int64_t e) { expand_rows<T>(a, b, e, r0, tile); });
+    });
+  } catch (...) {
+    return 4;
+  }
 }
 
 }  // extern "C"
