@@ -6,7 +6,8 @@ tree, each into a temporary folder with the library's flags, checks that both gi
 decode over a stack of random pruned layers shaped like the 0.95B Llama's (per layer: four 2048 x 2048,
 two 5632 x 2048, one 2048 x 5632; `--layers` of them: several times the L3 cache, so weights come from memory), the
 two builds and dense `F.linear` in turn, `--rounds` times, for each of `--tokens` (tokens per call; below 16 is the
-decode path). Reports each one's weight GB/s (weight bytes per call over its time), best and median.
+decode path). Reports each one's weight GB/s (weight bytes per call over its time), best and median. Both builds are
+called through this tree's `KernelOps`, so `--base` must have the same C entry points (commit ffe425c or later).
 
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/kernel_ab.py --base HEAD --dtypes bfloat16,float32,float16
 """
