@@ -155,6 +155,8 @@ def check_rc(entry: str, rc: int) -> None:
     """Raise a RuntimeError naming `entry` and what its non-zero return code `rc` means."""
     if rc:
         raise RuntimeError(f"owl kernel: {entry} failed: {_ERRORS.get(rc, 'unknown error')} (code {rc})")
+
+
 _p = ctypes.c_void_p
 _i64 = ctypes.c_int64
 
