@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import inference as bench  # noqa: E402
@@ -36,13 +35,9 @@ class PythonConversion(SparseLinear):
     """The decode path as it was before 2026-12-01: float32 conversion and padding in Python, float32 output."""
 
     def _decode(self, ops, x, n):
-        xp = x.reshape(n, self.in_features).float()
-        width = self.mask.shape[1] * 8
-        if width != self.in_features:
-            xp = F.pad(xp, (0, width - self.in_features))
-        xp = xp.contiguous()
+        xp = self._padded_float(x.reshape(n, self.in_features))  # float32, padded to 64 * words per row
         y = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.float32)
-        rc = ops.lib.owl_decode(xp.data_ptr(), 0, n, width, *self._kernel_args(ops), y.data_ptr())
+        rc = ops.lib.owl_decode(xp.data_ptr(), 0, n, xp.shape[1], *self._kernel_args(ops), y.data_ptr())
         if rc:
             raise RuntimeError(f"owl_decode failed with code {rc}")
         return y if x.dtype == torch.float32 else y.to(x.dtype)
