@@ -7,15 +7,19 @@ decode over a stack of random pruned layers shaped like the 0.95B Llama's (per l
 two 5632 x 2048, one 2048 x 5632; `--layers` of them: several times the L3 cache, so weights come from memory), the
 two builds and dense `F.linear` in turn, `--rounds` times, for each of `--tokens` (tokens per call; below 16 is the
 decode path). Reports each one's weight GB/s (weight bytes per call over its time), best and median. Both builds are
-called through this tree's `KernelOps`, so `--base` must have the same C entry points (commit ffe425c or later).
+called through this tree's `KernelOps`, so `--base` must have the same C entry points (the commit that added the
+AVX-512 path, or later).
+With `--isa`, the two are instead the working tree's AVX2 and AVX-512 decode paths (one build; needs an AVX-512F
+CPU, or `--emulate-avx512` to run the AVX-512 path's code in the test build that emulates its intrinsics: a check
+of this script, not a speed).
 
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/kernel_ab.py --base HEAD --dtypes bfloat16,float32,float16
+    OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/kernel_ab.py --isa --tokens 1,4
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import statistics
 import subprocess
@@ -40,14 +44,21 @@ from optimum_owl.utils import atomic_write_text  # noqa: E402
 SHAPES = [(2048, 2048)] * 4 + [(5632, 2048)] * 2 + [(2048, 5632)]  # (out, in) of one layer's linears
 
 
-def build(source: str, folder: Path, name: str) -> kernel_mod.KernelOps:
-    from torch.utils import cpp_extension
-
+def build(source: str, folder: Path, name: str, extra_cflags: tuple[str, ...] = ()) -> kernel_mod.KernelOps:
     path = folder / "sparse_linear.cpp"
     path.write_text(source)
-    library = cpp_extension.load(name=name, sources=[str(path)], extra_cflags=kernel_mod.CFLAGS,
-                                 extra_ldflags=kernel_mod.LDFLAGS, build_directory=str(folder), is_python_module=False)
-    return kernel_mod.KernelOps(ctypes.CDLL(str(library)))
+    return kernel_mod.load_ops(path, folder, name, extra_cflags)
+
+
+class IsaPath:
+    """One decode path of a build: `decode` switches the values' dtype to `isa` first."""
+
+    def __init__(self, ops: kernel_mod.KernelOps, isa: str) -> None:
+        self.ops, self.isa = ops, isa
+
+    def decode(self, x, mask, values, offsets, bias):
+        self.ops.set_isa(values.dtype, self.isa)
+        return self.ops.decode(x, mask, values, offsets, bias)
 
 
 def compare(builds: dict, dtype: torch.dtype, sparsity: float, layers: int, rounds: int, tokens: int,
@@ -97,18 +108,30 @@ def main() -> None:
     parser.add_argument("--tokens", default="1", help="comma-separated token counts per call (decode path: < 16)")
     parser.add_argument("--reorders", action="store_true",
                         help="the change reorders float sums: outputs must agree to 1e-3, not bit for bit")
+    parser.add_argument("--isa", action="store_true", help="compare the working tree's AVX2 and AVX-512 paths")
+    parser.add_argument("--emulate-avx512", action="store_true",
+                        help="with --isa: build with tests/csrc/avx512_emulated.h (checks the script, not a speed)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rel = "optimum_owl/inference/csrc/sparse_linear.cpp"
-    base_src = subprocess.run(["git", "show", f"{args.base}:{rel}"], cwd=ROOT, check=True, capture_output=True,
-                              text=True).stdout
     with tempfile.TemporaryDirectory() as tmp:
         builds = {}
-        for name, src in (("base", base_src), ("working_tree", (ROOT / rel).read_text())):
-            folder = Path(tmp) / name
+        if args.isa:
+            folder = Path(tmp) / "isa"
             folder.mkdir()
-            builds[name] = build(src, folder, f"owl_ab_{name}")
+            flags = ("-include", str(ROOT / "tests" / "csrc" / "avx512_emulated.h")) if args.emulate_avx512 else ()
+            ops = build((ROOT / rel).read_text(), folder, "owl_ab_isa", flags)
+            if not ops.avx512_supported:
+                raise SystemExit("this CPU has no AVX-512F (or the OS does not enable it): nothing to compare")
+            builds = {"avx2": IsaPath(ops, "avx2"), "avx512": IsaPath(ops, "avx512")}
+        else:
+            base_src = subprocess.run(["git", "show", f"{args.base}:{rel}"], cwd=ROOT, check=True,
+                                      capture_output=True, text=True).stdout
+            for name, src in (("base", base_src), ("working_tree", (ROOT / rel).read_text())):
+                folder = Path(tmp) / name
+                folder.mkdir()
+                builds[name] = build(src, folder, f"owl_ab_{name}")
         rows = []
         for tokens in (int(t) for t in args.tokens.split(",")):
             for dt in args.dtypes.split(","):

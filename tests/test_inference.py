@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from optimum_owl.bitmask import compress
 from optimum_owl.inference import SparseLinear, densify, sparsify
+from optimum_owl.inference import isa as isa_mod
 from optimum_owl.inference import kernel as kernel_mod
 from optimum_owl.inference.format import from_checkpoint_parts, pack_dense, to_checkpoint_parts, unpack_dense
 
@@ -158,6 +160,113 @@ def test_kernel_error_codes_become_clear_errors():
     assert rc == 1
     with pytest.raises(ValueError, match="in in \\(64, 128\\]"):
         ops.decode(x, sparse.mask, sparse.values, sparse.offsets, None)
+
+
+# ------------------------------------------------------------------------------------------------- AVX-512 path
+EMULATION = Path(__file__).parent / "csrc" / "avx512_emulated.h"
+
+
+@pytest.fixture(scope="module")
+def emulated_ops(tmp_path_factory):
+    """The kernel built with its AVX-512 intrinsics emulated in plain C++ (tests/csrc/avx512_emulated.h), so that the
+    AVX-512 path's code runs, lane by lane, on a CPU that only has AVX2."""
+    if kernel_mod.kernel() is None:
+        pytest.skip("C++ kernel unavailable on this machine")
+    folder = tmp_path_factory.mktemp("owl_avx512_emulated")
+    ops = kernel_mod.load_ops(kernel_mod.SOURCE, folder, "owl_avx512_emulated", ["-include", str(EMULATION)])
+    yield ops
+    for dtype in DTYPES:
+        ops.set_isa(dtype, "avx2")
+
+
+def _avx512_matches_avx2(ops, threads: int) -> None:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for i, (out, inp) in enumerate(SHAPES + [(130, 1000), (40, 640)]):
+            for dtype in DTYPES:
+                lin = _linear(out, inp, (0.5, 0.7, 0.9)[i % 3], seed=i, dtype=dtype, bias=i % 2 == 0)
+                sparse = SparseLinear.from_dense(lin)
+                bias = None if lin.bias is None else lin.bias.detach().float()
+                for n in [b for b in BATCHES if b < SparseLinear.crossover]:
+                    for xdtype in (torch.float32, dtype):
+                        x = torch.randn(n, inp).to(xdtype)
+                        ys = []
+                        for isa in ("avx2", "avx512"):
+                            ops.set_isa(dtype, isa)
+                            ys.append(ops.decode(x, sparse.mask, sparse.values, sparse.offsets, bias))
+                        ops.set_isa(dtype, "avx2")
+                        assert _same_bits(*ys), (out, inp, dtype, n, xdtype)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_avx512_path_gives_the_avx2_bits_in_an_emulated_build(emulated_ops, threads):
+    # every group size (4, 3, 2, 1 tokens), widths that are not multiples of 16 or 64, empty / dense rows, bias,
+    # float32 / bf16 / fp16 values and activations: the AVX-512 path sums in the AVX2 path's order
+    assert emulated_ops.avx512_supported
+    _avx512_matches_avx2(emulated_ops, threads)
+    for dtype in DTYPES:
+        assert isa_mod.paths_agree(emulated_ops, dtype)
+        assert emulated_ops.isa(dtype) == "avx2"  # the check leaves the default in place
+
+
+@needs_kernel
+@pytest.mark.skipif(not (kernel_mod.kernel() and kernel_mod.kernel().avx512_supported), reason="no AVX-512F here")
+def test_avx512_path_gives_the_avx2_bits_on_this_cpu():
+    _avx512_matches_avx2(kernel_mod.kernel(), threads=2)
+
+
+def test_choose_isa_checks_times_and_honours_the_environment(emulated_ops, monkeypatch, caplog):
+    ops = emulated_ops
+    timed: list[str] = []
+
+    def fake_time(ops_, dtype, isa, layer, rounds=7):  # AVX-512 faster for float32 only
+        timed.append(isa)
+        return 1.0 if isa == "avx2" or dtype != torch.float32 else 0.5
+
+    monkeypatch.setattr(isa_mod, "best_time", fake_time)
+    with caplog.at_level(logging.INFO, logger="optimum_owl.inference.isa"):
+        monkeypatch.setenv("OPTIMUM_OWL_KERNEL_ISA", "auto")
+        assert isa_mod.choose_isa(ops) == {"float32": "avx512", "bfloat16": "avx2", "float16": "avx2"}
+        assert [ops.isa(d) for d in DTYPES] == ["avx512", "avx2", "avx2"] and "avx512" in timed
+        assert "AVX-512 decode (checked against AVX2) for float32 (AVX-512 speed vs AVX2: float32 2.00x" in caplog.text
+
+        timed.clear()
+        monkeypatch.setenv("OPTIMUM_OWL_KERNEL_ISA", "avx512")  # forced: no timing, still checked
+        monkeypatch.setattr(isa_mod, "paths_agree", lambda ops_, dtype: dtype != torch.bfloat16)
+        assert isa_mod.choose_isa(ops) == {"float32": "avx512", "bfloat16": "avx2", "float16": "avx512"}
+        assert not timed and "different bfloat16 results from the AVX2 path" in caplog.text
+
+        monkeypatch.setenv("OPTIMUM_OWL_KERNEL_ISA", "avx2")  # also undoes the previous choice
+        assert set(isa_mod.choose_isa(ops).values()) == {"avx2"} and not timed
+        assert [ops.isa(d) for d in DTYPES] == ["avx2"] * 3
+
+        monkeypatch.setenv("OPTIMUM_OWL_KERNEL_ISA", "fastest")
+        isa_mod.choose_isa(ops)
+        assert "OPTIMUM_OWL_KERNEL_ISA='fastest' is not one of auto, avx2, avx512; using auto" in caplog.text
+    for dtype in DTYPES:
+        ops.set_isa(dtype, "avx2")
+    with pytest.raises(ValueError, match="isa must be one of"):
+        ops.set_isa(torch.float32, "neon")
+
+
+@needs_kernel
+def test_kernel_status_names_the_decode_path_and_avx512_needs_the_cpu(monkeypatch, caplog):
+    ops = kernel_mod.kernel()
+    status = kernel_mod.kernel_status()
+    assert status["kernel"] and set(status["isa"]) == {"float32", "bfloat16", "float16"}
+    assert status["isa"] == {str(d).removeprefix("torch."): ops.isa(d) for d in DTYPES}
+    if ops.avx512_supported:
+        return
+    assert set(status["isa"].values()) == {"avx2"}
+    with pytest.raises(RuntimeError, match="owl_set_isa failed: AVX-512 asked for on a CPU without AVX-512F"):
+        ops.set_isa(torch.float32, "avx512")
+    monkeypatch.setenv("OPTIMUM_OWL_KERNEL_ISA", "avx512")
+    with caplog.at_level(logging.WARNING, logger="optimum_owl.inference.isa"):
+        assert set(isa_mod.choose_isa(ops).values()) == {"avx2"}
+    assert "OPTIMUM_OWL_KERNEL_ISA=avx512, but this CPU has no AVX-512F; using AVX2" in caplog.text
 
 
 @needs_kernel
@@ -354,6 +463,9 @@ def test_generate_cli_loads_compact_checkpoint_sparse_and_compares_dense(tmp_pat
                  "--max-new-tokens", "6", "--compare-dense", "--repeats", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "21 sparse linears" in out and "tokens identical: True" in out and "decode speed-up sparse / dense" in out
+    status = kernel_mod.kernel_status()
+    expected = status["isa"]["float32"].upper().replace("AVX512", "AVX-512") if status["kernel"] else "pure PyTorch"
+    assert f"kernel: {expected}" in out
     assert main(["generate", str(tmp_path / "m"), "--tokenizer", str(tok), "--prompt", "Once", "--max-new-tokens",
                  "0"]) == 2
 

@@ -123,8 +123,12 @@ def run(args: argparse.Namespace) -> int:
     label = "sparse" if sparse_count else "dense"
     if sparse_count:
         status = kernel_status()
-        print(f"{sparse_count} sparse linears; kernel: {'AVX2' if status['kernel'] else 'pure PyTorch (' + str(status['reason']) + ')'}"
-              f"; {torch.get_num_threads()} threads")
+        if status["kernel"]:
+            dtype = str(next(m for m in model.modules() if isinstance(m, SparseLinear)).dtype).removeprefix("torch.")
+            kernel = status["isa"][dtype].upper().replace("AVX512", "AVX-512")
+        else:
+            kernel = f"pure PyTorch ({status['reason']})"
+        print(f"{sparse_count} sparse linears; kernel: {kernel}; {torch.get_num_threads()} threads")
     else:
         print(f"no sparse linears (dense model, or nothing above --min-sparsity); {torch.get_num_threads()} threads")
 

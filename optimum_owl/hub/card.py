@@ -322,7 +322,7 @@ def sparse_inference_card_section() -> list[str]:
         "## Sparse inference on CPU",
         "",
         "`optimum_owl.sparsify(model)` (or `optimum_owl.inference.load_sparse(folder)` for a downloaded copy) keeps "
-        "only the compact form of the pruned weights in memory and decodes with optimum-owl's AVX2 kernel; "
+        "only the compact form of the pruned weights in memory and decodes with optimum-owl's AVX2 / AVX-512 kernel; "
         "`optimum-owl generate <folder> --prompt ... --compare-dense` measures it on your CPU.",
         "",
         f"Measured by optimum-owl ({MEASURED}). This model itself was not measured: speed depends on the CPU, "

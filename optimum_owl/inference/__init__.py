@@ -1,5 +1,6 @@
 """Sparse inference on CPU: keep only the compact (bitmask + packed values) form of pruned weights in memory and
-decode through a C++ AVX2 kernel (pure-PyTorch fallback everywhere else). See docs/inference.md.
+decode through a C++ AVX2 kernel, or its AVX-512 path where that checks out faster (pure-PyTorch fallback
+everywhere else). See docs/inference.md.
 
 ```python
 >>> import optimum_owl

@@ -7,7 +7,7 @@ In-memory sparse form (`Packed`) of a weight with `out` rows and `in` columns (a
   (bit `k` of byte `j` set = element `8 j + k` stored, least significant bit first), zero-padded to whole 64-bit
   words so the kernel reads one `uint64` per 64 inputs.
 - `values`: the stored elements in row-major order, in the weight's dtype, followed by `VALUE_PADDING` zeros (the
-  kernel loads 8 values at a time past each row's last non-zero).
+  kernel loads 8 (AVX2) or 16 (AVX-512, bf16 / fp16) values at a time past each row's last non-zero).
 - `offsets`: `int64 [out + 1]`, prefix sum of the rows' popcounts.
 
 An element is stored when its bit pattern is not all zeros (`-0.0` is kept), exactly as in the checkpoint format
@@ -27,6 +27,8 @@ import torch
 from ..bitmask import OWLCheckpointError, check_parts, compress
 
 VALUE_PADDING = 16
+# The value / activation dtypes of the kernel's C entry points and their codes there (csrc/sparse_linear.cpp).
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 

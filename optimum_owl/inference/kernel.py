@@ -10,10 +10,17 @@ When the kernel cannot be used, `kernel()` returns `None` and one INFO log line 
 no C++ compiler or ninja, build failure, or `OPTIMUM_OWL_DISABLE_KERNEL=1`); `SparseLinear` then uses the pure-PyTorch
 path, which gives the same results up to float32 summation order.
 
+On a CPU with AVX-512F the kernel also has an AVX-512 decode path that sums in the AVX2 path's order. After loading,
+`optimum_owl.inference.isa.choose_isa` runs both paths on small test layers of each value dtype and switches a dtype
+to AVX-512 only when the outputs are bit-identical to the AVX2 path's and the AVX-512 path is faster on a timed layer
+(one INFO line says what was chosen; a mismatch is a WARNING and keeps AVX2).
+
 Environment variables:
 
 - `OPTIMUM_OWL_KERNEL_CACHE`: cache folder (default: `$XDG_CACHE_HOME/optimum_owl/kernels` or `~/.cache/...`).
 - `OPTIMUM_OWL_DISABLE_KERNEL=1`: never build or load the kernel.
+- `OPTIMUM_OWL_KERNEL_ISA`: `auto` (default, as above), `avx2` (never AVX-512), or `avx512` (AVX-512 for every dtype
+  whose outputs match, without timing).
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .format import DTYPE_CODES
+from .isa import ISAS, choose_isa
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +124,6 @@ def _exclusive(path: Path):
 
 
 def _build() -> Any:
-    from torch.utils import cpp_extension
-
     if shutil.which("ninja") is None and _ninja_module():
         import ninja
 
@@ -130,25 +138,39 @@ def _build() -> Any:
         fresh = not any(build_dir.glob("*.so"))
         if fresh:
             logger.info("optimum-owl: compiling the sparse CPU kernel (once, cached in %s) ...", build_dir)
-        library = cpp_extension.load(
-            name=tag,
-            sources=[str(SOURCE)],
-            extra_cflags=CFLAGS,
-            extra_ldflags=LDFLAGS,
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-        )
-    ops = KernelOps(ctypes.CDLL(str(library)))
+        ops = load_ops(SOURCE, build_dir, tag)
     if not ops.lib.owl_cpu_supported():
         raise RuntimeError("the kernel reports that this CPU lacks AVX2/FMA/F16C/POPCNT")
+    try:
+        choose_isa(ops)
+    except Exception as err:  # noqa: BLE001 - the AVX2 path stays usable whatever went wrong in the check
+        for dtype in DTYPE_CODES:
+            ops.lib.owl_set_isa(DTYPE_CODES[dtype], 0)
+        logger.warning("optimum-owl sparse inference: checking the AVX-512 path failed (%s: %s); using AVX2.",
+                       type(err).__name__, err)
     return ops
 
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+def load_ops(source: Path, build_dir: Path, name: str, extra_cflags: list[str] | tuple[str, ...] = ()) -> KernelOps:
+    """Compile `source` with the library's flags (plus `extra_cflags`) into `build_dir` and load it (no checks)."""
+    from torch.utils import cpp_extension
+
+    library = cpp_extension.load(
+        name=name,
+        sources=[str(source)],
+        extra_cflags=CFLAGS + list(extra_cflags),
+        extra_ldflags=LDFLAGS,
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+    return KernelOps(ctypes.CDLL(str(library)))
+
+
 # What the C entry points' return codes mean (csrc/sparse_linear.cpp).
 _ERRORS = {1: "unsupported value dtype", 2: "this CPU lacks AVX2/FMA/F16C/POPCNT",
-           3: "activations of an unsupported dtype or width", 4: "out of memory or a thread-pool failure"}
+           3: "activations of an unsupported dtype or width", 4: "out of memory or a thread-pool failure",
+           5: "AVX-512 asked for on a CPU without AVX-512F (or an unknown instruction set)"}
 
 
 def check_rc(entry: str, rc: int) -> None:
@@ -174,6 +196,26 @@ class KernelOps:
         lib.owl_decode.restype = ctypes.c_int
         lib.owl_expand.argtypes = [_p, _i64, _i64, _i64, _p, ctypes.c_int, _p, _p]
         lib.owl_expand.restype = ctypes.c_int
+        lib.owl_avx512_supported.restype = ctypes.c_int
+        lib.owl_set_isa.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.owl_set_isa.restype = ctypes.c_int
+        lib.owl_get_isa.argtypes = [ctypes.c_int]
+        lib.owl_get_isa.restype = ctypes.c_int
+
+    @property
+    def avx512_supported(self) -> bool:
+        """Whether this CPU (and OS) can run the AVX-512 decode path."""
+        return bool(self.lib.owl_avx512_supported())
+
+    def set_isa(self, dtype: torch.dtype, isa: str) -> None:
+        """Decode values of `dtype` with the `"avx2"` or `"avx512"` path (both give the same bits)."""
+        if isa not in ISAS:
+            raise ValueError(f"owl kernel: isa must be one of {ISAS}, got {isa!r}")
+        check_rc("owl_set_isa", self.lib.owl_set_isa(DTYPE_CODES[dtype], ISAS.index(isa)))
+
+    def isa(self, dtype: torch.dtype) -> str:
+        """The decode path used for values of `dtype`."""
+        return ISAS[self.lib.owl_get_isa(DTYPE_CODES[dtype])]
 
     @staticmethod
     def _check(x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor) -> int:
@@ -264,9 +306,11 @@ def kernel() -> Any | None:
 
 
 def kernel_status() -> dict[str, Any]:
-    """Whether the C++ kernel is in use (building it if needed) and, if not, why."""
+    """Whether the C++ kernel is in use (building it if needed) and, if not, why; `isa`: the decode path per values
+    dtype (`{"float32": "avx2", "bfloat16": "avx512", ...}`), None without the kernel."""
     ops = kernel()
-    return {"kernel": ops is not None, "reason": _state["reason"], "isa": "avx2" if ops is not None else None}
+    isa = None if ops is None else {str(d).removeprefix("torch."): ops.isa(d) for d in DTYPE_CODES}
+    return {"kernel": ops is not None, "reason": _state["reason"], "isa": isa}
 
 
 def _reset_for_tests() -> None:

@@ -1,9 +1,9 @@
 """`SparseLinear`: an inference-only linear layer that holds only the compact form of a pruned weight, and
 `sparsify` / `densify`, which swap it in and out of a model in place.
 
-Forward: on x86-64 CPUs with AVX2 the C++ kernel (`optimum_owl.inference.kernel`) runs a mask-expanding
-matrix-vector product when the call has fewer than `crossover` tokens (decode) and a tile-wise expansion + GEMM
-otherwise (prefill). Everywhere else (CUDA tensors, no compiler, other CPUs, inputs that need gradients) the
+Forward: on x86-64 CPUs with AVX2 the C++ kernel (`optimum_owl.inference.kernel`; AVX-512 where checked faster)
+runs a mask-expanding matrix-vector product when the call has fewer than `crossover` tokens (decode) and a tile-wise
+expansion + GEMM otherwise (prefill). Everywhere else (CUDA tensors, no compiler, other CPUs, inputs that need gradients) the
 pure-PyTorch path rebuilds the dense weight for the call and uses `F.linear`. Both compute in float32 and return the
 input's dtype.
 """

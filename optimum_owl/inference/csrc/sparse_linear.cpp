@@ -5,7 +5,8 @@
 //           (byte w*8 + b/8, bit b%8, least significant first) is set when W[r, 64*w + b] is stored. Bits at and
 //           beyond `in` are zero.
 //   values  float32 / bfloat16 / float16 [nnz + 16]: the stored elements of W in row-major order, then 16 zeros so
-//           that an unaligned 8-element load at any row's last non-zero stays inside the buffer.
+//           that an unaligned 8-element (AVX2) or 16-element (AVX-512, 16-bit values) load at or after any row's last
+//           non-zero stays inside the buffer.
 //   offsets int64 [out + 1]: offsets[r] is the index in `values` of row r's first non-zero (prefix sum of popcounts).
 //   x       float32 [n, 64 * wpr] contiguous, zero-padded past `in`. `owl_decode` also takes the caller's
 //           activations as they are (contiguous [n, in] float32 / bfloat16 / float16) and converts and pads them
@@ -31,8 +32,13 @@
 // barrier (on the 0.95B model's layers it measured equal to the fixed split within the machine's noise; kept
 // because it cannot be slower by more than one chunk). Each row is still summed by one thread in a fixed
 // order, so results do not depend on the thread count or on the schedule.
-// Only the AVX2 + FMA + F16C path exists (no AVX-512 path: none could be run or verified where this was written);
-// the functions carry target attributes, the Python loader calls them only after checking the CPU flags, and each
+// Two decode paths: AVX2 + FMA + F16C (the tables above) and AVX-512F, which expands 16 values under each 16-bit
+// piece of the mask word with vexpandps (float32 straight from memory; bf16 / fp16 after widening 16 values) instead
+// of tables. The AVX-512 path sums in exactly the AVX2 path's order (see row_dot512), so the two give the same bits;
+// the Python loader checks that on the CPU itself before it switches a dtype to AVX-512 (`owl_set_isa`). Prefill
+// expansion is AVX2 only. The AVX-512 path was written on a machine without AVX-512 and verified there only in a build
+// that emulates its intrinsics in plain C++ (tests/csrc/avx512_emulated.h), hence the check on first use.
+// The functions carry target attributes, the Python loader calls them only after checking the CPU flags, and each
 // entry point checks again. Plain C entry points (ctypes) keep the first build short: only ATen/Parallel.h.
 
 #include <ATen/Parallel.h>  // at::parallel_for: torch's intra-op pool (only light headers: fast first build)
@@ -46,6 +52,11 @@
 #include <vector>
 
 #define OWL_AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
+#ifdef OWL_AVX512_EMULATED  // test build: AVX-512 intrinsics emulated in C++ (tests/csrc/avx512_emulated.h)
+#define OWL_AVX512 OWL_AVX2
+#else
+#define OWL_AVX512 __attribute__((target("avx512f,avx2,fma,f16c,popcnt")))
+#endif
 
 namespace {
 
@@ -79,6 +90,18 @@ bool cpu_ok() {
                          __builtin_cpu_supports("f16c") && __builtin_cpu_supports("popcnt");
   return ok;
 }
+
+bool avx512_ok() {
+#ifdef OWL_AVX512_EMULATED
+  return cpu_ok();
+#else
+  static const bool ok = cpu_ok() && __builtin_cpu_supports("avx512f");  // also false when the OS does not save zmm
+  return ok;
+#endif
+}
+
+// Decode path per values dtype (0 float32, 1 bfloat16, 2 float16): 0 AVX2, 1 AVX-512. Set by `owl_set_isa`.
+std::atomic<int> g_isa[3] = {0, 0, 0};
 
 struct bf16 { uint16_t bits; };
 struct fp16 { uint16_t bits; };
@@ -200,6 +223,85 @@ OWL_AVX2 inline void row_dot(const Args& a, int64_t r, int64_t t0) {
   }
 }
 
+// The 16 weights under the 16-bit mask piece `m` as float32 in column order (zero where the bit is clear), given the
+// packed values at `p`. float32 reads only popcount(m) values; bf16 / fp16 read 16 (inside the buffer's padding).
+OWL_AVX512 inline __m512 expand16(const float* p, __mmask16 m) { return _mm512_maskz_expandloadu_ps(m, p); }
+OWL_AVX512 inline __m512 expand16(const bf16* p, __mmask16 m) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_maskz_expand_ps(m, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+}
+OWL_AVX512 inline __m512 expand16(const fp16* p, __mmask16 m) {
+  return _mm512_maskz_expand_ps(m, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+}
+OWL_AVX512 inline __m256 lo256(__m512 v) { return _mm512_castps512_ps256(v); }
+OWL_AVX512 inline __m256 hi256(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
+
+// row_dot with AVX-512, the same sums bit for bit. row_dot sends mask byte k of a word to accumulator k % A; a 16-bit
+// piece j holds bytes 2j (low 8 lanes) and 2j + 1 (high 8 lanes). So for NT = 1 (A = 4) one zmm accumulator stands
+// for row_dot's accumulators 0 | 1 (even j) and another for 2 | 3 (odd j); for NT = 2, 3 (A = 2) one zmm is 0 | 1;
+// for NT >= 4 (A = 1) the two halves go into one ymm accumulator in byte order. The halves are then added in
+// row_dot's order (0 + 1 + 2 + 3) and summed by the same hsum.
+template <typename T, int NT>
+OWL_AVX512 inline void row_dot512(const Args& a, int64_t r, int64_t t0) {
+  constexpr int Z = NT == 1 ? 2 : 1;
+  const uint64_t* m = a.mask + r * a.wpr;
+  const T* v = static_cast<const T*>(a.values) + a.offsets[r];
+  const float* xt[NT];
+  for (int t = 0; t < NT; ++t) xt[t] = a.x + (t0 + t) * a.ldx;
+  __m512 acc[NT][Z];
+  __m256 acc4[NT];
+  for (int t = 0; t < NT; ++t) {
+    for (int j = 0; j < Z; ++j) acc[t][j] = _mm512_setzero_ps();
+    acc4[t] = _mm256_setzero_ps();
+  }
+  for (int64_t w = 0; w < a.wpr; ++w) {
+    _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes + 64, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(m + w) + kPrefetchBytes / 8, _MM_HINT_T0);
+    const uint64_t bits = m[w];
+    if (!bits) continue;
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const unsigned piece = static_cast<unsigned>(bits >> (16 * j)) & 0xffffu;
+      const __m512 e = expand16(v, static_cast<__mmask16>(piece));
+      v += _mm_popcnt_u32(piece);
+      const int64_t col = w * 64 + 16 * j;
+      for (int t = 0; t < NT; ++t) {
+        const float* xp = xt[t] + col;
+        if constexpr (NT >= 4) {
+          acc4[t] = _mm256_fmadd_ps(lo256(e), _mm256_loadu_ps(xp), acc4[t]);
+          acc4[t] = _mm256_fmadd_ps(hi256(e), _mm256_loadu_ps(xp + 8), acc4[t]);
+        } else {
+          acc[t][j % Z] = _mm512_fmadd_ps(e, _mm512_loadu_ps(xp), acc[t][j % Z]);
+        }
+      }
+    }
+  }
+  const float b = a.bias ? a.bias[r] : 0.0f;
+  for (int t = 0; t < NT; ++t) {
+    __m256 s = acc4[t];
+    if constexpr (NT < 4) {
+      s = _mm256_add_ps(lo256(acc[t][0]), hi256(acc[t][0]));
+      if constexpr (Z == 2) s = _mm256_add_ps(_mm256_add_ps(s, lo256(acc[t][1])), hi256(acc[t][1]));
+    }
+    store(a, (t0 + t) * a.out + r, hsum(s) + b);
+  }
+}
+
+template <typename T>
+OWL_AVX512 void decode_rows512(const Args& a, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t t = 0;
+    for (; t + 4 <= a.n; t += 4) row_dot512<T, 4>(a, r, t);
+    switch (a.n - t) {
+      case 3: row_dot512<T, 3>(a, r, t); break;
+      case 2: row_dot512<T, 2>(a, r, t); break;
+      case 1: row_dot512<T, 1>(a, r, t); break;
+      default: break;
+    }
+  }
+}
+
 template <typename T>
 OWL_AVX2 void decode_rows(const Args& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
@@ -267,10 +369,23 @@ int by_dtype(int code, F&& f) {
 // C entry points, called through ctypes (optimum_owl/inference/kernel.py). The caller guarantees the layout above
 // (SparseLinear builds and owns these buffers). dtype: 0 float32, 1 bfloat16, 2 float16. Return 0 on success, else
 // 1 unknown dtype, 2 CPU without AVX2/FMA/F16C/POPCNT, 3 activations of the wrong dtype or width, 4 allocation or
-// thread-pool failure (kernel.py turns the code into a message).
+// thread-pool failure, 5 AVX-512 asked for where there is none (kernel.py turns the code into a message).
 extern "C" {
 
 int owl_cpu_supported() { return cpu_ok() ? 1 : 0; }
+
+int owl_avx512_supported() { return avx512_ok() ? 1 : 0; }
+
+// Decode path for values of `dtype`: isa 0 AVX2 (the default), 1 AVX-512. Returns 0, 1 for an unknown dtype, or 5 for
+// an unknown isa or AVX-512 on a CPU without it.
+int owl_set_isa(int dtype, int isa) {
+  if (dtype < 0 || dtype > 2) return 1;
+  if (isa < 0 || isa > 1 || (isa == 1 && !avx512_ok())) return 5;
+  g_isa[dtype].store(isa);
+  return 0;
+}
+
+int owl_get_isa(int dtype) { return dtype >= 0 && dtype <= 2 ? g_isa[dtype].load() : -1; }
 
 // y[n, out] = x[n, in] @ W^T (+ bias[out]); x and y contiguous, of dtype xdtype (0 float32, 1 bfloat16, 2 float16).
 // float32 x with in == 64 * wpr is read in place; anything else is widened and padded into a float32 buffer first.
@@ -288,9 +403,13 @@ int owl_decode(const void* x, int xdtype, int64_t n, int64_t in, const uint8_t* 
       xf = widened.data();
     }
     Args a{reinterpret_cast<const uint64_t*>(mask), values, offsets, xf, bias, y, wpr, n, ld, out, xdtype};
+    const bool wide = dtype >= 0 && dtype <= 2 && g_isa[dtype].load(std::memory_order_relaxed) == 1;
     return by_dtype(dtype, [&](auto tag) {
       using T = decltype(tag);
-      parallel_rows(out, [&](int64_t r0, int64_t r1) { decode_rows<T>(a, r0, r1); });
+      if (wide)
+        parallel_rows(out, [&](int64_t r0, int64_t r1) { decode_rows512<T>(a, r0, r1); });
+      else
+        parallel_rows(out, [&](int64_t r0, int64_t r1) { decode_rows<T>(a, r0, r1); });
     });
   } catch (...) {
     return 4;
