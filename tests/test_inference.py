@@ -258,6 +258,9 @@ def test_kernel_status_names_the_decode_path_and_avx512_needs_the_cpu(monkeypatc
     status = kernel_mod.kernel_status()
     assert status["kernel"] and set(status["isa"]) == {"float32", "bfloat16", "float16"}
     assert status["isa"] == {str(d).removeprefix("torch."): ops.isa(d) for d in DTYPES}
+    flags = kernel_mod._cpu_flags()
+    if flags is not None:  # the kernel's own detection (CPUID + OS support) agrees with what Linux reports
+        assert ops.avx512_supported == ("avx512f" in flags)
     if ops.avx512_supported:
         return
     assert set(status["isa"].values()) == {"avx2"}
