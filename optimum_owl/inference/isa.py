@@ -41,13 +41,14 @@ def _check_layers(dtype: torch.dtype) -> list[tuple[torch.Tensor, Any, torch.Ten
 def paths_agree(ops: Any, dtype: torch.dtype) -> bool:
     """Whether the AVX-512 and AVX2 decode paths give bit-identical outputs on `_check_layers(dtype)`, for every
     token count from 1 to 7 and 13 (the 4-, 3-, 2- and 1-token groups). Leaves `dtype` on AVX2."""
+    layers = _check_layers(dtype)
     results: dict[str, list[torch.Tensor]] = {}
     try:
         for isa in ISAS:
             ops.set_isa(dtype, isa)
             results[isa] = [
                 ops.decode(x[:n].contiguous(), p.mask, p.values, p.offsets, bias)
-                for x, p, bias in _check_layers(dtype)
+                for x, p, bias in layers
                 for n in (1, 2, 3, 4, 5, 6, 7, 13)
             ]
     finally:

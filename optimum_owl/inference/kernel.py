@@ -145,7 +145,7 @@ def _build() -> Any:
         choose_isa(ops)
     except Exception as err:  # noqa: BLE001 - the AVX2 path stays usable whatever went wrong in the check
         for dtype in DTYPE_CODES:
-            ops.lib.owl_set_isa(DTYPE_CODES[dtype], 0)
+            ops.set_isa(dtype, "avx2")
         logger.warning("optimum-owl sparse inference: checking the AVX-512 path failed (%s: %s); using AVX2.",
                        type(err).__name__, err)
     return ops

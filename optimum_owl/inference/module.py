@@ -3,9 +3,9 @@
 
 Forward: on x86-64 CPUs with AVX2 the C++ kernel (`optimum_owl.inference.kernel`; AVX-512 where checked faster)
 runs a mask-expanding matrix-vector product when the call has fewer than `crossover` tokens (decode) and a tile-wise
-expansion + GEMM otherwise (prefill). Everywhere else (CUDA tensors, no compiler, other CPUs, inputs that need gradients) the
-pure-PyTorch path rebuilds the dense weight for the call and uses `F.linear`. Both compute in float32 and return the
-input's dtype.
+expansion + GEMM otherwise (prefill). Everywhere else (CUDA tensors, no compiler, other CPUs, inputs that need
+gradients) the pure-PyTorch path rebuilds the dense weight for the call and uses `F.linear`. Both compute in float32
+and return the input's dtype.
 """
 
 from __future__ import annotations
