@@ -23,7 +23,8 @@ Modes:
   and the LM head; the rest of the token (attention, norms, activations, `generate`'s own work) is the token's time minus those two.
   Per variant, the split of the fastest of `--repeats` alternated decodes.
 - `crossover`: one 2048 -> 5632 and one 5632 -> 2048 layer at 70%: decode kernel, prefill kernel (tile expansion +
-  GEMM) and dense fp32 `F.linear` for 1..64 tokens; the crossover used by `SparseLinear` comes from this table.
+  GEMM) and dense `F.linear` for 1..64 tokens, values and activations in `--dtype` (float32 by default; bfloat16
+  prefills with a bf16 GEMM where `native_bf16_gemm()`); `SparseLinear`'s crossovers come from this table.
 
 Models: `llama09b` (random Llama: hidden 2048, intermediate 5632, 16 layers, 32 heads, vocab 32000, untied head;
 0.95B parameters), `smollm2` (SmolLM2-135M from ../shared/assets, de-quantized from its GGUF file), `tiny` (smoke
@@ -52,6 +53,7 @@ ASSETS = ROOT.parent / "shared" / "assets"
 sys.path.insert(0, str(ROOT))
 
 from optimum_owl.inference import SparseLinear, kernel_status  # noqa: E402
+from optimum_owl.inference.module import native_bf16_gemm  # noqa: E402
 from optimum_owl.utils import atomic_write_text  # noqa: E402
 
 MODELS = {
@@ -295,18 +297,23 @@ def run_crossover(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     ops = kernel()
+    dtype = getattr(torch, args.dtype)
+    bf16_gemm = dtype == torch.bfloat16 and native_bf16_gemm()
     rows = []
     for out_f, in_f in ((5632, 2048), (2048, 5632)):
         w = pruned_weight(torch.randn(out_f, in_f), 0.7)
         lin = nn.Linear(in_f, out_f, bias=False)
         lin.weight = nn.Parameter(w, requires_grad=False)
+        lin = lin.to(dtype)
+        w = lin.weight
         s = SparseLinear.from_dense(lin)
-        for n in (1, 2, 4, 8, 12, 16, 24, 32, 64):
-            x = torch.randn(n, in_f)
-            xp = F.pad(x, (0, s.mask.shape[1] * 8 - in_f)).contiguous()
+        for n in (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 64):
+            x = torch.randn(n, in_f).to(dtype)
+            # the prefill's input as SparseLinear passes it: bf16 as it is for a bf16 GEMM, else padded float32
+            xp = x if bf16_gemm else F.pad(x.float(), (0, s.mask.shape[1] * 8 - in_f)).contiguous()
             fns = {
                 "dense": lambda x=x, w=w: F.linear(x, w),
-                "decode": lambda xp=xp, s=s: ops.decode(xp, s.mask, s.values, s.offsets, None),
+                "decode": lambda x=x, s=s: ops.decode(x, s.mask, s.values, s.offsets, None),
                 "prefill": lambda xp=xp, s=s, i=in_f: ops.prefill(xp, s.mask, s.values, s.offsets, None, i, s._tile_rows),
             }
             best = {k: float("inf") for k in fns}
@@ -316,7 +323,8 @@ def run_crossover(args: argparse.Namespace) -> dict:
                     for _ in range(5):
                         f()
                     best[k] = min(best[k], (time.perf_counter() - t) / 5)
-            row = {"shape": f"{in_f}->{out_f}", "tokens": n, **{k + "_ms": v * 1e3 for k, v in best.items()}}
+            row = {"shape": f"{in_f}->{out_f}", "dtype": args.dtype, "bf16_gemm": bf16_gemm, "tokens": n,
+                   **{k + "_ms": v * 1e3 for k, v in best.items()}}
             rows.append(row)
             print(json.dumps(row), flush=True)
     return {"machine": machine(), "rows": rows}

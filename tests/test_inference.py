@@ -119,6 +119,57 @@ def test_kernel_decode_and_prefill_paths_agree_and_thread_count_does_not_change_
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_expand_into_a_tile_of_the_values_dtype_copies_their_bits(dtype):
+    w = _sparse_weight(70, 200, 0.7, seed=4, dtype=dtype)
+    packed = pack_dense(w)
+    ops = kernel_mod.kernel()
+    tile = torch.full((32, 256), float("nan"), dtype=dtype)
+    for r0 in range(0, 70, 32):
+        r1 = min(70, r0 + 32)
+        ops.expand(packed.mask, packed.values, packed.offsets, r0, r1, tile)
+        assert _same_bits(tile[: r1 - r0, :200], w[r0:r1])
+        assert not tile[: r1 - r0, 200:].view(BITS[dtype]).any()  # the padding columns are zero
+    with pytest.raises(ValueError, match="bad tile"):
+        ops.expand(packed.mask, packed.values, packed.offsets, 0, 8, torch.empty(8, 256, dtype=torch.float64))
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_prefill_with_the_bf16_gemm_matches_dense_bf16_linear(bias, monkeypatch):
+    # bf16 activations and values: tiles stay bf16 and torch's bf16 GEMM (float32 accumulation, one rounding) runs
+    # on them, as in the dense bf16 layer; below `bf16_crossover` tokens the decode kernel runs instead
+    lin = _linear(300, 200, 0.7, seed=5, dtype=torch.bfloat16, bias=bias)
+    sparse = SparseLinear.from_dense(lin)
+    monkeypatch.setattr(sparse, "_tile_rows", 64)  # several tiles
+    x = torch.randn(3, 40, 200).to(torch.bfloat16)
+    ref64 = x.double() @ lin.weight.double().t() + (lin.bias.double() if bias else 0)
+    calls = []
+    original = kernel_mod.KernelOps.prefill
+    monkeypatch.setattr(kernel_mod.KernelOps, "prefill", lambda self, xx, *a: calls.append(xx.dtype) or original(self, xx, *a))
+    with torch.no_grad():
+        dense = lin(x)
+        sparse.bf16_gemm = True
+        gemm = sparse(x)
+        sparse.bf16_gemm = False
+        fp32 = sparse(x)
+        sparse.bf16_gemm = True
+        few = sparse(x[0, : sparse.bf16_crossover - 1])
+    assert calls == [torch.bfloat16, torch.float32]  # the last call took the decode path
+    assert gemm.dtype == torch.bfloat16 and gemm.shape == (3, 40, 300)
+    # bf16 rounding: at most half an ulp each for the output and for a bias added in bf16 (plus float32 sums)
+    tol = 2.0**-7 * ref64.abs() + 1e-4
+    assert ((gemm.double() - ref64).abs() <= tol).all()
+    assert ((gemm.double() - dense.double()).abs() <= tol).all()
+    assert ((fp32.double() - ref64).abs() <= tol).all()
+    assert few.shape == (sparse.bf16_crossover - 1, 300)
+    assert ((few.double() - ref64[0, : len(few)]).abs() <= tol[0, : len(few)]).all()
+    ops = kernel_mod.kernel()
+    with pytest.raises(ValueError, match="bfloat16 values"):
+        ops.prefill(x[0].contiguous(), sparse.mask, sparse.values.float(), sparse.offsets, None, 200, 64)
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_takes_activations_in_their_dtype_and_rounds_like_torch(dtype):
     # the kernel widens and pads bf16/fp16/odd-width activations itself and writes its output in their dtype: the

@@ -194,7 +194,7 @@ class KernelOps:
         lib.owl_cpu_supported.restype = ctypes.c_int
         lib.owl_decode.argtypes = [_p, ctypes.c_int, _i64, _i64, _p, _i64, _i64, _p, ctypes.c_int, _p, _p, _p]
         lib.owl_decode.restype = ctypes.c_int
-        lib.owl_expand.argtypes = [_p, _i64, _i64, _i64, _p, ctypes.c_int, _p, _p]
+        lib.owl_expand.argtypes = [_p, _i64, _i64, _i64, _p, ctypes.c_int, _p, _p, ctypes.c_int]
         lib.owl_expand.restype = ctypes.c_int
         lib.owl_avx512_supported.restype = ctypes.c_int
         lib.owl_set_isa.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -256,31 +256,47 @@ class KernelOps:
 
     def expand(self, mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, r0: int, r1: int,
                tile: torch.Tensor) -> None:
-        """Rows `[r0, r1)` of the weight, dense float32, into `tile[: r1 - r0]` (`tile`: `[rows, 64 * wpr]`)."""
-        if not (tile.dtype == torch.float32 and tile.is_contiguous() and tile.shape[0] >= r1 - r0
+        """Rows `[r0, r1)` of the weight, dense, into `tile[: r1 - r0]` (`tile`: `[rows, 64 * wpr]`, float32, or the
+        values' own dtype when they are bfloat16 / float16: their bits copied as they are)."""
+        if not (tile.dtype in (torch.float32, values.dtype) and tile.is_contiguous() and tile.shape[0] >= r1 - r0
                 and tile.shape[1] == mask.shape[1] * 8 and 0 <= r0 <= r1 <= mask.shape[0]):
             raise ValueError("owl kernel: bad tile for expand")
         code = DTYPE_CODES[values.dtype]
         rc = self.lib.owl_expand(mask.data_ptr(), r0, r1, mask.shape[1] // 8, values.data_ptr(), code,
-                                 offsets.data_ptr(), tile.data_ptr())
+                                 offsets.data_ptr(), tile.data_ptr(), DTYPE_CODES[tile.dtype])
         check_rc("owl_expand", rc)
 
     def prefill(self, x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                 bias: torch.Tensor | None, in_features: int, tile_rows: int) -> torch.Tensor:
-        """float32 `x @ W^T + bias` by tiles: expand `tile_rows` rows to a dense buffer, then one BLAS GEMM each."""
-        self._check(x, mask, values, offsets)
+        """`x @ W^T + bias` by tiles: expand `tile_rows` rows to a dense buffer, then one GEMM each (torch.mm).
+
+        float32 `x` (padded, `[n, 64 * words per row]`; `bias` float32): float32 tiles and GEMM, float32 result.
+        bfloat16 `x` (`[n, in_features]`) with bfloat16 values (`bias` bfloat16): bfloat16 tiles and torch's bf16 GEMM
+        (float32 accumulation, the result rounded to bfloat16 once, as a dense bf16 `nn.Linear` computes it) -- worth
+        it only where that GEMM has native bf16 dot products (`SparseLinear` decides)."""
+        if x.dtype == torch.bfloat16:
+            if not (values.dtype == torch.bfloat16 and x.dim() == 2 and x.is_contiguous() and x.shape[1] == in_features):
+                raise ValueError("owl kernel: a bfloat16 prefill needs bfloat16 values and contiguous x [n, in_features]")
+            self.check_weight(mask, values, offsets)
+        else:
+            self._check(x, mask, values, offsets)
+        if bias is not None and bias.dtype != x.dtype:
+            raise ValueError(f"owl kernel: the prefill bias must be {x.dtype}, like x")
         out = mask.shape[0]
         # y^T row blocks are contiguous, so each tile's GEMM writes straight into its place (no strided output)
-        y_t = torch.empty(out, x.shape[0], dtype=torch.float32)
+        y_t = torch.empty(out, x.shape[0], dtype=x.dtype)
         rows = max(1, min(tile_rows, out))
-        tile = torch.empty(rows, x.shape[1], dtype=torch.float32)
+        tile = torch.empty(rows, mask.shape[1] * 8, dtype=x.dtype)
         xs_t = x[:, :in_features].t()
         for r0 in range(0, out, rows):
             r1 = min(out, r0 + rows)
             self.expand(mask, values, offsets, r0, r1, tile)
-            torch.mm(tile[: r1 - r0, :in_features], xs_t, out=y_t[r0:r1])
+            if bias is not None and x.dtype == torch.bfloat16:  # bias added by the GEMM, as bf16 F.linear adds it
+                torch.addmm(bias[r0:r1, None], tile[: r1 - r0, :in_features], xs_t, out=y_t[r0:r1])
+            else:
+                torch.mm(tile[: r1 - r0, :in_features], xs_t, out=y_t[r0:r1])
         y = y_t.t()
-        if bias is not None:
+        if bias is not None and x.dtype != torch.bfloat16:
             y += bias
         return y
 

@@ -2,10 +2,11 @@
 `sparsify` / `densify`, which swap it in and out of a model in place.
 
 Forward: on x86-64 CPUs with AVX2 the C++ kernel (`optimum_owl.inference.kernel`; AVX-512 where checked faster)
-runs a mask-expanding matrix-vector product when the call has fewer than `crossover` tokens (decode) and a tile-wise
-expansion + GEMM otherwise (prefill). Everywhere else (CUDA tensors, no compiler, other CPUs, inputs that need
+runs a mask-expanding matrix-vector product when the call has fewer than `crossover` tokens (`bf16_crossover` where
+the prefill runs a bf16 GEMM) (decode) and a tile-wise expansion + GEMM otherwise (prefill). Everywhere else (CUDA tensors, no compiler, other CPUs, inputs that need
 gradients) the pure-PyTorch path rebuilds the dense weight for the call and uses `F.linear`. Both compute in float32
-and return the input's dtype.
+and return the input's dtype, except the prefill of a bf16 model on CPUs with native bf16 dot products, which runs
+torch's bf16 GEMM on bf16 tiles (float32 accumulation, as the dense bf16 model's own GEMM does; `native_bf16_gemm`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 # Calls with at least this many tokens use the prefill path (tile expansion + GEMM); measured with
 # `bench/inference.py crossover` (docs/inference.md).
 DEFAULT_CROSSOVER = 16
+# The same for a bf16 model whose prefill runs torch's native bf16 GEMM (`native_bf16_gemm`): that prefill is about
+# twice as fast as the float32 one, so it overtakes the decode kernel earlier (measured on Zen 4: 7-12 tokens).
+BF16_GEMM_CROSSOVER = 10
 # Rows expanded per prefill tile are chosen so that a float32 tile takes about this many bytes (fewer, larger GEMMs
 # were faster than L2-sized tiles on the benchmark machine).
 TILE_BYTES = 4 << 20
@@ -55,6 +59,10 @@ class SparseLinear(nn.Module):
     """
 
     crossover: int = DEFAULT_CROSSOVER
+    bf16_crossover: int = BF16_GEMM_CROSSOVER  # replaces `crossover` where the prefill would run the bf16 GEMM
+    # Prefill of bf16 activations with bf16 values: a bf16 GEMM (True), a float32 one (False), or None: bf16 where
+    # this CPU has native bf16 dot products (`native_bf16_gemm`). Set on the class or on one module.
+    bf16_gemm: bool | None = None
 
     def __init__(self, packed: Packed, bias: torch.Tensor | None, transposed: bool = False) -> None:
         super().__init__()
@@ -176,7 +184,10 @@ class SparseLinear(nn.Module):
         else:
             ops = kernel()
         n = x.numel() // self.in_features
-        if ops is not None and n < self.crossover:
+        limit = self.crossover
+        if x.dtype == torch.bfloat16 and self._buffers["values"].dtype == torch.bfloat16 and self._use_bf16_gemm():
+            limit = self.bf16_crossover
+        if ops is not None and n < limit:
             return self._decode(ops, x, n)  # the hot path of generation: kept free of avoidable tensor ops
         x2 = x.reshape(-1, self.in_features)
         y = self._forward_pure(x2) if ops is None else self._prefill(ops, x2)
@@ -196,9 +207,16 @@ class SparseLinear(nn.Module):
         return xp.contiguous()
 
     def _prefill(self, ops: Any, x2: torch.Tensor) -> torch.Tensor:
+        if x2.dtype == torch.bfloat16 and self._buffers["values"].dtype == torch.bfloat16 and self._use_bf16_gemm():
+            bias = None if self.bias is None else self.bias.to(torch.bfloat16).contiguous()
+            return ops.prefill(x2.contiguous(), self.mask, self.values, self.offsets, bias, self.in_features,
+                               self._tile_rows)
         bias = None if self.bias is None else self.bias.float().contiguous()
         return ops.prefill(self._padded_float(x2), self.mask, self.values, self.offsets, bias, self.in_features,
                            self._tile_rows)
+
+    def _use_bf16_gemm(self) -> bool:
+        return native_bf16_gemm() if self.bf16_gemm is None else bool(self.bf16_gemm)
 
     def _decode(self, ops: Any, x: torch.Tensor, n: int) -> torch.Tensor:
         # float32 / bfloat16 / float16 activations go to the kernel as they are: it widens (and pads) them itself and
@@ -228,6 +246,23 @@ class SparseLinear(nn.Module):
             self._args = (key[0], self.out_features, mask.shape[1] // 8, key[1], code, key[2], bias_ptr)
             self._args_key = key
         return self._args
+
+
+def native_bf16_gemm() -> bool:
+    """Whether torch's bf16 GEMM runs on native bf16 dot products on this CPU (AVX512-BF16 or AMX). There a bf16
+    prefill GEMM is about twice as fast as a float32 one (the dense bf16 model's prefill is too: docs/inference.md);
+    elsewhere bf16 GEMMs are emulated and far slower than float32 (5x on an AVX2-only CPU), so float32 is used."""
+    if "bf16_gemm" not in _cpu_caps:
+        cpu = getattr(torch, "cpu", None)
+        checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        try:
+            _cpu_caps["bf16_gemm"] = any(check() for check in checks if check is not None)
+        except Exception:  # noqa: BLE001 - private torch helpers: when they fail, float32 is always correct
+            _cpu_caps["bf16_gemm"] = False
+    return _cpu_caps["bf16_gemm"]
+
+
+_cpu_caps: dict[str, bool] = {}
 
 
 # --------------------------------------------------------------------------------------------------- model level

@@ -24,8 +24,9 @@
 //   float16: vpshufb expands the 8 halves inside 16 bytes (zero halves where the bit is clear), then vcvtph2ps.
 // Each 64-bit mask word also prefetches the values ~2 KiB ahead: the stream is read once, hardware prefetch alone
 // leaves the core waiting on memory (measured: +10-35% weight GB/s at 2 threads for float32 in a standalone test).
-// Prefill (many tokens): `owl_expand` expands a tile of rows into a small dense float32 buffer that the Python side
-// multiplies with torch.mm (BLAS), so the cost stays that of a dense GEMM plus the expansion.
+// Prefill (many tokens): `owl_expand` expands a tile of rows into a small dense float32 buffer (or, for bf16 values on
+// CPUs with native bf16 dot products, a bf16 one) that the Python side multiplies with torch.mm (BLAS / oneDNN), so
+// the cost stays that of a dense GEMM plus the expansion.
 // Rows are split over torch's intra-op thread pool (at::parallel_for), so torch.set_num_threads applies. Decode
 // hands out rows in chunks from a shared counter instead of one fixed half per thread: a worker that wakes up late
 // (tens of microseconds when the pool went to sleep between calls) no longer leaves the other thread waiting at the
@@ -238,22 +239,20 @@ OWL_AVX512 inline __m256 hi256(__m512 v) { return _mm256_castpd_ps(_mm512_extrac
 
 // row_dot with AVX-512, the same sums bit for bit. row_dot sends mask byte k of a word to accumulator k % A; a 16-bit
 // piece j holds bytes 2j (low 8 lanes) and 2j + 1 (high 8 lanes). So for NT = 1 (A = 4) one zmm accumulator stands
-// for row_dot's accumulators 0 | 1 (even j) and another for 2 | 3 (odd j); for NT = 2, 3 (A = 2) one zmm is 0 | 1;
-// for NT >= 4 (A = 1) the two halves go into one ymm accumulator in byte order. The halves are then added in
-// row_dot's order (0 + 1 + 2 + 3) and summed by the same hsum.
+// for row_dot's accumulators 0 | 1 (even j) and another for 2 | 3 (odd j); for NT = 2, 3 (A = 2) one zmm is 0 | 1.
+// The halves are then added in row_dot's order (0 + 1 + 2 + 3) and summed by the same hsum. Groups of 4 tokens stay
+// on row_dot (A = 1 would need each 16-lane product split into two ymm FMAs: 11-22% slower than AVX2 on Zen 4).
 template <typename T, int NT>
 OWL_AVX512 inline void row_dot512(const Args& a, int64_t r, int64_t t0) {
+  static_assert(NT >= 1 && NT <= 3, "groups of 4 tokens use row_dot");
   constexpr int Z = NT == 1 ? 2 : 1;
   const uint64_t* m = a.mask + r * a.wpr;
   const T* v = static_cast<const T*>(a.values) + a.offsets[r];
   const float* xt[NT];
   for (int t = 0; t < NT; ++t) xt[t] = a.x + (t0 + t) * a.ldx;
   __m512 acc[NT][Z];
-  __m256 acc4[NT];
-  for (int t = 0; t < NT; ++t) {
+  for (int t = 0; t < NT; ++t)
     for (int j = 0; j < Z; ++j) acc[t][j] = _mm512_setzero_ps();
-    acc4[t] = _mm256_setzero_ps();
-  }
   for (int64_t w = 0; w < a.wpr; ++w) {
     _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes, _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes + 64, _MM_HINT_T0);
@@ -266,24 +265,13 @@ OWL_AVX512 inline void row_dot512(const Args& a, int64_t r, int64_t t0) {
       const __m512 e = expand16(v, static_cast<__mmask16>(piece));
       v += _mm_popcnt_u32(piece);
       const int64_t col = w * 64 + 16 * j;
-      for (int t = 0; t < NT; ++t) {
-        const float* xp = xt[t] + col;
-        if constexpr (NT >= 4) {
-          acc4[t] = _mm256_fmadd_ps(lo256(e), _mm256_loadu_ps(xp), acc4[t]);
-          acc4[t] = _mm256_fmadd_ps(hi256(e), _mm256_loadu_ps(xp + 8), acc4[t]);
-        } else {
-          acc[t][j % Z] = _mm512_fmadd_ps(e, _mm512_loadu_ps(xp), acc[t][j % Z]);
-        }
-      }
+      for (int t = 0; t < NT; ++t) acc[t][j % Z] = _mm512_fmadd_ps(e, _mm512_loadu_ps(xt[t] + col), acc[t][j % Z]);
     }
   }
   const float b = a.bias ? a.bias[r] : 0.0f;
   for (int t = 0; t < NT; ++t) {
-    __m256 s = acc4[t];
-    if constexpr (NT < 4) {
-      s = _mm256_add_ps(lo256(acc[t][0]), hi256(acc[t][0]));
-      if constexpr (Z == 2) s = _mm256_add_ps(_mm256_add_ps(s, lo256(acc[t][1])), hi256(acc[t][1]));
-    }
+    __m256 s = _mm256_add_ps(lo256(acc[t][0]), hi256(acc[t][0]));
+    if constexpr (Z == 2) s = _mm256_add_ps(_mm256_add_ps(s, lo256(acc[t][1])), hi256(acc[t][1]));
     store(a, (t0 + t) * a.out + r, hsum(s) + b);
   }
 }
@@ -292,7 +280,7 @@ template <typename T>
 OWL_AVX512 void decode_rows512(const Args& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     int64_t t = 0;
-    for (; t + 4 <= a.n; t += 4) row_dot512<T, 4>(a, r, t);
+    for (; t + 4 <= a.n; t += 4) row_dot<T, 4>(a, r, t);
     switch (a.n - t) {
       case 3: row_dot512<T, 3>(a, r, t); break;
       case 2: row_dot512<T, 2>(a, r, t); break;
@@ -316,25 +304,37 @@ OWL_AVX2 void decode_rows(const Args& a, int64_t r0, int64_t r1) {
   }
 }
 
-// Expand rows [r0, r1) into a dense float32 tile with row stride 64 * wpr.
-template <typename T>
-OWL_AVX2 void expand_rows(const Args& a, int64_t r0, int64_t r1, int64_t tile_r0, float* tile) {
+// The 8 16-bit values under mask byte `m` in their own format (zero where the bit is clear), from the packed values
+// at `p` (reads 8): the float16 expansion without the conversion (bf16 prefill tiles for a native bf16 GEMM).
+OWL_AVX2 inline __m128i expand_bits16(const uint16_t* p, unsigned m) {
+  const __m128i src = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm_shuffle_epi8(src, _mm_load_si128(reinterpret_cast<const __m128i*>(kTables.half[m])));
+}
+
+// Expand rows [r0, r1) into a dense tile with row stride 64 * wpr: float32 (Out = float), or for 16-bit values the
+// values' own bits (Out = uint16_t).
+template <typename T, typename Out>
+OWL_AVX2 void expand_rows(const Args& a, int64_t r0, int64_t r1, int64_t tile_r0, Out* tile) {
   const int64_t ld = 64 * a.wpr;
   for (int64_t r = r0; r < r1; ++r) {
     const uint64_t* m = a.mask + r * a.wpr;
     const T* v = static_cast<const T*>(a.values) + a.offsets[r];
-    float* dst = tile + (r - tile_r0) * ld;
+    Out* dst = tile + (r - tile_r0) * ld;
     for (int64_t w = 0; w < a.wpr; ++w) {
       const uint64_t bits = m[w];
-      float* d = dst + 64 * w;
+      Out* d = dst + 64 * w;
       if (!bits) {
-        std::memset(d, 0, 64 * sizeof(float));
+        std::memset(d, 0, 64 * sizeof(Out));
         continue;
       }
 #pragma GCC unroll 8
       for (int k = 0; k < 8; ++k) {
         const unsigned byte = static_cast<unsigned>(bits >> (8 * k)) & 0xffu;
-        _mm256_storeu_ps(d + 8 * k, expand(v, byte));
+        if constexpr (sizeof(Out) == 4)
+          _mm256_storeu_ps(d + 8 * k, expand(v, byte));
+        else
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 8 * k),
+                           expand_bits16(reinterpret_cast<const uint16_t*>(v), byte));
         v += _mm_popcnt_u32(byte);
       }
     }
@@ -416,15 +416,22 @@ int owl_decode(const void* x, int xdtype, int64_t n, int64_t in, const uint8_t* 
   }
 }
 
-// Rows [r0, r1) of W as dense float32 into tile[(r - r0) * 64 * wpr + c] (for the prefill GEMM done by torch).
+// Rows [r0, r1) of W as dense values into tile[(r - r0) * 64 * wpr + c] (for the prefill GEMM done by torch): float32
+// (tile_dtype 0), or, for 16-bit values, the values' own dtype (tile_dtype == dtype: bits copied as they are).
 int owl_expand(const uint8_t* mask, int64_t r0, int64_t r1, int64_t wpr, const void* values, int dtype,
-               const int64_t* offsets, float* tile) {
+               const int64_t* offsets, void* tile, int tile_dtype) {
   if (!cpu_ok()) return 2;
+  if (tile_dtype != 0 && (tile_dtype != dtype || dtype == 0)) return 1;
   Args a{reinterpret_cast<const uint64_t*>(mask), values, offsets, nullptr, nullptr, nullptr, wpr, 0, 0, 0, 0};
   try {
     return by_dtype(dtype, [&](auto tag) {
       using T = decltype(tag);
-      at::parallel_for(r0, r1, 8, [&](int64_t b, int64_t e) { expand_rows<T>(a, b, e, r0, tile); });
+      at::parallel_for(r0, r1, 8, [&](int64_t b, int64_t e) {
+        if constexpr (sizeof(T) == 2) {
+          if (tile_dtype) return expand_rows<T, uint16_t>(a, b, e, r0, static_cast<uint16_t*>(tile));
+        }
+        expand_rows<T, float>(a, b, e, r0, static_cast<float*>(tile));
+      });
     });
   } catch (...) {
     return 4;
