@@ -156,16 +156,22 @@ def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
 
 
 def machine() -> dict:
-    name = platform.processor()
+    """The CPU (model name, family/model: a virtualised "AMD EPYC" may be Zen 3 or Zen 4), its vector extensions that
+    matter here, torch and the kernel's decode paths."""
+    info = {"model name": platform.processor()}
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+        first_cpu = open("/proc/cpuinfo").read().split("\n\n")[0]
     except OSError:
-        pass
-    return {"cpu": name, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "kernel": kernel_status(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        first_cpu = ""
+    for line in first_cpu.splitlines():
+        key, _, value = line.partition(":")
+        info[key.strip()] = value.strip()
+    flags = set(info.get("flags", "").split())
+    return {"cpu": info["model name"], "cpu_family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
+            "isa_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vbmi2"}),
+            "bf16_gemm": native_bf16_gemm(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "kernel": kernel_status(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def run_speed(args: argparse.Namespace) -> dict:

@@ -107,6 +107,7 @@ def test_kernel_decode_and_prefill_paths_agree_and_thread_count_does_not_change_
     decode = ops.decode(xp, sparse.mask, sparse.values, sparse.offsets, lin.bias.detach())
     prefill = ops.prefill(xp, sparse.mask, sparse.values, sparse.offsets, lin.bias.detach(), 200, 16)
     torch.testing.assert_close(decode, prefill, rtol=1e-5, atol=1e-5)
+    assert prefill.is_contiguous()
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -157,6 +158,7 @@ def test_bf16_prefill_with_the_bf16_gemm_matches_dense_bf16_linear(bias, monkeyp
         few = sparse(x[0, : sparse.bf16_crossover - 1])
     assert calls == [torch.bfloat16, torch.float32]  # the last call took the decode path
     assert gemm.dtype == torch.bfloat16 and gemm.shape == (3, 40, 300)
+    assert gemm.is_contiguous() and fp32.is_contiguous()  # row-major like F.linear's (a transposed view slows later ops)
     # bf16 rounding: at most half an ulp each for the output and for a bias added in bf16 (plus float32 sums)
     tol = 2.0**-7 * ref64.abs() + 1e-4
     assert ((gemm.double() - ref64).abs() <= tol).all()
