@@ -2,11 +2,12 @@
 `sparsify` / `densify`, which swap it in and out of a model in place.
 
 Forward: on x86-64 CPUs with AVX2 the C++ kernel (`optimum_owl.inference.kernel`; AVX-512 where checked faster)
-runs a mask-expanding matrix-vector product when the call has fewer than `crossover` tokens (`bf16_crossover` where
-the prefill runs a bf16 GEMM) (decode) and a tile-wise expansion + GEMM otherwise (prefill). Everywhere else (CUDA tensors, no compiler, other CPUs, inputs that need
-gradients) the pure-PyTorch path rebuilds the dense weight for the call and uses `F.linear`. Both compute in float32
-and return the input's dtype, except the prefill of a bf16 model on CPUs with native bf16 dot products, which runs
-torch's bf16 GEMM on bf16 tiles (float32 accumulation, as the dense bf16 model's own GEMM does; `native_bf16_gemm`).
+runs a mask-expanding matrix-vector product (decode) when the call has fewer than `crossover` tokens
+(`bf16_crossover` where the prefill runs a bf16 GEMM), and a tile-wise expansion + GEMM otherwise (prefill).
+Everywhere else (CUDA tensors, no compiler, other CPUs, inputs that need gradients) the pure-PyTorch path rebuilds
+the dense weight for the call and uses `F.linear`. Both compute in float32 and return the input's dtype, except the
+prefill of a bf16 model on CPUs with native bf16 dot products, which runs torch's bf16 GEMM on bf16 tiles (float32
+accumulation, as the dense bf16 model's own GEMM does; `native_bf16_gemm`).
 """
 
 from __future__ import annotations
