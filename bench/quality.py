@@ -163,6 +163,21 @@ def cell_key(row: dict) -> tuple[str, float]:
     return row["key"], round(float(row["sparsity"]), 4)
 
 
+def _machine() -> str:
+    """The CPU this run used (a virtualised "AMD EPYC" was a Zen 3 on some days and a Zen 4 on others; SparseGPT's
+    results depend on the float summation order, so they are not comparable across them)."""
+    try:
+        first = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
+                     if ":" in line)
+    except OSError:
+        first = {}
+    first = {k.strip(): v.strip() for k, v in first.items()}
+    flags = set(first.get("flags", "").split())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return (f"{first.get('model name', platform.processor())} (family {first.get('cpu family', '?')} model "
+            f"{first.get('model', '?')}, {isa}), {os.cpu_count()} cores, no GPU")
+
+
 def run(args: argparse.Namespace) -> None:
     from optimum_owl import OWLPruner, OWLPrunerConfig
     from optimum_owl.utils import atomic_write_text
@@ -180,7 +195,7 @@ def run(args: argparse.Namespace) -> None:
         + ("one BOS at the start" if spec["add_bos"] else "no BOS"),
         "calibration": f"{num_samples} windows x {seqlen} tokens of C4 (c4_train_first1000.jsonl), seed {args.seed}, "
         f"batch {args.batch_size}",
-        "machine": "2-core x86-64 CPU (AVX2), 24 GiB, no GPU (shared with other jobs)",
+        "machine": _machine(),
         "torch": torch.__version__,
         "python": platform.python_version(),
     })
