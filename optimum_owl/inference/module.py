@@ -12,6 +12,7 @@ accumulation, as the dense bf16 model's own GEMM does; `native_bf16_gemm`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -185,13 +186,12 @@ class SparseLinear(nn.Module):
         else:
             ops = kernel()
         n = x.numel() // self.in_features
-        limit = self.crossover
-        if x.dtype == torch.bfloat16 and self._buffers["values"].dtype == torch.bfloat16 and self._use_bf16_gemm():
-            limit = self.bf16_crossover
-        if ops is not None and n < limit:
+        bf16_gemm = x.dtype == torch.bfloat16 and self._buffers["values"].dtype == torch.bfloat16 and (
+            native_bf16_gemm() if self.bf16_gemm is None else bool(self.bf16_gemm))
+        if ops is not None and n < (self.bf16_crossover if bf16_gemm else self.crossover):
             return self._decode(ops, x, n)  # the hot path of generation: kept free of avoidable tensor ops
         x2 = x.reshape(-1, self.in_features)
-        y = self._forward_pure(x2) if ops is None else self._prefill(ops, x2)
+        y = self._forward_pure(x2) if ops is None else self._prefill(ops, x2, bf16_gemm)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _forward_pure(self, x2: torch.Tensor) -> torch.Tensor:
@@ -207,17 +207,14 @@ class SparseLinear(nn.Module):
             xp = F.pad(xp, (0, width - self.in_features))
         return xp.contiguous()
 
-    def _prefill(self, ops: Any, x2: torch.Tensor) -> torch.Tensor:
-        if x2.dtype == torch.bfloat16 and self._buffers["values"].dtype == torch.bfloat16 and self._use_bf16_gemm():
+    def _prefill(self, ops: Any, x2: torch.Tensor, bf16_gemm: bool) -> torch.Tensor:
+        if bf16_gemm:
             bias = None if self.bias is None else self.bias.to(torch.bfloat16).contiguous()
             return ops.prefill(x2.contiguous(), self.mask, self.values, self.offsets, bias, self.in_features,
                                self._tile_rows)
         bias = None if self.bias is None else self.bias.float().contiguous()
         return ops.prefill(self._padded_float(x2), self.mask, self.values, self.offsets, bias, self.in_features,
                            self._tile_rows)
-
-    def _use_bf16_gemm(self) -> bool:
-        return native_bf16_gemm() if self.bf16_gemm is None else bool(self.bf16_gemm)
 
     def _decode(self, ops: Any, x: torch.Tensor, n: int) -> torch.Tensor:
         # float32 / bfloat16 / float16 activations go to the kernel as they are: it widens (and pads) them itself and
@@ -249,21 +246,17 @@ class SparseLinear(nn.Module):
         return self._args
 
 
+@functools.cache
 def native_bf16_gemm() -> bool:
     """Whether torch's bf16 GEMM runs on native bf16 dot products on this CPU (AVX512-BF16 or AMX). There a bf16
     prefill GEMM is about twice as fast as a float32 one (the dense bf16 model's prefill is too: docs/inference.md);
     elsewhere bf16 GEMMs are emulated and far slower than float32 (5x on an AVX2-only CPU), so float32 is used."""
-    if "bf16_gemm" not in _cpu_caps:
-        cpu = getattr(torch, "cpu", None)
-        checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        try:
-            _cpu_caps["bf16_gemm"] = any(check() for check in checks if check is not None)
-        except Exception:  # noqa: BLE001 - private torch helpers: when they fail, float32 is always correct
-            _cpu_caps["bf16_gemm"] = False
-    return _cpu_caps["bf16_gemm"]
-
-
-_cpu_caps: dict[str, bool] = {}
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(check() for check in checks if check is not None)
+    except Exception:  # noqa: BLE001 - private torch helpers: when they fail, float32 is always correct
+        return False
 
 
 # --------------------------------------------------------------------------------------------------- model level
