@@ -16,7 +16,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .criteria import criterion_names, get_criterion
 from .errors import OWLConfigError  # noqa: F401  (defined in optimum_owl.errors)
 from .utils import atomic_write_text, public_config
-from .validation import check_choice, check_number, check_range, choice_list, number_list, parse_pattern
+from .validation import check_choice, check_int, check_number, check_range, choice_list, number_list, parse_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -139,9 +139,14 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             loaded) model and calibration data continues after the last finished block with identical final
             masks; a different config or data raises an error naming this folder. Needs
             `propagation="sequential"` and a fixed `layerwise` (not "owl-auto" or "auto").
+        auto_holdout_tokens (`int`, *optional*, defaults to 8192):
+            Searches: candidates are scored on `ceil(auto_holdout_tokens / seqlen)` windows drawn from the source
+            beyond the calibration windows (no text shared), so every calibration window goes to the statistics and
+            the model scored is the one returned. A source without that much other text (a `[num_samples, seqlen]`
+            tensor) falls back to `auto_holdout`, with a warning; `0`: always hold out.
         auto_holdout (`float`, *optional*, defaults to 0.125):
-            Searches: fraction of the calibration windows held out to choose (at least `min(4, num_samples // 4)`
-            and 1); no statistic that compares candidates sees them, the winner is refitted on all. In (0, 0.5].
+            Fraction of the calibration windows held out (≥ `min(4, num_samples // 4)`, ≥ 1; then refitted on all)
+            when the source has no other text; else how many separate windows the screening scores on. In (0, 0.5].
         auto_owl_ms (`list[float]`, *optional*, defaults to `[3, 5, 7, 10]`):
             Searches (`"owl-auto"`, `"auto"`): the M values searched (`owl_m` is always added).
         auto_owl_lambdas (`list[float]`, *optional*, defaults to `[0.02, 0.05, 0.08, 0.12, 0.16, 0.2]`):
@@ -210,6 +215,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
     device: str | None = None
     offload_folder: str | None = None
     checkpoint_dir: str | None = None
+    auto_holdout_tokens: int = 8192
     auto_holdout: float = 0.125
     auto_owl_ms: list[float] = field(default_factory=lambda: [3.0, 5.0, 7.0, 10.0])
     auto_owl_lambdas: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.08, 0.12, 0.16, 0.2])
@@ -254,11 +260,8 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             raise OWLConfigError(f"`attention_shift` / `auto_attention_shifts` need pattern='unstructured' (an N:M "
                                  f"pattern fixes every matrix's sparsity), got pattern={self.pattern!r}; unset them.")
         for name in ("num_samples", "seqlen", "batch_size", "sparsegpt_blocksize", "auto_finalists", "dsnot_cycles"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise OWLConfigError(f"`{name}` must be a positive integer, got {value!r}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise OWLConfigError(f"`seed` must be an integer, got {self.seed!r}.")
+            check_int(name, getattr(self, name), 1)
+        check_int("seed", self.seed)
         check_range("sparsegpt_damp", self.sparsegpt_damp, 0.0, hint="the paper uses 0.01")
         if self.propagation == "dense" and criterion.updates_weights:
             plain = ", ".join(repr(n) for n in criterion_names() if not get_criterion(n).updates_weights)
@@ -281,12 +284,12 @@ class OWLPrunerConfig(QuantizationConfigMixin):
 
     def _validate_auto_and_refine(self) -> None:
         """Fields of `layerwise="owl-auto"` / `"auto"` and of the `refine` step."""
+        check_int("auto_holdout_tokens", self.auto_holdout_tokens, 0,
+                  hint="tokens the searches score on beyond the calibration windows, e.g. 8192 (0: hold out instead)")
         check_number("auto_holdout", self.auto_holdout)
         if not 0.0 < self.auto_holdout <= 0.5:
-            raise OWLConfigError(
-                f"`auto_holdout` must be in (0, 0.5] (fraction of the calibration windows held out), got "
-                f"{self.auto_holdout}; e.g. 0.125."
-            )
+            raise OWLConfigError(f"`auto_holdout` must be in (0, 0.5] (fraction of the calibration windows held out), "
+                                 f"got {self.auto_holdout}; e.g. 0.125.")
         self.auto_owl_ms = number_list("auto_owl_ms", self.auto_owl_ms, positive=True)
         self.auto_owl_lambdas = number_list("auto_owl_lambdas", self.auto_owl_lambdas)
         self.auto_dlp_alphas = number_list("auto_dlp_alphas", self.auto_dlp_alphas)
@@ -294,9 +297,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         self.auto_atp_betas = number_list("auto_atp_betas", self.auto_atp_betas, optional=True)
         self.auto_families = choice_list("auto_families", self.auto_families, AUTO_FAMILIES)
         if self.refine is not None:
-            if not isinstance(self.refine, str) or self.refine.strip().lower() not in REFINE:
-                raise OWLConfigError(f"`refine` must be None or 'dsnot', got {self.refine!r}.")
-            self.refine = self.refine.strip().lower()
+            self.refine = check_choice("refine", self.refine, REFINE)  # or None
             if self.refine not in get_criterion(self.method).refine:
                 able = [n for n in criterion_names() if self.refine in get_criterion(n).refine]
                 raise OWLConfigError(
@@ -309,8 +310,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
     def _validate_scale(self) -> None:
         """`device`, `offload_folder`, `checkpoint_dir` (offload and resumable runs, docs/scale.md)."""
         if self.device is not None:
-            if not isinstance(self.device, str):
-                self.device = str(self.device)  # torch.device -> "cuda:0"
+            self.device = str(self.device)  # a torch.device -> "cuda:0"
             if self.device != "auto":
                 import torch
 

@@ -3,7 +3,8 @@
 Sampling follows the reference protocol (Wanda/OWL `get_c4`): with `random.Random(seed)`, draw a random document
 until one is longer than `seqlen` tokens and take a random window of `seqlen` tokens from it. When no document is
 long enough (short texts, generated stories), the documents are joined (EOS between them, when the tokenizer has
-one) into one stream and windows are drawn from the stream instead.
+one) into one stream and windows are drawn from the stream instead. `draw_windows` continues the same draw for
+windows that share no text with the calibration windows (the searches score their candidates on them).
 """
 
 from __future__ import annotations
@@ -82,6 +83,30 @@ def get_calibration_data(
     Returns:
         `torch.LongTensor` of shape `[num_samples, seqlen]`.
     """
+    return draw_windows(dataset, tokenizer, num_samples, seqlen, seed, text_column, warnings)[0]
+
+
+def draw_windows(
+    dataset: Any,
+    tokenizer: Any = None,
+    num_samples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    text_column: str = "text",
+    warnings: list[str] | None = None,
+    extra: int = 0,
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """`get_calibration_data`'s windows, and up to `extra` more windows that share no text with them.
+
+    The extra windows continue the same seeded draw after the calibration windows, so the calibration windows are
+    exactly `get_calibration_data`'s. They come from documents no calibration window was taken from, one per document
+    (from the joined stream: ranges that overlap no calibration window nor each other). Fewer than `extra` (possibly none) come back
+    when the source has too little other text, and none when `dataset` is a tensor of exactly `[num_samples,
+    seqlen]` (used as is). The searches (`layerwise="auto"`, `"owl-auto"`) score their candidates on them.
+
+    Returns:
+        `(calibration [num_samples, seqlen], extra [m, seqlen])` with `0 <= m <= extra`.
+    """
     if dataset is None:
         raise CalibrationDataError(
             "No calibration data: pass `dataset=` (token-id tensor, list of texts, datasets.Dataset, or a .txt/.jsonl "
@@ -94,9 +119,9 @@ def get_calibration_data(
             )
         ids = dataset.long().reshape(-1, dataset.shape[-1])
         if ids.shape == (num_samples, seqlen):
-            return ids.clone()
+            return ids.clone(), ids.new_zeros((0, seqlen))
         docs: list[list[int]] = [row.tolist() for row in ids]
-        return sample_windows(docs, num_samples, seqlen, seed, eos_id=None, warnings=warnings)
+        return _sample(docs, num_samples, seqlen, seed, None, warnings, extra)
     tokenizer = load_tokenizer(tokenizer)
     docs_or_texts = _materialise(dataset, text_column)
     if not docs_or_texts:
@@ -107,8 +132,8 @@ def get_calibration_data(
             raise CalibrationDataError(
                 "Calibration data is text but no tokenizer was given: pass `tokenizer=` (an object or a path)."
             )
-        return _sample_from_texts(docs_or_texts, tokenizer, num_samples, seqlen, seed, eos, warnings)
-    return sample_windows(docs_or_texts, num_samples, seqlen, seed, eos_id=eos, warnings=warnings)
+        return _sample_from_texts(docs_or_texts, tokenizer, num_samples, seqlen, seed, eos, warnings, extra)
+    return _sample(docs_or_texts, num_samples, seqlen, seed, eos, warnings, extra)
 
 
 def _materialise(dataset: Any, text_column: str) -> list[Any]:
@@ -250,10 +275,15 @@ def read_texts(path: str | os.PathLike, text_column: str = "text", *, documents:
     return parts if len(parts) > 1 else [raw] if raw.strip() else []
 
 
+def _tensors(windows: list[list[int]], extra: list[list[int]], seqlen: int) -> tuple[torch.LongTensor, torch.LongTensor]:
+    held = torch.tensor(extra, dtype=torch.long) if extra else torch.zeros((0, seqlen), dtype=torch.long)
+    return torch.tensor(windows, dtype=torch.long), held
+
+
 def _sample_from_texts(
     texts: list[str], tokenizer: Any, num_samples: int, seqlen: int, seed: int, eos: int | None,
-    warnings: list[str] | None = None,
-) -> torch.LongTensor:
+    warnings: list[str] | None = None, extra: int = 0,
+) -> tuple[torch.LongTensor, torch.LongTensor]:
     """Reference sampling over texts, tokenising lazily (only drawn documents).
 
     Like the reference `get_c4`, each document is tokenised with the tokenizer's default call, so a tokenizer that
@@ -268,15 +298,20 @@ def _sample_from_texts(
             cache[i] = tokenizer(texts[i])["input_ids"]
         return cache[i]
 
-    windows = _draw_long_documents(len(texts), tokens, num_samples, seqlen, rng)
-    if windows is not None:
-        return torch.tensor(windows, dtype=torch.long)
+    drawn = _draw_long_documents(len(texts), tokens, num_samples, seqlen, rng, extra)
+    if drawn is not None:
+        return _tensors(*drawn, seqlen)
     docs = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    return sample_windows(docs, num_samples, seqlen, seed, eos_id=eos, warnings=warnings)
+    return _sample(docs, num_samples, seqlen, seed, eos, warnings, extra)
 
 
-def _draw_long_documents(count: int, tokens, num_samples: int, seqlen: int, rng: random.Random):
+def _draw_long_documents(
+    count: int, tokens, num_samples: int, seqlen: int, rng: random.Random, extra: int = 0
+) -> tuple[list[list[int]], list[list[int]]] | None:
+    """`num_samples` windows from random documents longer than `seqlen` (None when too few are found), then up to
+    `extra` more, one per document, from documents none of the first windows came from."""
     windows: list[list[int]] = []
+    used: set[int] = set()
     draws = 0
     while len(windows) < num_samples:
         draws += 1
@@ -288,7 +323,21 @@ def _draw_long_documents(count: int, tokens, num_samples: int, seqlen: int, rng:
             continue
         start = rng.randint(0, len(doc) - seqlen - 1)
         windows.append(doc[start : start + seqlen])
-    return windows
+        used.add(i)
+    held: list[list[int]] = []
+    for _ in range(MAX_DRAWS_FACTOR * extra + 100 if extra else 0):
+        if len(held) >= extra:
+            break
+        i = rng.randint(0, count - 1)
+        if i in used:
+            continue
+        doc = tokens(i)
+        if len(doc) <= seqlen:
+            continue
+        start = rng.randint(0, len(doc) - seqlen - 1)
+        held.append(doc[start : start + seqlen])
+        used.add(i)  # one window per document: no two extra windows overlap either
+    return windows, held
 
 
 def sample_windows(
@@ -296,10 +345,17 @@ def sample_windows(
     warnings: list[str] | None = None,
 ) -> torch.LongTensor:
     """Seeded windows from token-id documents (long documents first, else one joined stream)."""
+    return _sample(docs, num_samples, seqlen, seed, eos_id, warnings)[0]
+
+
+def _sample(
+    docs: list[list[int]], num_samples: int, seqlen: int, seed: int, eos_id: int | None,
+    warnings: list[str] | None, extra: int = 0,
+) -> tuple[torch.LongTensor, torch.LongTensor]:
     rng = random.Random(seed)
-    windows = _draw_long_documents(len(docs), lambda i: docs[i], num_samples, seqlen, rng)
-    if windows is not None:
-        return torch.tensor(windows, dtype=torch.long)
+    drawn = _draw_long_documents(len(docs), lambda i: docs[i], num_samples, seqlen, rng, extra)
+    if drawn is not None:
+        return _tensors(*drawn, seqlen)
     stream: list[int] = []
     for doc in docs:
         stream.extend(doc)
@@ -320,4 +376,13 @@ def sample_windows(
         logger.warning(msg)
         if warnings is not None:
             warnings.append(msg)
-    return torch.tensor([stream[s : s + seqlen] for s in starts], dtype=torch.long)
+    taken = list(starts)
+    held: list[int] = []
+    for _ in range(MAX_DRAWS_FACTOR * extra + 100 if extra else 0):
+        if len(held) >= extra:
+            break
+        s = rng.randint(0, len(stream) - seqlen)
+        if all(s + seqlen <= t or s >= t + seqlen for t in taken):
+            held.append(s)
+            taken.append(s)
+    return _tensors([stream[s : s + seqlen] for s in starts], [stream[s : s + seqlen] for s in held], seqlen)

@@ -30,7 +30,7 @@ from torch import nn
 from . import passes, search
 from .allocation import BlockPlan
 from .config import OWLPrunerConfig
-from .data import describe_source, get_calibration_data
+from .data import describe_source, draw_windows
 from .errors import OWLConfigError
 from .modeling import PRUNED_ZERO_SHARE, context_length, get_blocks_and_units, zero_share
 from .offload import make_block_offloader
@@ -121,16 +121,19 @@ def prepare(state: RunState, layerwise: str, dataset: Any, tokenizer: Any) -> di
     if max_pos is not None and cfg.seqlen > max_pos:
         raise OWLConfigError(f"`seqlen`={cfg.seqlen} exceeds the model's max_position_embeddings={max_pos}; lower `seqlen`.")
     t = time.perf_counter()
-    ids = get_calibration_data(dataset, tokenizer, cfg.num_samples, cfg.seqlen, cfg.seed, cfg.text_column,
-                               warnings=state.warnings)
+    extra = search.holdout_windows_wanted(cfg) if layerwise in SEARCHES else 0
+    ids, held = draw_windows(dataset, tokenizer, cfg.num_samples, cfg.seqlen, cfg.seed, cfg.text_column,
+                             warnings=state.warnings, extra=extra)
     vocab = getattr(model_cfg, "vocab_size", None)
-    if isinstance(vocab, int) and int(ids.max()) >= vocab:
+    if isinstance(vocab, int) and int(torch.cat([ids, held]).max()) >= vocab:
         raise OWLConfigError(
-            f"Calibration token id {int(ids.max())} is outside the model's vocabulary ({vocab}); "
+            f"Calibration token id {int(torch.cat([ids, held]).max())} is outside the model's vocabulary ({vocab}); "
             "pass the model's own tokenizer."
         )
     state.timings["calibration_data"] = time.perf_counter() - t
     state.calibration_ids = ids
+    if extra:
+        state.holdout_ids = held  # split_holdout decides whether there are enough of them
     t = time.perf_counter()
     state.inputs0 = state.runner.capture(ids, cfg.batch_size)
     state.timings["capture"] = time.perf_counter() - t
@@ -176,6 +179,9 @@ def run(state: RunState, layerwise: str) -> list[BlockPlan]:
 
 def build_report(state: RunState, plans: list[BlockPlan], calibration: dict[str, Any]) -> PruneReport:
     model = state.model
+    if state.candidates and state.holdout_ids is not None:  # a search: where its scoring windows came from
+        where = "beyond the calibration windows" if state.holdout_separate else "held out of the calibration windows"
+        calibration = {**calibration, "holdout_windows": int(state.holdout_ids.shape[0]), "holdout": where}
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
     report = PruneReport(
         config=public_config(state.config.to_dict()),

@@ -60,7 +60,8 @@ class RunState:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     calibration_ids: torch.Tensor | None = None  # [num_samples, seqlen] token ids behind `inputs0`
-    holdout_ids: torch.Tensor | None = None  # owl-auto: windows held out of the statistics, used for scoring
+    holdout_ids: torch.Tensor | None = None  # searches: windows the candidates are scored on
+    holdout_separate: bool = False  # searches: `holdout_ids` were drawn beyond the calibration windows (none held out)
     candidates: list[Candidate] = field(default_factory=list)  # owl-auto: candidates tried
     resume: Any = None  # optimum_owl.resume.ResumeState when `checkpoint_dir` is set
 

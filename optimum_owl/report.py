@@ -209,6 +209,8 @@ class PruneReport:
             lines.append(
                 f"- calibration: {self.calibration.get('num_samples')} × {self.calibration.get('seqlen')} tokens "
                 f"from {self.calibration.get('source')}"
+                + (f"; candidates scored on {self.calibration['holdout_windows']} windows {self.calibration['holdout']}"
+                   if "holdout_windows" in self.calibration else "")
             )
         if self.evaluation:
             ev = self.evaluation

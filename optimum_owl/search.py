@@ -1,4 +1,4 @@
-"""`layerwise="owl-auto"` and `layerwise="auto"`: choose the allocation by the loss on held-out calibration windows.
+"""`layerwise="owl-auto"` and `layerwise="auto"`: choose the allocation by the loss on held-out windows.
 
 `owl-auto` searches OWL's (M, λ) and uniform sparsity; `auto` widens the same search to every allocation family
 (`auto_families`: OWL, DLP, AlphaPruning, ATP) with a small grid of each one's knob, and also checks OWL with the
@@ -8,9 +8,11 @@ The paper's M=5, λ=0.08 were tuned on LLaMA-7B at 70%; other models and sparsit
 the wrong ones can be worse than uniform sparsity. The search here is bounded and reuses everything that does not
 depend on the candidate:
 
-1. **Hold-out** (`split_holdout`, before the outlier pass): the last `ceil(auto_holdout · num_samples)` calibration
-   windows (at least `min(4, num_samples // 4)`) are set aside; statistics, outlier ratios and pruning only ever see
-   the others.
+1. **Hold-out** (`holdout.split_holdout`, before the outlier pass): the candidates are scored on about
+   `auto_holdout_tokens` (8,192) tokens of windows drawn from the calibration source beyond the calibration windows
+   (no text shared with them), and every calibration window goes to the statistics. Only when the source has too
+   little other text are the last `ceil(auto_holdout · num_samples)` calibration windows (at least `min(4,
+   num_samples // 4)`) set aside instead; statistics, outlier ratios and pruning never see held-out windows.
 2. **Outlier ratios for every M at once** from the dense statistics already collected by the outlier pass
    (`block_outlier_ratios`; no forward).
 3. **Uniform, exactly**: the baseline is pruned for real (`method`, sequential propagation, DSnoT if configured)
@@ -20,7 +22,8 @@ depend on the candidate:
    `owl_m`, `owl_lambda`; for `auto` also DLP's α in `auto_dlp_alphas`, AlphaPruning's ε in
    `auto_alphapruning_epsilons`, ATP's β in `auto_atp_betas`, each family's configured knob added) is pruned
    *cheaply* with Wanda scores |W|·‖X_j‖₂ from those kept norms (|W| for magnitude; the Wanda proxy also stands in
-   for SparseGPT): no statistics forward, one full-model forward on the held-out windows. Candidates with the same
+   for SparseGPT): no statistics forward, one full-model forward on the held-out windows (separate ones: only the
+   first `ceil(auto_holdout · num_samples)`, as many as holding out would take). Candidates with the same
    per-block sparsities share one score; along each knob (ascending) a sequence (OWL: one per M) stops after two
    values in a row that do not improve its best loss. `auto` searches OWL by coordinates: λ along the configured
    M, then the other Ms at the best λ (about 7 instead of about 19 candidates on SmolLM2); then, with
@@ -33,19 +36,25 @@ depend on the candidate:
    (`beats_uniform`); the lowest loss among such finalists wins, else uniform. The paired samples are chunks of `CHUNK_TOKENS` (32) consecutive predicted tokens
    (`chunk_losses`), not whole windows: with 16 calibration windows only 2–4 are held out, and a standard error
    from 2–4 window differences is itself so noisy that a real gain rarely clears two of them (the search turned
-   timid exactly when calibration data is small). Chunks give dozens of paired samples from the same tokens; they
-   are long enough that neighbouring chunks' differences are nearly independent (docs/quality.md has the numbers).
+   timid exactly when calibration data is small; 4 held-out windows of 256 tokens were still too few, whence the
+   separate windows of step 1). Chunks give dozens of paired samples from the same tokens; they are long enough that
+   neighbouring chunks' differences are nearly independent (docs/quality.md has the numbers).
    So the choice is never worse than uniform *on the held-out tokens* beyond their noise.
-6. **Refit** (`refit`): the winner is pruned once more from the dense weights on *all* calibration windows, the
-   held-out ones included (they were only needed to choose). The result is exactly what a direct run with the
-   chosen setting gives on the same data (`layerwise="uniform"`, or `"owl"` with the chosen M and λ, whose outlier
-   ratios then also count the held-out windows), so choosing uniform costs no calibration data.
+6. **The winner**: with separate held-out windows (`keep`) the winner as it was scored is the result, pruned from
+   every calibration window exactly as a direct run with the chosen setting prunes it (the best screened finalist
+   is checked last; any other winner is pruned once more, to the same weights). With held-out calibration windows (`holdout.refit`) it is pruned once more from
+   the dense weights on *all* calibration windows, the held-out ones included, which again is exactly what a direct
+   run with the chosen setting gives on the same data (`layerwise="uniform"`, or `"owl"` with the chosen M and λ,
+   whose outlier ratios then also count the held-out windows), so choosing uniform costs no calibration data.
 
 Between candidates the dense weights are restored from a CPU copy of the prunable weights (extra host memory).
 
-Cost, in block forwards over the calibration windows (L blocks, held-out fraction h, K screened candidates, F = 1 +
-`auto_finalists` exact candidates, one more for `auto`'s configured OWL): (1−h)·L for the outlier pass, K·h·L for screening (one full-model forward on the
-held-out windows each), F·(1−h)(2L−1) + F·h·L for the exact candidates and their scores, h·L + 2L−1 for the refit.
+Cost, in block forwards over the calibration windows (L blocks, held-out windows h times as many tokens as the
+calibration windows, K screened candidates, F = 1 + `auto_finalists` exact candidates, one more for `auto`'s
+configured OWL): with separate held-out windows L for the outlier pass, K·a·L for screening (one full-model forward
+on the first windows each, a = `auto_holdout`), F·(2L−1) + F·h·L for the exact candidates and their scores, and at
+most 2L−1 to prune the winner again; with held-out calibration windows (fraction h) (1−h)·L, K·h·L,
+F·(1−h)(2L−1) + F·h·L and h·L + 2L−1 for the refit.
 One exact OWL run costs 3L−1; `bench/prune_speed.py --variants owl_wanda_exact owl_wanda_auto wanda_auto` measures
 the ratios (docs/benchmarks.md). AlphaPruning's spectra (one SVD per matrix) cost no forward.
 """
@@ -62,7 +71,7 @@ import torch
 
 from .allocation import BlockPlan
 from .criteria import keep_mask
-from .errors import OWLConfigError
+from .holdout import holdout_count, holdout_windows_wanted, refit, split_holdout  # noqa: F401
 from .masks import apply_keep_mask_
 from .passes import (
     RunState,
@@ -70,7 +79,6 @@ from .passes import (
     block_outlier_ratios,
     each_block,
     family_plans,
-    holdout_ratios,
     plan,
     prune_pass,
     split_plans,
@@ -98,41 +106,6 @@ KNOBS = {"owl": ("owl_m", "owl_lambda"), "dlp": ("dlp_alpha",), "alphapruning": 
          "atp": ("atp_beta",)}
 # `auto_atp_betas=None`: β = spread / (L − 1) for these total spreads of the block sparsities over the depth.
 ATP_SPREADS = (0.08, 0.16, 0.24, 0.32)
-
-
-def holdout_count(num_samples: int, fraction: float) -> int:
-    """Windows held out of `num_samples`: `ceil(fraction · num_samples)`, and at least `min(4, num_samples // 4)` (at
-    least 1), so that small calibration sets still leave enough held-out tokens to tell candidates apart."""
-    return max(1, math.ceil(fraction * num_samples - 1e-9), min(4, num_samples // 4))
-
-
-def split_holdout(state: RunState) -> None:
-    """Set the last windows of the calibration data aside (`state.holdout_ids`); re-capture block 0's inputs
-    from the others only, so that no statistic ever sees a held-out window."""
-    cfg = state.config
-    head = state.model.get_output_embeddings() if hasattr(state.model, "get_output_embeddings") else None
-    if head is None:
-        raise OWLConfigError(
-            f"`layerwise={cfg.layerwise!r}` scores candidates by the next-token loss, so it needs a model with a "
-            f"language-modelling head; {type(state.model).__name__} has none. Use layerwise='owl' or 'uniform'."
-        )
-    ids = state.calibration_ids
-    if ids is None:
-        raise RuntimeError("split_holdout needs the calibration ids (call after the calibration data is captured).")
-    n = int(ids.shape[0])
-    k = holdout_count(n, cfg.auto_holdout)
-    if n - k < 1:
-        raise OWLConfigError(
-            f"`layerwise={cfg.layerwise!r}` holds out {k} of the {n} calibration windows (`auto_holdout`="
-            f"{cfg.auto_holdout}) and none would be left for the statistics; raise `num_samples` (at least 2, 16 or "
-            "more is better)."
-        )
-    state.holdout_ids = ids[n - k :].clone()
-    state.calibration_ids = ids[: n - k]
-    t = time.perf_counter()
-    state.inputs0 = state.runner.capture(state.calibration_ids, cfg.batch_size)
-    state.add_time("capture", t)
-    logger.info("%s: %d calibration windows for statistics, %d held out for scoring", cfg.layerwise, n - k, k)
 
 
 def _snapshot(state: RunState) -> list[list[torch.Tensor]]:
@@ -176,6 +149,7 @@ class _Option:
     knob: dict[str, float]
     plans: list[BlockPlan]
     loss: float = math.nan
+    metrics: list[float] | None = None  # the block metric the plans came from (OWL: outlier ratios at its M)
 
     @property
     def sort_key(self) -> tuple:
@@ -212,7 +186,8 @@ def _sequences(state: RunState, families: Sequence[str], wide: bool) -> list:
 
         def owl(m: float, lam: float) -> _Option:
             ratios = [per_block[i][ms.index(m)] for i in range(n)]
-            return _Option("owl", {"owl_m": m, "owl_lambda": lam}, plan(state, ratios, owl_lambda=lam, record=False))
+            plans = plan(state, ratios, owl_lambda=lam, record=False)
+            return _Option("owl", {"owl_m": m, "owl_lambda": lam}, plans, metrics=ratios)
 
         if not wide:  # owl-auto: every M along λ
             out += [[owl(m, lam) for lam in lambdas] for m in ms]
@@ -238,9 +213,11 @@ def _sequences(state: RunState, families: Sequence[str], wide: bool) -> list:
         if family not in families:
             continue
         name, values = grids[family]
-        out.append(
-            [_Option(family, {name: v}, family_plans(state, family, metrics[family], v, record=False)) for v in values]
-        )
+        out.append([
+            _Option(family, {name: v}, family_plans(state, family, metrics[family], v, record=False),
+                    metrics=metrics[family])
+            for v in values
+        ])
     return out
 
 
@@ -257,6 +234,11 @@ def choose_and_prune(state: RunState) -> list[BlockPlan]:
     wide = cfg.layerwise == "auto"
     families = list(cfg.auto_families) if wide else ["owl"]
     model, hold, bs = state.model, state.holdout_ids, cfg.batch_size
+    # the screening scores on as many windows as holding out would take (its cost does not grow with
+    # `auto_holdout_tokens`); only the exact check, which decides, scores on every held-out window
+    screen_ids = hold
+    if state.holdout_separate:
+        screen_ids = hold[: holdout_count(int(state.calibration_ids.shape[0]), cfg.auto_holdout)]
     start = time.perf_counter()
     dense = _snapshot(state)
     base = _Option("uniform", {}, uniform(state))
@@ -278,7 +260,7 @@ def choose_and_prune(state: RunState) -> list[BlockPlan]:
         if key not in seen:
             _restore(state, dense)
             _screen_prune(state, option.plans, norms)
-            seen[key] = holdout_loss(model, hold, bs)
+            seen[key] = holdout_loss(model, screen_ids, bs)
         option.loss = seen[key]
         screened.append(option)
         return option.loss
@@ -297,12 +279,15 @@ def choose_and_prune(state: RunState) -> list[BlockPlan]:
     if wide and cfg.auto_attention_shifts:  # below the block: the best setting again with each attention shift
         best = min(screened, key=lambda o: o.sort_key)
         for d in cfg.auto_attention_shifts:
-            screen(_Option(best.family, {**best.knob, "attention_shift": d}, split_plans(state, best.plans, d)))
+            screen(_Option(best.family, {**best.knob, "attention_shift": d}, split_plans(state, best.plans, d),
+                           metrics=best.metrics))
     state.timings["auto_screen"] = time.perf_counter() - t
 
     # ---- exact check of the best candidates of the screening
     t = time.perf_counter()
     finalists = [base] + _finalists(state, screened, base, wide)
+    if state.holdout_separate:  # the best screened last: when it wins, the model as it stands is the result
+        finalists[1:] = finalists[:0:-1]
     exact_chunks = [uniform_chunks]
     best_index = 0
     for j in range(1, len(finalists)):
@@ -331,9 +316,13 @@ def choose_and_prune(state: RunState) -> list[BlockPlan]:
             )
         )
     winner = finalists[best_index]
-    _restore(state, dense)
-    dense.clear()  # free the copy before the refit
-    plans_w = refit(state, winner.family, winner.knob)
+    if state.holdout_separate:  # the model scored is the result (pruned again only when it is not the last one)
+        plans_w = keep(state, winner, dense if best_index != len(finalists) - 1 else None)
+        dense.clear()
+    else:
+        _restore(state, dense)
+        dense.clear()  # free the copy before the refit
+        plans_w = refit(state, winner.family, winner.knob)
     logger.info("%s chose %s (held-out loss %.4f; uniform %.4f) after %d screened and %d exact candidates",
                 cfg.layerwise, winner.candidate(math.nan).setting, float(exact_chunks[best_index].mean()),
                 float(exact_chunks[0].mean()), len(screened), len(finalists))
@@ -369,7 +358,8 @@ def _finalists(state: RunState, screened: list[_Option], base: _Option, wide: bo
     configured = {"owl_m": float(cfg.owl_m), "owl_lambda": float(cfg.owl_lambda)}
     prior = next((o for o in screened if o.family == "owl" and o.knob == configured), None)
     if prior is None and state.criterion.updates_weights and (wide and "owl" in cfg.auto_families or not wide):
-        prior = _Option("owl", configured, plan(state, state.outlier_ratios or [], record=False))  # not screened
+        ratios = list(state.outlier_ratios or [])
+        prior = _Option("owl", configured, plan(state, ratios, record=False), metrics=ratios)  # not screened
     # The screening prunes with a mask-only proxy, which can misjudge a criterion that reconstructs the kept weights
     # (SparseGPT) at high sparsity: there the configured OWL setting is always checked exactly. `auto` also checks it
     # exactly whenever it screened better than uniform, so that it is held to OWL's configured (paper) setting too.
@@ -379,41 +369,32 @@ def _finalists(state: RunState, screened: list[_Option], base: _Option, wide: bo
     return out
 
 
-def refit(state: RunState, family: str, knob: dict[str, float]) -> list[BlockPlan]:
-    """Prune the dense model with the chosen setting on *all* calibration windows, the held-out ones included.
-
-    The held-out windows only served to choose; the result is what a direct run with the choice gives
-    (`layerwise="uniform"`, or the chosen family with its knob) on the same calibration data: for OWL and DLP the
-    held-out windows' dense statistics are added to the outlier pass's (one dense pass over them, h·L block
-    forwards) before the outlier ratios (mean scores) are taken, and the sequential prune sees every window.
-    """
+def keep(state: RunState, winner: _Option, dense: list[list[torch.Tensor]] | None) -> list[BlockPlan]:
+    """The winner scored on windows beyond the calibration windows is the result: its plans were made from every
+    calibration window, as a direct run with the chosen setting makes them. Records what such a run records (outlier
+    ratios, block metric, a clamping warning); with `dense` (the winner was not the last candidate pruned), restores
+    the dense weights and prunes the winner again, which gives the same weights as when it was scored."""
     t = time.perf_counter()
-    cfg = state.config
-    if state.holdout_ids is None or state.calibration_ids is None:
-        raise RuntimeError("refit needs split_holdout to have run first.")
-    state.outlier_ratios = None
+    family, knob = winner.family, winner.knob
+    metrics = None if winner.metrics is None else list(winner.metrics)
     state.block_metrics = None
     if family == "uniform":
+        state.outlier_ratios = None
         plans = uniform(state)
-    elif family in ("owl", "dlp"):
-        m = knob.get("owl_m", cfg.owl_m)
-        ratios = holdout_ratios(state, state.runner.capture(state.holdout_ids, cfg.batch_size), m)
-        state.outlier_ratios = ratios
-        if family == "owl":
-            plans = plan(state, ratios, owl_lambda=knob["owl_lambda"])  # records a clamping warning, if any
-        else:
-            state.block_metrics = list(state.mean_scores or [])
-            plans = family_plans(state, "dlp", state.block_metrics, knob["dlp_alpha"])
-    else:  # alphapruning, atp: no statistics (AlphaPruning reads the dense weights, restored before the refit)
-        state.block_metrics = block_esd_alphas(state) if family == "alphapruning" else None
-        plans = family_plans(state, family, state.block_metrics, next(iter(knob.values())))
-    if family not in ("owl", "dlp"):
-        state.dense_stats = []  # a direct run of these takes block 0's statistics in its own prune pass
+    elif family == "owl":
+        state.outlier_ratios = metrics
+        plans = plan(state, metrics or [], owl_lambda=knob["owl_lambda"])  # records a clamping warning, if any
+    else:
+        if family != "dlp":
+            state.outlier_ratios = None  # a direct AlphaPruning or ATP run has no outlier pass
+        state.block_metrics = metrics
+        plans = family_plans(state, family, metrics, next(v for k, v in knob.items() if k != "attention_shift"))
     if "attention_shift" in knob:
         plans = split_plans(state, plans, knob["attention_shift"])
-    state.calibration_ids = torch.cat([state.calibration_ids, state.holdout_ids])
-    state.inputs0 = None
-    state.inputs0 = state.runner.capture(state.calibration_ids, cfg.batch_size)
-    prune_pass(state, plans)
-    state.timings["auto_refit"] = time.perf_counter() - t
+    if _plan_key(plans) != _plan_key(winner.plans):
+        raise RuntimeError(f"the {family} plans made again differ from the ones scored; please report this.")
+    if dense is not None:
+        _restore(state, dense)
+        prune_pass(state, plans)
+    state.timings["auto_keep"] = time.perf_counter() - t
     return plans

@@ -40,6 +40,13 @@ def check_number(name: str, value: Any) -> None:
         raise OWLConfigError(f"`{name}` must be a finite number, got {value!r}.")
 
 
+def check_int(name: str, value: Any, low: int | None = None, hint: str = "") -> None:
+    """An integer (not a bool), ≥ `low` when it is given."""
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        kind = {None: "an integer", 1: "a positive integer"}.get(low, f"an integer ≥ {low}")
+        raise OWLConfigError(f"`{name}` must be {kind}, got {value!r}" + (f"; {hint}." if hint else "."))
+
+
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value.strip().lower() not in choices:
         raise OWLConfigError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}, got {value!r}.")

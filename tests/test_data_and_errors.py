@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from optimum_owl import OWLPruner, OWLPrunerConfig
-from optimum_owl.data import CalibrationDataError, get_calibration_data, sample_windows
+from optimum_owl.data import CalibrationDataError, draw_windows, get_calibration_data, sample_windows
 from optimum_owl.modeling import OWLModelError
 from optimum_owl.runner import OWLNumericalError
 
@@ -55,6 +55,34 @@ def test_every_source_gives_seeded_windows(kind, tmp_path):
     c = get_calibration_data(source, tok, num_samples=5, seqlen=32, seed=1)
     assert a.shape == (5, 32) and a.dtype == torch.long
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_extra_windows_continue_the_draw_and_share_no_text_with_the_calibration_windows():
+    # document d holds the ids 1000·d + 0..39, so every window tells which document it came from
+    docs = torch.stack([torch.arange(40) + 1000 * d for d in range(1, 61)])
+    calibration = get_calibration_data(docs, num_samples=8, seqlen=16, seed=3)
+    ids, extra = draw_windows(docs, None, num_samples=8, seqlen=16, seed=3, extra=10)
+    assert torch.equal(ids, calibration)  # the calibration windows are a plain run's
+    assert extra.shape == (10, 16)
+    doc = lambda w: int(w[0]) // 1000  # noqa: E731
+    assert {doc(w) for w in extra}.isdisjoint({doc(w) for w in ids}) and len({doc(w) for w in extra}) == 10
+    # too little other text: as many as there are documents left, one each
+    _, few = draw_windows(docs, None, num_samples=8, seqlen=16, seed=3, extra=500)
+    assert 0 < few.shape[0] <= 60 - len({doc(w) for w in ids}) and len({doc(w) for w in few}) == few.shape[0]
+    # a tensor of exactly [num_samples, seqlen] is used as is: nothing else to draw from
+    exact, none = draw_windows(calibration, None, num_samples=8, seqlen=16, seed=3, extra=4)
+    assert torch.equal(exact, calibration) and none.shape == (0, 16)
+
+
+def test_extra_windows_from_a_joined_stream_overlap_nothing():
+    docs = [list(range(100 * d, 100 * d + 5)) for d in range(40)]  # short documents: the joined stream
+    ids, extra = draw_windows([torch.tensor(d) for d in docs], None, num_samples=3, seqlen=8, seed=0, extra=6)
+    assert torch.equal(ids, sample_windows(docs, num_samples=3, seqlen=8, seed=0))
+    stream = [t for d in docs for t in d]
+    start = lambda w: stream.index(int(w[0]))  # noqa: E731  (every id occurs once in this stream)
+    spans = [start(w) for w in torch.cat([ids, extra])]
+    assert extra.shape[0] == 6
+    assert all(abs(spans[i] - spans[j]) >= 8 for i in range(3, 9) for j in range(9) if i != j)
 
 
 def test_short_documents_fall_back_to_a_joined_stream():

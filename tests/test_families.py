@@ -122,7 +122,8 @@ def test_data_free_families_with_magnitude_need_no_calibration_data():
     "kwargs, field",
     [(dict(dlp_alpha=-0.1), "dlp_alpha"), (dict(alphapruning_epsilon=1.0), "alphapruning_epsilon"),
      (dict(atp_beta=float("nan")), "atp_beta"), (dict(layerwise="dlp", pattern="2:4", nm_mixed=True), "nm_mixed"),
-     (dict(layerwise="auto", checkpoint_dir="x"), "checkpoint_dir")],
+     (dict(layerwise="auto", checkpoint_dir="x"), "checkpoint_dir"), (dict(auto_holdout_tokens=-1), "auto_holdout_tokens"),
+     (dict(auto_holdout_tokens=1.5), "auto_holdout_tokens")],
 )
 def test_family_fields_are_validated(kwargs, field):
     with pytest.raises(OWLConfigError, match=field):
@@ -180,6 +181,84 @@ def test_auto_searches_every_family_and_refits_the_winner_like_a_direct_run(monk
     assert all(torch.equal(a, b) for a, b in zip(_block_weights(model), _block_weights(direct)))
     assert report.block_sparsities == direct.owl_report.block_sparsities
     assert "gain z" in report.to_markdown()
+
+
+def _spread_between(low: float, high: float):
+    """Fake per-token scoring on the exact check (4 windows here) that rewards a spread of block sparsities between
+    `low` and `high`; the screening (3 windows) is scored by `_rising_losses`."""
+
+    def fake(model, ids, batch_size):
+        if ids.shape[0] != 4:
+            return _rising_losses(model, ids, batch_size)
+        fractions = []
+        for layer in model.model.layers:
+            ws = [p for p in layer.parameters() if p.dim() == 2]
+            fractions.append(sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws))
+        spread = max(fractions) - min(fractions)
+        return torch.full((ids.shape[0], 3), 1.0 - spread if low < spread < high else 1.0 + spread, dtype=torch.float64)
+
+    return fake
+
+
+@pytest.mark.parametrize(
+    "method, kw, fake, winner, exact_prunes",
+    [("wanda", dict(auto_families=["atp"]), _rising_losses, "atp", 2),
+     # ATP screens best and is checked last; AlphaPruning (small ε: a small spread) wins the exact check, so it is
+     # pruned once more after ATP
+     ("sparsegpt", dict(auto_families=["atp", "alphapruning"], auto_finalists=2, alphapruning_epsilon=0.05,
+                        auto_alphapruning_epsilons=[0.05]), _spread_between(0.0, 0.1), "alphapruning", 4)],
+)
+def test_auto_scores_on_windows_beyond_the_calibration_and_returns_the_model_it_scored(
+    monkeypatch, method, kw, fake, winner, exact_prunes
+):
+    import copy
+
+    import optimum_owl.scoring as scoring
+    import optimum_owl.search as search
+    from optimum_owl.data import draw_windows
+
+    scored: list[int] = []
+    monkeypatch.setattr(scoring, "token_losses", lambda m, ids, bs: scored.append(ids.shape[0]) or fake(m, ids, bs))
+    prunes: list[int] = []
+    real_prune_pass = search.prune_pass
+    monkeypatch.setattr(search, "prune_pass", lambda *a, **k: prunes.append(1) or real_prune_pass(*a, **k))
+    source = calib_ids(40, seqlen=24, seed=5)  # 40 documents of 24 tokens: 12 calibration windows of 16 and more
+    model = tiny_model("llama", layers=3)
+    dense = copy.deepcopy(model)
+    config = _auto_config(method=method, auto_holdout_tokens=64, **kw)  # 4 windows of 16 tokens
+    report = OWLPruner(config).prune(model, dataset=source)
+    assert report.calibration["holdout_windows"] == 4 and report.calibration["holdout"].startswith("beyond")
+    assert "scored on 4 windows beyond the calibration windows" in report.to_markdown()
+    assert not any("auto_holdout_tokens" in w for w in report.warnings)
+    (chosen,) = [c for c in report.candidates if c.chosen]
+    assert chosen.family == winner
+    # uniform and the finalists, the best screened last (and in the second case the winner once more)
+    assert len(prunes) == exact_prunes
+    # the screening scores on as many windows as holding out would take (3 of 12), the exact check on all 4
+    exact = [c for c in report.candidates if not c.layerwise.endswith(", screened")]
+    assert set(scored) == {3, 4} and scored.count(4) == len(exact)
+    # no refit: every calibration window was in the statistics, so the result is a direct run on the same data
+    direct = copy.deepcopy(dense)
+    OWLPruner(_auto_config(method=method, layerwise=winner, **chosen.knob)).prune(direct, dataset=source)
+    assert all(torch.equal(a, b) for a, b in zip(_block_weights(model), _block_weights(direct)))
+    assert report.block_sparsities == direct.owl_report.block_sparsities
+    # and it is the model that was scored: its loss on the drawn windows is the chosen candidate's
+    held = draw_windows(source, None, 12, 16, config.seed, extra=4)[1]
+    assert float(scoring.chunk_losses(model, held, 3).mean()) == chosen.loss
+
+
+def test_auto_holds_out_calibration_windows_when_the_source_has_no_other_text(monkeypatch):
+    import optimum_owl.scoring as scoring
+
+    monkeypatch.setattr(scoring, "token_losses", _rising_losses)
+    ids = calib_ids(12)  # exactly [num_samples, seqlen]: used as is, nothing else to draw from
+    report = OWLPruner(_auto_config(auto_families=["atp"])).prune(tiny_model("llama", layers=3), dataset=ids)
+    assert any("auto_holdout_tokens" in w and "3 of the 12" in w for w in report.warnings)
+    assert report.calibration["holdout_windows"] == 3 and report.calibration["holdout"].startswith("held out")
+    quiet = OWLPruner(_auto_config(auto_families=["atp"], auto_holdout_tokens=0)).prune(
+        tiny_model("llama", layers=3), dataset=ids)
+    assert not any("auto_holdout_tokens" in w for w in quiet.warnings)
+    assert quiet.block_sparsities == report.block_sparsities
 
 
 def test_auto_keeps_uniform_when_no_family_beats_it_beyond_the_noise(monkeypatch):

@@ -56,7 +56,10 @@ FLAG_HELP: dict[str, dict[str, str]] = {
     "search (--layerwise owl-auto | auto)": {
         "auto_owl_ms": "M values searched (--owl-m is always added)",
         "auto_owl_lambdas": "λ values searched (--owl-lambda is always added)",
-        "auto_holdout": "fraction of calibration windows held out to score candidates, in (0, 0.5]",
+        "auto_holdout_tokens": "tokens to score candidates on, drawn from the calibration source beyond the "
+        "calibration windows (0: hold out calibration windows)",
+        "auto_holdout": "fraction of calibration windows held out to score candidates when the source has no other "
+        "text, in (0, 0.5]",
         "auto_finalists": "best screened candidates (auto: of that many families) pruned exactly and scored again",
         "auto_families": "auto: families searched besides uniform",
         "auto_dlp_alphas": "auto: DLP α values searched (--dlp-alpha is always added)",
