@@ -100,9 +100,10 @@ def draw_windows(
 
     The extra windows continue the same seeded draw after the calibration windows, so the calibration windows are
     exactly `get_calibration_data`'s. They come from documents no calibration window was taken from, one per document
-    (from the joined stream: ranges that overlap no calibration window nor each other). Fewer than `extra` (possibly none) come back
-    when the source has too little other text, and none when `dataset` is a tensor of exactly `[num_samples,
-    seqlen]` (used as is). The searches (`layerwise="auto"`, `"owl-auto"`) score their candidates on them.
+    (from the joined stream: ranges that overlap no calibration window nor each other). Fewer than `extra` (possibly
+    none) come back when the source has too little other text, and none when `dataset` is a tensor of exactly
+    `[num_samples, seqlen]` (used as is). The searches (`layerwise="auto"`, `"owl-auto"`) score their candidates on
+    them.
 
     Returns:
         `(calibration [num_samples, seqlen], extra [m, seqlen])` with `0 <= m <= extra`.

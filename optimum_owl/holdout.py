@@ -63,8 +63,8 @@ def split_holdout(state: RunState) -> None:
     drawn = state.holdout_ids
     if drawn is not None and drawn.shape[0] >= k:
         state.holdout_separate = True
-        logger.info("%s: %d calibration windows for statistics, %d other windows of the source (%d tokens) for scoring",
-                    cfg.layerwise, n, drawn.shape[0], drawn.numel())
+        logger.info("%s: %d calibration windows for statistics, %d other windows of the source (%d tokens; %d wanted) "
+                    "for scoring", cfg.layerwise, n, drawn.shape[0], drawn.numel(), holdout_windows_wanted(cfg))
         return
     if cfg.auto_holdout_tokens:
         state.warn(
