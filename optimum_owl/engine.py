@@ -125,9 +125,10 @@ def prepare(state: RunState, layerwise: str, dataset: Any, tokenizer: Any) -> di
     ids, held = draw_windows(dataset, tokenizer, cfg.num_samples, cfg.seqlen, cfg.seed, cfg.text_column,
                              warnings=state.warnings, extra=extra)
     vocab = getattr(model_cfg, "vocab_size", None)
-    if isinstance(vocab, int) and int(torch.cat([ids, held]).max()) >= vocab:
+    top = max(int(ids.max()), int(held.max()) if held.numel() else 0)
+    if isinstance(vocab, int) and top >= vocab:
         raise OWLConfigError(
-            f"Calibration token id {int(torch.cat([ids, held]).max())} is outside the model's vocabulary ({vocab}); "
+            f"Calibration token id {top} is outside the model's vocabulary ({vocab}); "
             "pass the model's own tokenizer."
         )
     state.timings["calibration_data"] = time.perf_counter() - t

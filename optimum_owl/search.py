@@ -42,10 +42,11 @@ depend on the candidate:
    So the choice is never worse than uniform *on the held-out tokens* beyond their noise.
 6. **The winner**: with separate held-out windows (`keep`) the winner as it was scored is the result, pruned from
    every calibration window exactly as a direct run with the chosen setting prunes it (the best screened finalist
-   is checked last; any other winner is pruned once more, to the same weights). With held-out calibration windows (`holdout.refit`) it is pruned once more from
-   the dense weights on *all* calibration windows, the held-out ones included, which again is exactly what a direct
-   run with the chosen setting gives on the same data (`layerwise="uniform"`, or `"owl"` with the chosen M and λ,
-   whose outlier ratios then also count the held-out windows), so choosing uniform costs no calibration data.
+   is checked last; any other winner is pruned once more, to the same weights). With held-out calibration windows
+   (`holdout.refit`) it is pruned once more from the dense weights on *all* calibration windows, the held-out ones
+   included, which again is exactly what a direct run with the chosen setting gives on the same data
+   (`layerwise="uniform"`, or `"owl"` with the chosen M and λ, whose outlier ratios then also count the held-out
+   windows), so choosing uniform costs no calibration data.
 
 Between candidates the dense weights are restored from a CPU copy of the prunable weights (extra host memory).
 
