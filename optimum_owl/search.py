@@ -42,20 +42,21 @@ depend on the candidate:
    So the choice is never worse than uniform *on the held-out tokens* beyond their noise.
 6. **The winner**: with separate held-out windows (`keep`) the winner as it was scored is the result, pruned from
    every calibration window exactly as a direct run with the chosen setting prunes it (the best screened finalist
-   is checked last; any other winner is pruned once more, to the same weights). With held-out calibration windows
-   (`holdout.refit`) it is pruned once more from the dense weights on *all* calibration windows, the held-out ones
-   included, which again is exactly what a direct run with the chosen setting gives on the same data
-   (`layerwise="uniform"`, or `"owl"` with the chosen M and λ, whose outlier ratios then also count the held-out
-   windows), so choosing uniform costs no calibration data.
+   is checked last; any other winner is rebuilt: from its packed masks with a mask-only criterion, else pruned once
+   more, to the same weights). With held-out calibration windows (`holdout.refit`) it is pruned once more from the
+   dense weights on *all* calibration windows, the held-out ones included, which again is exactly what a direct run
+   with the chosen setting gives on the same data (`layerwise="uniform"`, or `"owl"` with the chosen M and λ, whose
+   outlier ratios then also count the held-out windows), so choosing uniform costs no calibration data.
 
-Between candidates the dense weights are restored from a CPU copy of the prunable weights (extra host memory).
+Between candidates the dense weights are restored from a CPU copy of the prunable weights (extra host memory;
+`snapshots`), and a mask-only criterion's best finalist so far is kept as packed masks (1 bit per weight).
 
 Cost, in block forwards over the calibration windows (L blocks, held-out windows h times as many tokens as the
 calibration windows, K screened candidates, F = 1 + `auto_finalists` exact candidates, one more for `auto`'s
 configured OWL): with separate held-out windows L for the outlier pass, K·a·L for screening (one full-model forward
 on the first windows each, a = `auto_holdout`), F·(2L−1) + F·h·L for the exact candidates and their scores, and at
-most 2L−1 to prune the winner again; with held-out calibration windows (fraction h) (1−h)·L, K·h·L,
-F·(1−h)(2L−1) + F·h·L and h·L + 2L−1 for the refit.
+most 2L−1 to prune the winner again (none with a mask-only criterion); with held-out calibration windows
+(fraction h) (1−h)·L, K·h·L, F·(1−h)(2L−1) + F·h·L and h·L + 2L−1 for the refit.
 One exact OWL run costs 3L−1; `bench/prune_speed.py --variants owl_wanda_exact owl_wanda_auto wanda_auto` measures
 the ratios (docs/benchmarks.md). AlphaPruning's spectra (one SVD per matrix) cost no forward.
 """
@@ -96,6 +97,7 @@ from .scoring import (  # noqa: F401  (MIN_GAIN_SE, window_losses: the public na
     token_losses,
     window_losses,
 )
+from .snapshots import pack_masks, restore, restore_masked, snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -107,21 +109,6 @@ KNOBS = {"owl": ("owl_m", "owl_lambda"), "dlp": ("dlp_alpha",), "alphapruning": 
          "atp": ("atp_beta",)}
 # `auto_atp_betas=None`: β = spread / (L − 1) for these total spreads of the block sparsities over the depth.
 ATP_SPREADS = (0.08, 0.16, 0.24, 0.32)
-
-
-def _snapshot(state: RunState) -> list[list[torch.Tensor]]:
-    out: list[list[torch.Tensor]] = []
-    each_block(state, lambda i: out.append([u.weight().detach().to("cpu", copy=True) for u in state.units[i]]))
-    return out
-
-
-def _restore(state: RunState, saved: list[list[torch.Tensor]]) -> None:
-    def visit(i: int) -> None:
-        for u, w in zip(state.units[i], saved[i]):
-            target = u.weight()
-            target.copy_(w.to(target.device, target.dtype))
-
-    each_block(state, visit)
 
 
 def _screen_prune(state: RunState, plans: Sequence[BlockPlan], norms: list[dict[str, torch.Tensor]]) -> None:
@@ -241,7 +228,7 @@ def choose_and_prune(state: RunState) -> list[BlockPlan]:
     if state.holdout_separate:
         screen_ids = hold[: holdout_count(int(state.calibration_ids.shape[0]), cfg.auto_holdout)]
     start = time.perf_counter()
-    dense = _snapshot(state)
+    dense = snapshot(state)
     base = _Option("uniform", {}, uniform(state))
     sequences = _sequences(state, families, wide)
 
@@ -249,6 +236,9 @@ def choose_and_prune(state: RunState) -> list[BlockPlan]:
     norms: list[dict[str, torch.Tensor]] = []
     prune_pass(state, base.plans, record_norms=norms)
     uniform_chunks = chunk_losses(model, hold, bs)
+    # a mask-only criterion's best finalist so far is kept as packed masks: the winner needs no second prune
+    masks_only = state.holdout_separate and not state.criterion.updates_weights
+    best_masks = pack_masks(state) if masks_only else None
     state.timings["auto_exact"] = time.perf_counter() - start
 
     # ---- screening: cheap prune from the uniform run's input norms, full-model loss on the held-out windows
@@ -259,7 +249,7 @@ def choose_and_prune(state: RunState) -> list[BlockPlan]:
     def screen(option: _Option) -> float:
         key = _plan_key(option.plans)
         if key not in seen:
-            _restore(state, dense)
+            restore(state, dense)
             _screen_prune(state, option.plans, norms)
             seen[key] = holdout_loss(model, screen_ids, bs)
         option.loss = seen[key]
@@ -292,12 +282,14 @@ def choose_and_prune(state: RunState) -> list[BlockPlan]:
     exact_chunks = [uniform_chunks]
     best_index = 0
     for j in range(1, len(finalists)):
-        _restore(state, dense)
+        restore(state, dense)
         prune_pass(state, finalists[j].plans)
         chunks = chunk_losses(model, hold, bs)
         exact_chunks.append(chunks)
         if float(chunks.mean()) < float(exact_chunks[best_index].mean()) - 1e-12 and beats_uniform(chunks, uniform_chunks):
             best_index = j
+            if masks_only and j < len(finalists) - 1:
+                best_masks = pack_masks(state)
     state.timings["auto_exact"] += time.perf_counter() - t
 
     # ---- report, then the winner once more on every window
@@ -317,11 +309,12 @@ def choose_and_prune(state: RunState) -> list[BlockPlan]:
             )
         )
     winner = finalists[best_index]
-    if state.holdout_separate:  # the model scored is the result (pruned again only when it is not the last one)
-        plans_w = keep(state, winner, dense if best_index != len(finalists) - 1 else None)
+    if state.holdout_separate:  # the model scored is the result (rebuilt when it is not the last one pruned)
+        last = best_index == len(finalists) - 1
+        plans_w = keep(state, winner, None if last else dense, None if last else best_masks)
         dense.clear()
     else:
-        _restore(state, dense)
+        restore(state, dense)
         dense.clear()  # free the copy before the refit
         plans_w = refit(state, winner.family, winner.knob)
     logger.info("%s chose %s (held-out loss %.4f; uniform %.4f) after %d screened and %d exact candidates",
@@ -370,11 +363,14 @@ def _finalists(state: RunState, screened: list[_Option], base: _Option, wide: bo
     return out
 
 
-def keep(state: RunState, winner: _Option, dense: list[list[torch.Tensor]] | None) -> list[BlockPlan]:
+def keep(
+    state: RunState, winner: _Option, dense: list[list[torch.Tensor]] | None, masks: list[list[torch.Tensor]] | None
+) -> list[BlockPlan]:
     """The winner scored on windows beyond the calibration windows is the result: its plans were made from every
     calibration window, as a direct run with the chosen setting makes them. Records what such a run records (outlier
-    ratios, block metric, a clamping warning); with `dense` (the winner was not the last candidate pruned), restores
-    the dense weights and prunes the winner again, which gives the same weights as when it was scored."""
+    ratios, block metric, a clamping warning). With `dense` (the winner was not the last candidate pruned) the
+    weights it was scored with are rebuilt: from `masks` (its packed masks, a mask-only criterion), else by pruning
+    it again from the dense weights, which gives the same weights."""
     t = time.perf_counter()
     family, knob = winner.family, winner.knob
     metrics = None if winner.metrics is None else list(winner.metrics)
@@ -394,8 +390,10 @@ def keep(state: RunState, winner: _Option, dense: list[list[torch.Tensor]] | Non
         plans = split_plans(state, plans, knob["attention_shift"])
     if _plan_key(plans) != _plan_key(winner.plans):
         raise RuntimeError(f"the {family} plans made again differ from the ones scored; please report this.")
-    if dense is not None:
-        _restore(state, dense)
+    if dense is not None and masks is not None:
+        restore_masked(state, dense, masks)
+    elif dense is not None:
+        restore(state, dense)
         prune_pass(state, plans)
     state.timings["auto_keep"] = time.perf_counter() - t
     return plans

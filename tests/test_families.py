@@ -206,7 +206,12 @@ def _spread_between(low: float, high: float):
      # ATP screens best and is checked last; AlphaPruning (small ε: a small spread) wins the exact check, so it is
      # pruned once more after ATP
      ("sparsegpt", dict(auto_families=["atp", "alphapruning"], auto_finalists=2, alphapruning_epsilon=0.05,
-                        auto_alphapruning_epsilons=[0.05]), _spread_between(0.0, 0.1), "alphapruning", 4)],
+                        auto_alphapruning_epsilons=[0.05]), _spread_between(0.0, 0.1), "alphapruning", 4),
+     # the same with Wanda (mask-only): the winner is rebuilt from its packed masks, not pruned once more
+     ("wanda", dict(auto_families=["atp", "alphapruning"], auto_finalists=2, alphapruning_epsilon=0.05,
+                    auto_alphapruning_epsilons=[0.05]), _spread_between(0.0, 0.1), "alphapruning", 3),
+     # every spread loses: uniform (pruned first) wins, rebuilt from its packed masks
+     ("wanda", dict(auto_families=["atp", "alphapruning"], auto_finalists=2), _spread_between(0.0, 0.0), "uniform", 3)],
 )
 def test_auto_scores_on_windows_beyond_the_calibration_and_returns_the_model_it_scored(
     monkeypatch, method, kw, fake, winner, exact_prunes
@@ -232,7 +237,7 @@ def test_auto_scores_on_windows_beyond_the_calibration_and_returns_the_model_it_
     assert not any("auto_holdout_tokens" in w for w in report.warnings)
     (chosen,) = [c for c in report.candidates if c.chosen]
     assert chosen.family == winner
-    # uniform and the finalists, the best screened last (and in the second case the winner once more)
+    # uniform and the finalists, the best screened last (and with SparseGPT the winner once more)
     assert len(prunes) == exact_prunes
     # the screening scores on as many windows as holding out would take (3 of 12), the exact check on all 4
     exact = [c for c in report.candidates if not c.layerwise.endswith(", screened")]
