@@ -311,33 +311,35 @@ def _draw_long_documents(
 ) -> tuple[list[list[int]], list[list[int]]] | None:
     """`num_samples` windows from random documents longer than `seqlen` (None when too few are found), then up to
     `extra` more, one per document, from documents none of the first windows came from."""
-    windows: list[list[int]] = []
     used: set[int] = set()
+
+    def draw(skip: set[int] | frozenset[int]) -> list[int] | None:  # one random document (not in `skip`) longer than seqlen: a window
+        i = rng.randint(0, count - 1)
+        if i in skip:
+            return None
+        doc = tokens(i)
+        if len(doc) <= seqlen:
+            return None
+        start = rng.randint(0, len(doc) - seqlen - 1)
+        used.add(i)
+        return doc[start : start + seqlen]
+
+    windows: list[list[int]] = []
     draws = 0
     while len(windows) < num_samples:
         draws += 1
         if draws > MAX_DRAWS_FACTOR * num_samples + 100:
             return None
-        i = rng.randint(0, count - 1)
-        doc = tokens(i)
-        if len(doc) <= seqlen:
-            continue
-        start = rng.randint(0, len(doc) - seqlen - 1)
-        windows.append(doc[start : start + seqlen])
-        used.add(i)
+        window = draw(frozenset())  # as the reference: a document may give several calibration windows
+        if window is not None:
+            windows.append(window)
     held: list[list[int]] = []
     for _ in range(MAX_DRAWS_FACTOR * extra + 100 if extra else 0):
         if len(held) >= extra:
             break
-        i = rng.randint(0, count - 1)
-        if i in used:
-            continue
-        doc = tokens(i)
-        if len(doc) <= seqlen:
-            continue
-        start = rng.randint(0, len(doc) - seqlen - 1)
-        held.append(doc[start : start + seqlen])
-        used.add(i)  # one window per document: no two extra windows overlap either
+        window = draw(used)  # one window per document, none of the calibration windows': no text shared
+        if window is not None:
+            held.append(window)
     return windows, held
 
 
