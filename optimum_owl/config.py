@@ -16,7 +16,17 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .criteria import criterion_names, get_criterion
 from .errors import OWLConfigError  # noqa: F401  (defined in optimum_owl.errors)
 from .utils import atomic_write_text, public_config
-from .validation import check_choice, check_int, check_number, check_range, choice_list, number_list, parse_pattern
+from .validation import (
+    check_choice,
+    check_holdout_source,
+    check_int,
+    check_number,
+    check_range,
+    check_scale_fields,
+    choice_list,
+    number_list,
+    parse_pattern,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +40,7 @@ AUTO_FAMILIES = ("owl", "dlp", "alphapruning", "atp")  # what `layerwise="auto"`
 PROPAGATION = ("sequential", "dense")
 WANDA_GROUPS = ("row", "layer")
 REFINE = ("dsnot",)
+DATA_FIELDS = ("dataset", "auto_holdout_dataset")  # data sources: written to JSON only when a string (a path or name)
 # Fields with a fixed set of values (the CLI derives its `choices` from here); callables, so that criteria
 # registered after import are included.
 FIELD_CHOICES = {
@@ -147,6 +158,13 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         auto_holdout (`float`, *optional*, defaults to 0.125):
             Fraction of the calibration windows held out (≥ `min(4, num_samples // 4)`, ≥ 1; then refitted on all)
             when the source has no other text; else how many separate windows the screening scores on. In (0, 0.5].
+        auto_holdout_dataset (*optional*):
+            Searches: text to score the candidates on instead of the calibration source, e.g. the validation split of
+            the text the model will serve (any source `OWLPrunerConfig(dataset=...)` takes, read with the same
+            tokenizer and `text_column`): `ceil(auto_holdout_tokens / seqlen)` windows drawn from it with `seed`.
+            The statistics still see only the calibration windows. It should share no text with the data the
+            pruned model is evaluated on. `None` (default): windows of the calibration source beyond the
+            calibration windows. Only a string source is written to JSON.
         auto_owl_ms (`list[float]`, *optional*, defaults to `[3, 5, 7, 10]`):
             Searches (`"owl-auto"`, `"auto"`): the M values searched (`owl_m` is always added).
         auto_owl_lambdas (`list[float]`, *optional*, defaults to `[0.02, 0.05, 0.08, 0.12, 0.16, 0.2]`):
@@ -217,6 +235,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
     checkpoint_dir: str | None = None
     auto_holdout_tokens: int = 8192
     auto_holdout: float = 0.125
+    auto_holdout_dataset: Any = field(default=None, compare=False, repr=False)
     auto_owl_ms: list[float] = field(default_factory=lambda: [3.0, 5.0, 7.0, 10.0])
     auto_owl_lambdas: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.08, 0.12, 0.16, 0.2])
     auto_finalists: int = 1
@@ -277,7 +296,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         self.ignore = list(self.ignore)
         if self.block_name is not None and not isinstance(self.block_name, str):
             raise OWLConfigError(f"`block_name` must be a dotted module path such as 'model.layers', got {self.block_name!r}.")
-        self._validate_scale()
+        check_scale_fields(self)
         if self.nm_pattern is not None and self.nm_mixed and self.layerwise not in ("owl", "uniform"):
             raise OWLConfigError(f"`nm_mixed=True` needs layerwise='owl', got {self.layerwise!r}; or set nm_mixed=False.")
         self._validate_auto_and_refine()
@@ -290,6 +309,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         if not 0.0 < self.auto_holdout <= 0.5:
             raise OWLConfigError(f"`auto_holdout` must be in (0, 0.5] (fraction of the calibration windows held out), "
                                  f"got {self.auto_holdout}; e.g. 0.125.")
+        check_holdout_source(self)
         self.auto_owl_ms = number_list("auto_owl_ms", self.auto_owl_ms, positive=True)
         self.auto_owl_lambdas = number_list("auto_owl_lambdas", self.auto_owl_lambdas)
         self.auto_dlp_alphas = number_list("auto_dlp_alphas", self.auto_dlp_alphas)
@@ -306,34 +326,6 @@ class OWLPrunerConfig(QuantizationConfigMixin):
                     f"refine=None or method={able[0]!r}."
                 )
         check_range("dsnot_threshold", self.dsnot_threshold, 0.0, 1.0, hint="e.g. 0.001")
-
-    def _validate_scale(self) -> None:
-        """`device`, `offload_folder`, `checkpoint_dir` (offload and resumable runs, docs/scale.md)."""
-        if self.device is not None:
-            self.device = str(self.device)  # a torch.device -> "cuda:0"
-            if self.device != "auto":
-                import torch
-
-                try:
-                    torch.device(self.device)
-                except (RuntimeError, ValueError) as err:
-                    raise OWLConfigError(
-                        f"`device` must be None, 'auto' or a torch device string such as 'cuda:0' or 'cpu', "
-                        f"got {self.device!r} ({err})."
-                    ) from None
-        for name in ("offload_folder", "checkpoint_dir"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not isinstance(value, (str, os.PathLike)) or not str(value):
-                raise OWLConfigError(f"`{name}` must be a folder path (str), got {value!r}.")
-            setattr(self, name, str(value))
-        if self.checkpoint_dir is not None and (self.propagation != "sequential" or self.layerwise in ("owl-auto", "auto")):
-            raise OWLConfigError(
-                f"`checkpoint_dir` (resumable runs) needs propagation='sequential' and a fixed layerwise (uniform, owl, "
-                f"dlp, alphapruning, atp; a search's candidates are not resumable), got propagation="
-                f"{self.propagation!r}, layerwise={self.layerwise!r}; drop `checkpoint_dir` or change those fields."
-            )
 
     # ----------------------------------------------------------------------------------------------- derived
     @property
@@ -355,9 +347,9 @@ class OWLPrunerConfig(QuantizationConfigMixin):
             value = getattr(self, f.name)
             if f.name == "tokenizer":
                 continue
-            if f.name == "dataset":
+            if f.name in DATA_FIELDS:
                 if isinstance(value, (str, os.PathLike)):
-                    out["dataset"] = str(value)
+                    out[f.name] = str(value)
                 continue
             out[f.name] = list(value) if isinstance(value, (list, tuple)) else value
         return out

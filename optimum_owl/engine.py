@@ -20,6 +20,7 @@ Passes over the calibration data (L = number of blocks, one "forward" = one bloc
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from typing import Any
@@ -31,7 +32,7 @@ from . import passes, search
 from .allocation import BlockPlan
 from .config import OWLPrunerConfig
 from .data import describe_source, draw_windows
-from .errors import OWLConfigError
+from .errors import CalibrationDataError, OWLConfigError
 from .modeling import PRUNED_ZERO_SHARE, context_length, get_blocks_and_units, zero_share
 from .offload import make_block_offloader
 from .passes import RunState
@@ -122,8 +123,17 @@ def prepare(state: RunState, layerwise: str, dataset: Any, tokenizer: Any) -> di
         raise OWLConfigError(f"`seqlen`={cfg.seqlen} exceeds the model's max_position_embeddings={max_pos}; lower `seqlen`.")
     t = time.perf_counter()
     extra = search.holdout_windows_wanted(cfg) if layerwise in SEARCHES else 0
+    scoring_source = cfg.auto_holdout_dataset if extra else None
+    if isinstance(scoring_source, str) and isinstance(dataset, (str, os.PathLike)) and scoring_source == str(dataset):
+        raise OWLConfigError(
+            f"`auto_holdout_dataset` is the calibration source itself ({describe_source(dataset)}); by default the "
+            "searches already score on windows of it that share no text with the calibration windows. Unset "
+            "`auto_holdout_dataset`, or give other text (e.g. a validation split of the text the model will serve)."
+        )
     ids, held = draw_windows(dataset, tokenizer, cfg.num_samples, cfg.seqlen, cfg.seed, cfg.text_column,
-                             warnings=state.warnings, extra=extra)
+                             warnings=state.warnings, extra=0 if scoring_source is not None else extra)
+    if scoring_source is not None:
+        held = draw_scoring_windows(state, scoring_source, tokenizer, extra)
     vocab = getattr(model_cfg, "vocab_size", None)
     top = max(int(ids.max()), int(held.max()) if held.numel() else 0)
     if isinstance(vocab, int) and top >= vocab:
@@ -139,6 +149,19 @@ def prepare(state: RunState, layerwise: str, dataset: Any, tokenizer: Any) -> di
     state.inputs0 = state.runner.capture(ids, cfg.batch_size)
     state.timings["capture"] = time.perf_counter() - t
     return {"source": describe_source(dataset), "num_samples": int(ids.shape[0]), "seqlen": int(ids.shape[1])}
+
+
+def draw_scoring_windows(state: RunState, source: Any, tokenizer: Any, count: int) -> torch.Tensor:
+    """`count` windows of `auto_holdout_dataset` for the searches to score on (seeded like the calibration draw)."""
+    cfg = state.config
+    notes: list[str] = []
+    try:
+        held, _ = draw_windows(source, tokenizer, count, cfg.seqlen, cfg.seed, cfg.text_column, warnings=notes)
+    except CalibrationDataError as err:
+        raise CalibrationDataError(f"`auto_holdout_dataset`: {err}") from None
+    state.warnings += [f"`auto_holdout_dataset`: {note}" for note in notes]
+    state.holdout_source = describe_source(source)
+    return held
 
 
 def open_resume(state: RunState) -> None:
@@ -181,7 +204,10 @@ def run(state: RunState, layerwise: str) -> list[BlockPlan]:
 def build_report(state: RunState, plans: list[BlockPlan], calibration: dict[str, Any]) -> PruneReport:
     model = state.model
     if state.candidates and state.holdout_ids is not None:  # a search: where its scoring windows came from
-        where = "beyond the calibration windows" if state.holdout_separate else "held out of the calibration windows"
+        where = (
+            f"of auto_holdout_dataset {state.holdout_source}" if state.holdout_source is not None
+            else "beyond the calibration windows" if state.holdout_separate else "held out of the calibration windows"
+        )
         calibration = {**calibration, "holdout_windows": int(state.holdout_ids.shape[0]), "holdout": where}
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
     report = PruneReport(

@@ -7,6 +7,8 @@ Two cases, decided by `split_holdout` before the outlier pass:
   (`auto_holdout_tokens`, 8,192 tokens by default) are drawn by the engine after the calibration windows, sharing no
   text with them (`data.draw_windows`). Every calibration window goes to the statistics; the winner, pruned from
   them as a direct run would be, is the model returned (`search.keep`).
+- **Another source** (`auto_holdout_dataset`): the same number of windows drawn from that text instead (e.g. a
+  validation split of the domain the model will serve); otherwise as separate windows.
 - **Held-out calibration windows** (a source with no other text, or `auto_holdout_tokens=0`): the last
   `holdout_count` calibration windows are set aside; statistics, outlier ratios and pruning only ever see the
   others, and the winner is pruned once more on all of them (`refit`).
@@ -63,8 +65,9 @@ def split_holdout(state: RunState) -> None:
     drawn = state.holdout_ids
     if drawn is not None and drawn.shape[0] >= k:
         state.holdout_separate = True
-        logger.info("%s: %d calibration windows for statistics, %d other windows of the source (%d tokens; %d wanted) "
-                    "for scoring", cfg.layerwise, n, drawn.shape[0], drawn.numel(), holdout_windows_wanted(cfg))
+        logger.info("%s: %d calibration windows for statistics, %d other windows (%d tokens; %d wanted) of %s for "
+                    "scoring", cfg.layerwise, n, drawn.shape[0], drawn.numel(), holdout_windows_wanted(cfg),
+                    state.holdout_source or "the calibration source")
         return
     if cfg.auto_holdout_tokens:
         state.warn(

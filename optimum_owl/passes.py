@@ -62,6 +62,7 @@ class RunState:
     calibration_ids: torch.Tensor | None = None  # [num_samples, seqlen] token ids behind `inputs0`
     holdout_ids: torch.Tensor | None = None  # searches: windows the candidates are scored on
     holdout_separate: bool = False  # searches: `holdout_ids` were drawn beyond the calibration windows (none held out)
+    holdout_source: str | None = None  # searches: `auto_holdout_dataset`, described, when the windows came from it
     candidates: list[Candidate] = field(default_factory=list)  # owl-auto: candidates tried
     resume: Any = None  # optimum_owl.resume.ResumeState when `checkpoint_dir` is set
 

@@ -12,7 +12,8 @@ depend on the candidate:
    `auto_holdout_tokens` (8,192) tokens of windows drawn from the calibration source beyond the calibration windows
    (no text shared with them), and every calibration window goes to the statistics. Only when the source has too
    little other text are the last `ceil(auto_holdout · num_samples)` calibration windows (at least `min(4,
-   num_samples // 4)`) set aside instead; statistics, outlier ratios and pruning never see held-out windows.
+   num_samples // 4)`) set aside instead; statistics, outlier ratios and pruning never see held-out windows. With
+   `auto_holdout_dataset` the scoring windows come from that source instead (`engine.draw_scoring_windows`).
 2. **Outlier ratios for every M at once** from the dense statistics already collected by the outlier pass
    (`block_outlier_ratios`; no forward).
 3. **Uniform, exactly**: the baseline is pruned for real (`method`, sequential propagation, DSnoT if configured)

@@ -205,7 +205,7 @@ def public_path(value: object) -> object:
 
 
 # `OWLPrunerConfig` fields that may hold local paths; published files carry only their last component.
-PATH_FIELDS = ("dataset", "checkpoint_dir", "offload_folder")
+PATH_FIELDS = ("dataset", "auto_holdout_dataset", "checkpoint_dir", "offload_folder")
 
 
 def public_config(config: dict) -> dict:

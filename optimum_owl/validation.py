@@ -1,8 +1,10 @@
-"""Field checks shared by the configs: numbers, choices, N:M patterns. Each error names the field and the fix."""
+"""Field checks shared by the configs (numbers, choices, N:M patterns), and the `OWLPrunerConfig` field groups checked
+together (`check_scale_fields`, `check_holdout_source`). Each error names the field and the fix."""
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from .errors import OWLConfigError
@@ -91,3 +93,56 @@ def choice_list(name: str, values: Any, choices: tuple[str, ...]) -> list[str]:
             f"e.g. {list(choices[:2])}."
         )
     return list(dict.fromkeys(v.strip().lower() for v in values))
+
+
+def check_scale_fields(config: Any) -> None:
+    """`device`, `offload_folder`, `checkpoint_dir` of an `OWLPrunerConfig` (offload and resumable runs,
+    docs/scale.md); normalised in place (a `torch.device` or a path becomes a string)."""
+    if config.device is not None:
+        config.device = str(config.device)  # a torch.device -> "cuda:0"
+        if config.device != "auto":
+            import torch
+
+            try:
+                torch.device(config.device)
+            except (RuntimeError, ValueError) as err:
+                raise OWLConfigError(
+                    f"`device` must be None, 'auto' or a torch device string such as 'cuda:0' or 'cpu', "
+                    f"got {config.device!r} ({err})."
+                ) from None
+    for name in ("offload_folder", "checkpoint_dir"):
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if not isinstance(value, (str, os.PathLike)) or not str(value):
+            raise OWLConfigError(f"`{name}` must be a folder path (str), got {value!r}.")
+        setattr(config, name, str(value))
+    if config.checkpoint_dir is not None and (config.propagation != "sequential" or config.layerwise in ("owl-auto", "auto")):
+        raise OWLConfigError(
+            f"`checkpoint_dir` (resumable runs) needs propagation='sequential' and a fixed layerwise (uniform, owl, "
+            f"dlp, alphapruning, atp; a search's candidates are not resumable), got propagation="
+            f"{config.propagation!r}, layerwise={config.layerwise!r}; drop `checkpoint_dir` or change those fields."
+        )
+
+
+def check_holdout_source(config: Any) -> None:
+    """`auto_holdout_dataset` of an `OWLPrunerConfig`: only for the searches, and only when they score on windows
+    drawn beyond the calibration set (`auto_holdout_tokens` > 0); a path becomes a string."""
+    if config.auto_holdout_dataset is None:
+        return
+    if config.layerwise not in ("owl-auto", "auto"):
+        raise OWLConfigError(
+            f"`auto_holdout_dataset` is the text the searches score their candidates on; it needs "
+            f"layerwise='auto' or 'owl-auto', got layerwise={config.layerwise!r}. Unset it or choose a search."
+        )
+    if not config.auto_holdout_tokens:
+        raise OWLConfigError(
+            "`auto_holdout_tokens`=0 scores candidates on held-out calibration windows, but "
+            "`auto_holdout_dataset` is set; give `auto_holdout_tokens` > 0 (e.g. 8192) or unset "
+            "`auto_holdout_dataset`."
+        )
+    if isinstance(config.auto_holdout_dataset, os.PathLike):
+        config.auto_holdout_dataset = str(config.auto_holdout_dataset)
+    if isinstance(config.auto_holdout_dataset, str) and not config.auto_holdout_dataset.strip():
+        raise OWLConfigError("`auto_holdout_dataset` is an empty string; give a .txt/.jsonl path, a datasets "
+                             "name or any calibration source, or None.")

@@ -106,6 +106,13 @@ def test_cli_optional_flags_reach_the_config():
     assert (config.auto_holdout, config.auto_finalists) == (0.25, 2)
     assert (config.offload_activations, config.device, config.offload_folder) == (True, "cpu", "off")
     assert _cli_config("--checkpoint-dir", "ckpt").checkpoint_dir == "ckpt"
+    auto = _cli_config("--layerwise", "auto", "--auto-holdout-dataset", "/data/wikitext2_validation.jsonl")
+    assert auto.auto_holdout_dataset == "/data/wikitext2_validation.jsonl"
+    from optimum_owl.hub.card import prune_command
+    from optimum_owl.utils import public_config
+
+    # the published command names the file, never the local folder
+    assert "--auto-holdout-dataset wikitext2_validation.jsonl" in prune_command(public_config(auto.to_dict()), "M", None)
 
 
 @pytest.mark.parametrize(
@@ -115,6 +122,7 @@ def test_cli_optional_flags_reach_the_config():
         (["--refine", "dsnot", "--method", "sparsegpt"], "refine"),
         (["--dsnot-threshold", "1.5"], "dsnot_threshold"),
         (["--checkpoint-dir", "c", "--layerwise", "owl-auto"], "checkpoint_dir"),
+        (["--auto-holdout-dataset", "val.jsonl"], "auto_holdout_dataset"),
         (["--device", "nonsense:0"], "device"),
     ],
 )

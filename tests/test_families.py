@@ -266,6 +266,55 @@ def test_auto_holds_out_calibration_windows_when_the_source_has_no_other_text(mo
     assert quiet.block_sparsities == report.block_sparsities
 
 
+def test_auto_scores_on_auto_holdout_dataset_and_keeps_every_calibration_window(monkeypatch):
+    import copy
+
+    import optimum_owl.scoring as scoring
+    from optimum_owl.data import draw_windows
+
+    scored: list[torch.Tensor] = []
+    monkeypatch.setattr(scoring, "token_losses", lambda m, ids, bs: scored.append(ids.clone()) or _rising_losses(m, ids, bs))
+    ids = calib_ids(12)  # exactly [num_samples, seqlen]: alone it would force holding calibration windows out
+    other = calib_ids(10, seqlen=20, seed=9)  # the text to choose on: 4 windows of 16 drawn from it
+    model = tiny_model("llama", layers=3)
+    dense = copy.deepcopy(model)
+    config = _auto_config(auto_families=["atp"], auto_holdout_tokens=64, auto_holdout_dataset=other)
+    report = OWLPruner(config).prune(model, dataset=ids)
+    assert not any("auto_holdout_tokens" in w for w in report.warnings)  # nothing held out of the calibration set
+    assert report.calibration["holdout_windows"] == 4
+    assert report.calibration["holdout"] == "of auto_holdout_dataset tensor[10, 20]"
+    held = draw_windows(other, None, 4, 16, config.seed)[0]
+    assert all(torch.equal(t, held[: t.shape[0]]) for t in scored)  # only that text was scored: 3 windows, then 4
+    assert {t.shape[0] for t in scored} == {3, 4}
+    (chosen,) = [c for c in report.candidates if c.chosen]
+    assert chosen.family == "atp"
+    direct = copy.deepcopy(dense)  # every calibration window went to the statistics: a direct run, no refit
+    OWLPruner(_auto_config(layerwise="atp", **chosen.knob)).prune(direct, dataset=ids)
+    assert all(torch.equal(a, b) for a, b in zip(_block_weights(model), _block_weights(direct)))
+
+
+def test_auto_holdout_dataset_is_validated(tmp_path):
+    from optimum_owl.errors import CalibrationDataError
+
+    with pytest.raises(OWLConfigError, match="auto_holdout_dataset.*layerwise='auto' or 'owl-auto'"):
+        OWLPrunerConfig(layerwise="owl", auto_holdout_dataset="val.jsonl")
+    with pytest.raises(OWLConfigError, match="auto_holdout_tokens"):
+        OWLPrunerConfig(layerwise="auto", auto_holdout_tokens=0, auto_holdout_dataset="val.jsonl")
+    config = OWLPrunerConfig(layerwise="owl-auto", auto_holdout_dataset=tmp_path / "val.jsonl")
+    assert config.to_dict()["auto_holdout_dataset"] == str(tmp_path / "val.jsonl")  # a path is kept, as a string
+    assert OWLPrunerConfig.from_dict(config.to_dict()).auto_holdout_dataset == str(tmp_path / "val.jsonl")
+    assert "auto_holdout_dataset" not in OWLPrunerConfig(layerwise="auto", auto_holdout_dataset=calib_ids(4)).to_dict()
+    same = tmp_path / "c4.txt"
+    same.write_text("some text " * 400)
+    with pytest.raises(OWLConfigError, match="is the calibration source itself"):
+        OWLPruner(_auto_config(auto_holdout_dataset=str(same))).prune(tiny_model("llama", layers=2), dataset=str(same))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(CalibrationDataError, match="^`auto_holdout_dataset`: .*empty"):
+        OWLPruner(_auto_config(auto_holdout_dataset=str(empty))).prune(tiny_model("llama", layers=2),
+                                                                       dataset=calib_ids(12))
+
+
 def test_auto_keeps_uniform_when_no_family_beats_it_beyond_the_noise(monkeypatch):
     import optimum_owl.scoring as scoring
 

@@ -60,6 +60,8 @@ FLAG_HELP: dict[str, dict[str, str]] = {
         "calibration windows (0: hold out calibration windows)",
         "auto_holdout": "fraction of calibration windows held out to score candidates when the source has no other "
         "text, in (0, 0.5]",
+        "auto_holdout_dataset": "text to score candidates on instead of the calibration source (.txt/.jsonl path or "
+        "datasets name), e.g. a validation split of the text the model will serve",
         "auto_finalists": "best screened candidates (auto: of that many families) pruned exactly and scored again",
         "auto_families": "auto: families searched besides uniform",
         "auto_dlp_alphas": "auto: DLP α values searched (--dlp-alpha is always added)",
