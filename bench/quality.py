@@ -22,6 +22,8 @@ Usage (from the project root):
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/quality.py --batch-size 4 --out bench/results/quality_smollm2_b4t1.json \
         --cells sparsegpt-uniform:0.7 sparsegpt-atp:0.7
     python bench/quality.py --variants bench/results/quality_smollm2.json bench/results/quality_smollm2_b4t1.json
+    # `auto` choosing on the WikiText-2 validation text instead of held-out C4 (the table's perplexity is on test)
+    OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/quality.py --model smollm2 --cells sparsegpt-auto-val:0.7
     # any OWLPrunerConfig field for every cell, into its own JSON
     PYTHONPATH=$PWD python bench/quality.py --set sparsegpt_damp=0.1 --out damp.json --cells sparsegpt-uniform:0.7
 
@@ -48,6 +50,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
 WIKI = ASSETS / "text" / "wikitext2_test.jsonl"
+WIKI_VAL = ASSETS / "text" / "wikitext2_validation.jsonl"  # `auto` may choose on it (the table reports on test)
 C4 = ASSETS / "text" / "c4_train_first1000.jsonl"
 SMOL_DIR = ASSETS / "models" / "smollm2-135m"
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,6 +96,11 @@ SETTINGS = [
     ("sparsegpt-atp", "SparseGPT ATP (β=0.005)", dict(method="sparsegpt", layerwise="atp")),
     ("sparsegpt-owl-auto", "SparseGPT owl-auto", dict(method="sparsegpt", layerwise="owl-auto")),
     ("sparsegpt-auto", "SparseGPT auto", dict(method="sparsegpt", layerwise="auto")),
+    # the same search choosing on text of the evaluation's domain: WikiText-2 validation (the table is on test)
+    ("wanda-auto-val", "Wanda auto, chosen on WikiText-2 validation",
+     dict(method="wanda", layerwise="auto", auto_holdout_dataset=str(WIKI_VAL))),
+    ("sparsegpt-auto-val", "SparseGPT auto, chosen on WikiText-2 validation",
+     dict(method="sparsegpt", layerwise="auto", auto_holdout_dataset=str(WIKI_VAL))),
 ]
 # The per-projection split (`attention_shift`: attention projections d above the block's sparsity, the MLP below it,
 # block mean kept), measured on its own: bench/results/quality_smollm2_split.json via --out and --cells.
@@ -318,14 +326,16 @@ def _verdicts(by: dict, sparsities: list[float]) -> list[str]:
         "|---|---:|---|---:|---|---:|---:|---:|",
     ]
     for method in ("wanda", "sparsegpt"):
-        for s in sparsities:
+        for s, search in ((s, search) for s in sparsities for search in ("auto", "auto-val")):
             cells = {f: by[(f"{method}-{f}", s)]["ppl"] for f in fixed if (f"{method}-{f}", s) in by}
-            if "uniform" not in cells:
+            auto = by.get((f"{method}-{search}", s))
+            if "uniform" not in cells or (auto is None and search != "auto"):
                 continue
             best = min(cells, key=cells.get)
             row = f"| {method} | {s:.0%} | {LABELS[f'{method}-{best}']} ({cells[best]:.2f}) | "
             row += f"{cells[best] / cells['uniform'] - 1:+.1%} | "
-            auto = by.get((f"{method}-auto", s))
+            if search != "auto":
+                row += "chosen on WikiText-2 validation: "
             if auto is None:
                 row += "not computed | – | – | – |"
             else:
