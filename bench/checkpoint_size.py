@@ -33,8 +33,8 @@ from transformers.utils import logging as hf_logging
 
 import optimum_owl  # noqa: F401  (registers the "owl" quantizer)
 from optimum_owl import OWLPruner, OWLPrunerConfig
-from optimum_owl.integration.transformers import compressible_names
-from optimum_owl.serialization import save_dense, size_summary
+from optimum_owl.formats import compressible_names, size_summary
+from optimum_owl.serialization import save_dense
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 SPARSITY = 0.7

@@ -67,10 +67,10 @@ def scores(model, ids: torch.Tensor, ref) -> dict[str, list[float]]:
 
 
 def run(args: argparse.Namespace) -> None:
-    import optimum_owl.search as search
+    import optimum_owl.pruning.search.search as search
     from optimum_owl import OWLPruner, OWLPrunerConfig
-    from optimum_owl.data import draw_windows
     from optimum_owl.evaluation import encode_joined, load_texts
+    from optimum_owl.pruning.data import draw_windows
 
     overrides = {"auto_holdout_tokens": 0, "auto_finalists": 4} | dict(Q._parse_set(i) for i in args.set or [])
     config = OWLPrunerConfig(sparsity=args.sparsity, method=args.method, layerwise="auto", num_samples=16, seqlen=256,

@@ -81,7 +81,7 @@ def build_model(name: str) -> nn.Module:
 
 
 def block_linears(model: nn.Module) -> list[str]:
-    from optimum_owl.integration.transformers import compressible_names
+    from optimum_owl.formats import compressible_names
 
     return [n.removesuffix(".weight") for n in compressible_names(model)]
 

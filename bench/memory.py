@@ -92,8 +92,8 @@ def _label_phases(sampler: RssSampler) -> None:
     """Label the sampler's phases inside `prune`: capturing block 0's inputs, and time spent inside a block."""
     import contextlib
 
-    from optimum_owl.offload import BlockOffloader
-    from optimum_owl.runner import BlockRunner
+    from optimum_owl.pruning.offload import BlockOffloader
+    from optimum_owl.pruning.runner import BlockRunner
 
     capture = BlockRunner.capture
 
@@ -153,8 +153,8 @@ def run_role(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     from optimum_owl import OWLPruner, OWLPrunerConfig
-    from optimum_owl.modeling import get_blocks_and_units
-    from optimum_owl.offload import BlockOffloader
+    from optimum_owl.pruning.modeling import get_blocks_and_units
+    from optimum_owl.pruning.offload import BlockOffloader
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     baseline = _peak_rss_bytes()

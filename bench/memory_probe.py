@@ -70,7 +70,7 @@ class Phases:
 
 
 def instrument(ph: Phases) -> None:
-    from optimum_owl import offload, passes, runner
+    from optimum_owl.pruning import offload, passes, runner
 
     def wrap(owner, attr, label, gen=False):
         fn = getattr(owner, attr)
@@ -156,7 +156,7 @@ def main() -> None:
     import gc
 
     gc.collect()
-    from optimum_owl.memory import release_freed_memory
+    from optimum_owl.pruning.memory import release_freed_memory
 
     release_freed_memory()
     after_trim = status()

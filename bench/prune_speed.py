@@ -20,9 +20,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from optimum_owl import OWLPruner, OWLPrunerConfig
-from optimum_owl.data import get_calibration_data
-from optimum_owl.modeling import find_blocks
-from optimum_owl.runner import BlockRunner
+from optimum_owl.pruning.data import get_calibration_data
+from optimum_owl.pruning.modeling import find_blocks
+from optimum_owl.pruning.runner import BlockRunner
 
 VARIANTS = {
     "owl_wanda_exact": dict(method="wanda", layerwise="owl"),

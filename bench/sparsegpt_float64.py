@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402
 
 from optimum_owl import OWLPruner, OWLPrunerConfig  # noqa: E402
-from optimum_owl.criteria import sparsegpt_math  # noqa: E402
+from optimum_owl.algorithms.criteria import sparsegpt_math  # noqa: E402
 from optimum_owl.utils import atomic_write_text  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "sparsegpt_float64.json"

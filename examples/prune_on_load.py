@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM
 
 import optimum_owl  # noqa: F401  (registers quant_method="owl" with transformers)
 from optimum_owl import OWLPrunerConfig
-from optimum_owl.checkpoint import size_summary, verify_checkpoint
 from optimum_owl.demo import generate_token_windows, load_bundled_model
+from optimum_owl.formats import size_summary, verify_checkpoint
 
 logger = logging.getLogger("prune_on_load")
 

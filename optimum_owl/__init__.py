@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import OWLConfigError, OWLPrunerConfig
+from .config import OWLPrunerConfig
+from .errors import OWLConfigError
 from .integration import install as _install_transformers_integration
-from .report import PruneReport
+from .pruning.report import PruneReport
 
 __version__ = "0.1.0"
 

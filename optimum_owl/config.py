@@ -13,8 +13,8 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .criteria import criterion_names, get_criterion
-from .errors import OWLConfigError  # noqa: F401  (defined in optimum_owl.errors)
+from .algorithms.criteria import criterion_names, get_criterion
+from .errors import OWLConfigError
 from .utils import atomic_write_text, public_config
 from .validation import (
     check_choice,
@@ -33,8 +33,6 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "owl_config.json"
 # Version of the `owl_config.json` layout (the fields below); written into the file, checked when read.
 CONFIG_FORMAT_VERSION = 1
-# The registered pruning criteria (optimum_owl.criteria); kept as a name for older imports.
-METHODS = criterion_names()
 LAYERWISE = ("owl", "uniform", "owl-auto", "auto", "dlp", "alphapruning", "atp")
 AUTO_FAMILIES = ("owl", "dlp", "alphapruning", "atp")  # what `layerwise="auto"` can search besides uniform
 PROPAGATION = ("sequential", "dense")

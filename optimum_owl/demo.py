@@ -19,7 +19,7 @@ import torch
 from .config import OWLPrunerConfig
 from .evaluation import encode_joined, load_texts, perplexity_of_ids
 from .pruner import OWLPruner
-from .report import PruneReport
+from .pruning.report import PruneReport
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,4 @@
 """Every error optimum-owl raises, in one place. Each message names the bad field or tensor and the fix.
-
-The modules that used to define these (config, data, modeling, runner, criteria, resume, the bitmask codec, the
-transformers plugin, export, hub, repair) re-export them, so `from optimum_owl.config import OWLConfigError` and the
-other historic import paths keep working.
 """
 
 from __future__ import annotations
@@ -32,18 +28,10 @@ class ResumeMismatchError(OWLConfigError):
     """`checkpoint_dir` holds the resume state of a different run (config, model, data or format version)."""
 
 
-# The historic name of `ResumeMismatchError` (resume state used to be called a "checkpoint").
-CheckpointMismatchError = ResumeMismatchError
-
 
 class OWLCheckpointError(ValueError):
     """A compact (bitmask) checkpoint is corrupt, truncated or does not match the model; the message names the
     tensor and says how to fix it."""
-
-
-class OWLOffloadError(ValueError):
-    """No longer raised: prune-on-load prunes offloaded blocks (CPU or disk) through `offload.BlockOffloader`
-    instead of refusing them. Kept so that code catching it still imports."""
 
 
 class UnsupportedArchitectureError(ValueError):

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import read_texts
-from .modeling import context_length
+from .pruning.data import read_texts
+from .pruning.modeling import context_length
 
 logger = logging.getLogger(__name__)
 

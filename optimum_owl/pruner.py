@@ -1,4 +1,4 @@
-"""`OWLPruner`: the public, Optimum-style entry point. It sits above the core (`optimum_owl.engine`) and ties a
+"""`OWLPruner`: the public, Optimum-style entry point. It sits above the core (`optimum_owl.pruning.engine`) and ties a
 run to the rest of the stack: the report is attached as `model.owl_report`, the model is marked once for compact
 `save_pretrained` through the transformers plugin, and `quantize` saves through `optimum_owl.serialization`.
 
@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from typing import Any
 
 from torch import nn
 
 from .config import OWLPrunerConfig
-from .data import load_tokenizer
-from .engine import prune_model
-from .integration.transformers import mark_pruned
-from .modeling import load_model
-from .report import PruneReport
+from .formats import mark_pruned
+from .pruning.data import load_tokenizer
+from .pruning.engine import prune_model
+from .pruning.modeling import load_model
+from .pruning.report import PruneReport
 from .serialization import save_pruned
 
 logger = logging.getLogger(__name__)
@@ -28,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 class OWLPruner:
     """Prunes a transformers model in place with OWL layerwise sparsity and a registered criterion
-    (Wanda, SparseGPT, magnitude: `optimum_owl.criteria`).
+    (Wanda, SparseGPT, magnitude: `optimum_owl.algorithms.criteria`).
 
     Args:
         config (`OWLPrunerConfig`, *optional*): the run's settings; keyword arguments build one when omitted.
@@ -113,15 +112,3 @@ class OWLPruner:
         """Optimum's name for `prune_and_save` (Optimum quantizers call it `quantize`); prunes and saves."""
         return self.prune_and_save(save_dir, *args, **kwargs)
 
-
-def __getattr__(name: str) -> Any:
-    if name in ("PruneState", "BlockPlan"):
-        warnings.warn(
-            f"`optimum_owl.pruner.{name}` moved: use `optimum_owl.passes.RunState` / `optimum_owl.allocation.BlockPlan`.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        from . import allocation, passes
-
-        return passes.RunState if name == "PruneState" else allocation.BlockPlan
-    raise AttributeError(f"module 'optimum_owl.pruner' has no attribute {name!r}")

@@ -182,6 +182,11 @@ def check_free_space(path: str | os.PathLike, needed: int, flag: str = "--output
         )
 
 
+def is_conv1d(module: Any) -> bool:
+    """THE check for transformers' GPT-2 style `Conv1D` (weight stored transposed, `[in, out]`; y = x @ W + b)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 def matches_any(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
     """True when `name` matches a shell glob, or a regex given as `"re:<regex>"` (searched), in `patterns`."""
     for pattern in patterns:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from optimum_owl.masks import apply_keep_mask_, keep_mask_nm, keep_mask_per_row
-from optimum_owl.modeling import get_blocks_and_units
+from optimum_owl.algorithms.masks import apply_keep_mask_, keep_mask_nm, keep_mask_per_row
+from optimum_owl.pruning.modeling import get_blocks_and_units
 
 
 def tiny_llama(seed: int = 0, vocab: int = 128, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:

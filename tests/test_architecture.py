@@ -1,6 +1,7 @@
-"""The layering of docs/architecture.md, checked on the source: no import cycle (function-local imports count), the
-core never imports the layers above it, no `from .x import _private` across modules, no module over ~400 lines,
-and the criterion registry / re-entrant engine behave as documented."""
+"""The layering of docs/architecture.md, checked on the source: no import cycle (function-local imports count), each
+layer imports only the layers below it (named by folder), no `from .x import _private` across modules, no module over
+~400 lines, no deprecated re-export left, and the criterion / family registries and the re-entrant engine behave as
+documented."""
 
 from __future__ import annotations
 
@@ -16,13 +17,21 @@ from optimum_owl import OWLPruner, OWLPrunerConfig
 from .conftest import calib_ids, tiny_model
 
 PACKAGE = Path(__file__).resolve().parents[1] / "optimum_owl"
-# Modules above the core: the core (everything else) must never import them, even inside a function.
-UPPER = ("optimum_owl.pruner", "optimum_owl.serialization", "optimum_owl.integration", "optimum_owl.export",
-         "optimum_owl.hub", "optimum_owl.repair", "optimum_owl.commands", "optimum_owl.cli", "optimum_owl.demo",
-         "optimum_owl.__main__", "optimum_owl.evaluation", "optimum_owl.inference")
-# Deprecated re-export shims of renamed modules (they only import their new home).
-SHIMS = ("optimum_owl.auto", "optimum_owl.checkpoint", "optimum_owl.checkpointing", "optimum_owl.saving",
-         "optimum_owl.integration.bitmask")
+# The layers, bottom up, by folder or module (docs/architecture.md). A module may import its own layer and those
+# listed before it, except where ALSO_FORBIDDEN says otherwise.
+LAYERS = [
+    ("foundations", ("optimum_owl.errors", "optimum_owl.utils", "optimum_owl.validation")),
+    ("algorithms", ("optimum_owl.algorithms",)),
+    ("config", ("optimum_owl.config",)),
+    ("formats", ("optimum_owl.formats",)),
+    ("core", ("optimum_owl.pruning", "optimum_owl.inference")),
+    ("public API", ("optimum_owl.pruner", "optimum_owl.integration", "optimum_owl.serialization",
+                    "optimum_owl.evaluation")),
+    ("products", ("optimum_owl.export", "optimum_owl.hub", "optimum_owl.repair", "optimum_owl.commands",
+                  "optimum_owl.cli", "optimum_owl.demo", "optimum_owl.__main__")),
+]
+# Beside each other in one layer, yet independent: sparse CPU inference runs without the pruning engine.
+ALSO_FORBIDDEN = {"optimum_owl.inference": ("optimum_owl.pruning",), "optimum_owl.pruning": ("optimum_owl.inference",)}
 MAX_LINES = 420
 
 
@@ -73,8 +82,15 @@ def _in(mod: str, prefixes) -> bool:
     return any(mod == p or mod.startswith(p + ".") for p in prefixes)
 
 
+def _layer(mod: str) -> int:
+    for rank, (_, prefixes) in enumerate(LAYERS):
+        if _in(mod, prefixes):
+            return rank
+    raise AssertionError(f"{mod} is in no layer of LAYERS: add it (and to docs/architecture.md)")
+
+
 def test_no_import_cycle():
-    graph = {m: {t for t in ts if not _in(t, SHIMS)} for m, ts in _graph().items() if not _in(m, SHIMS)}
+    graph = _graph()
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -95,11 +111,31 @@ def test_no_import_cycle():
             visit(m)
 
 
-def test_core_never_imports_the_layers_above():
+def test_every_layer_imports_only_the_layers_below_it():
     # the package root (`import optimum_owl`) is the public entry point, above everything
-    core = {m: ts for m, ts in _graph().items() if m != "optimum_owl" and not _in(m, UPPER) and not _in(m, SHIMS)}
-    bad = [(m, t) for m, ts in core.items() for t in ts if _in(t, UPPER)]
+    graph = {m: ts for m, ts in _graph().items() if m != "optimum_owl"}
+    bad = [(m, t) for m, ts in graph.items() for t in ts if _layer(t) > _layer(m)]
+    bad += [(m, t) for m, ts in graph.items() for t in ts
+            for mine, forbidden in ALSO_FORBIDDEN.items() if _in(m, (mine,)) and _in(t, forbidden)]
     assert bad == []
+
+
+def test_the_top_level_holds_about_ten_modules_and_the_layer_folders():
+    top = sorted(p.name for p in PACKAGE.iterdir() if p.suffix == ".py")
+    assert len(top) <= 11, top
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert {"algorithms", "formats", "pruning", "inference"} <= folders
+
+
+def test_no_deprecated_shim_or_alias_is_left():
+    """One home per name: no module warns DeprecationWarning or re-exports a name with `noqa: F401`."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        if "DeprecationWarning" in text or ("noqa: F401" in text and "import optimum_owl" not in text
+                                            and "import ninja" not in text):
+            offenders.append(str(path.relative_to(PACKAGE)))
+    assert offenders == []
 
 
 def test_no_private_names_imported_across_modules():
@@ -117,8 +153,8 @@ def test_modules_stay_small():
 
 # ------------------------------------------------------------------------------------------------ registry
 def test_a_new_criterion_is_one_registration():
-    from optimum_owl.criteria import Criterion, criterion_names, get_criterion, register_criterion, registry
-    from optimum_owl.masks import apply_keep_mask_, keep_mask_per_row
+    from optimum_owl.algorithms.criteria import Criterion, criterion_names, get_criterion, register_criterion, registry
+    from optimum_owl.algorithms.masks import apply_keep_mask_, keep_mask_per_row
 
     def prune(task):  # keep the largest |W| per row, like magnitude but per row
         apply_keep_mask_(task.weight, keep_mask_per_row(task.weight.abs().float(), task.sparsity))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from optimum_owl import OWLPruner, OWLPrunerConfig
-from optimum_owl.masks import is_valid_nm
-from optimum_owl.modeling import get_blocks_and_units
+from optimum_owl.algorithms.masks import is_valid_nm
+from optimum_owl.pruning.modeling import get_blocks_and_units
 
 from .conftest import ARCHS, calib_ids, tiny_model
 

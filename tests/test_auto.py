@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from optimum_owl import OWLPruner, OWLPrunerConfig
-from optimum_owl.config import OWLConfigError
-from optimum_owl.report import PruneReport
-from optimum_owl.search import SCREEN_SUFFIX, beats_uniform, holdout_count
+from optimum_owl.errors import OWLConfigError
+from optimum_owl.pruning.report import PruneReport
+from optimum_owl.pruning.search.holdout import holdout_count
+from optimum_owl.pruning.search.scoring import beats_uniform
+from optimum_owl.pruning.search.search import SCREEN_SUFFIX
 
 torch.set_num_threads(1)
 
@@ -132,11 +134,11 @@ def test_holdout_windows_never_touch_statistics():
     ids_b[N - k :] = _ids(n=k, seed=99)
     states = []
     for ids in (ids_a, ids_b):
-        from optimum_owl.engine import prepare
-        from optimum_owl.modeling import get_blocks_and_units
-        from optimum_owl.passes import RunState, outlier_pass
-        from optimum_owl.runner import BlockRunner
-        from optimum_owl.search import split_holdout
+        from optimum_owl.pruning.engine import prepare
+        from optimum_owl.pruning.modeling import get_blocks_and_units
+        from optimum_owl.pruning.passes import RunState, outlier_pass
+        from optimum_owl.pruning.runner import BlockRunner
+        from optimum_owl.pruning.search.holdout import split_holdout
 
         model = _tiny_llama()
         path, blocks, units = get_blocks_and_units(model)
@@ -170,7 +172,7 @@ def test_deterministic():
 
 def test_uniform_wins_when_owl_only_hurts(monkeypatch):
     """With a scoring that penalises any spread of block sparsities, auto falls back to uniform."""
-    import optimum_owl.scoring as auto
+    import optimum_owl.pruning.search.scoring as auto
 
     monkeypatch.setattr(auto, "token_losses", _spread_losses(1.0))
     model = _tiny_llama()
@@ -202,7 +204,7 @@ def _spread_losses(sign: float):
 
 
 def test_owl_winner_is_refitted_like_a_direct_owl_run(monkeypatch):
-    import optimum_owl.scoring as auto
+    import optimum_owl.pruning.search.scoring as auto
 
     monkeypatch.setattr(auto, "token_losses", _spread_losses(-1.0))
     model = _tiny_llama()

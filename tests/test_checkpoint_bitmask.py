@@ -1,4 +1,4 @@
-"""Golden tests of the bitmask pack/unpack math (`optimum_owl.bitmask`)."""
+"""Golden tests of the bitmask pack/unpack math (`optimum_owl.formats.bitmask`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from optimum_owl.bitmask import (
+from optimum_owl.formats.bitmask import (
     OWLCheckpointError,
     compress,
     compressed_nbytes,

@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 import optimum_owl  # noqa: F401  (registers quant_method "owl")
 from optimum_owl import OWLPruner, OWLPrunerConfig
 from optimum_owl.errors import OWLCheckpointError
-from optimum_owl.integration.transformers import OWLHfQuantizer, compressible_names, mark_pruned
-from optimum_owl.modeling import get_blocks_and_units
-from optimum_owl.serialization import save_dense, size_summary, verify_checkpoint
+from optimum_owl.formats import OWLHfQuantizer, compressible_names, mark_pruned, size_summary, verify_checkpoint
+from optimum_owl.pruning.modeling import get_blocks_and_units
+from optimum_owl.serialization import save_dense
 
 from .conftest import tiny_model
 

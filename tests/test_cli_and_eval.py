@@ -138,16 +138,16 @@ def test_cli_refine_dsnot_with_dense_checkpoint_matches_the_compact_one(tmp_path
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    import optimum_owl.dsnot
+    import optimum_owl.algorithms.dsnot
 
     calls = []
-    real = optimum_owl.dsnot.dsnot_keep_mask
+    real = optimum_owl.algorithms.dsnot.dsnot_keep_mask
 
     def counting(weight, keep, mean, mean_sq, nm, cycles, threshold):
         calls.append((cycles, threshold))
         return real(weight, keep, mean, mean_sq, nm, cycles, threshold)
 
-    monkeypatch.setattr(optimum_owl.dsnot, "dsnot_keep_mask", counting)
+    monkeypatch.setattr(optimum_owl.algorithms.dsnot, "dsnot_keep_mask", counting)
     src, text = _saved_model_and_text(tmp_path)
     common = ["prune", str(src), "--calibration", str(text), "--sparsity", "0.5", "--num-samples", "4",
               "--seqlen", "32", "--batch-size", "2", "--refine", "dsnot", "--dsnot-cycles", "5"]

@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 from optimum_owl import OWLPruner, OWLPrunerConfig
-from optimum_owl.data import CalibrationDataError, draw_windows, get_calibration_data, sample_windows
-from optimum_owl.modeling import OWLModelError
-from optimum_owl.runner import OWLNumericalError
+from optimum_owl.errors import CalibrationDataError, OWLModelError, OWLNumericalError
+from optimum_owl.pruning.data import draw_windows, get_calibration_data, sample_windows
 
 from .conftest import ASSETS, calib_ids, needs_assets, tiny_model
 

@@ -196,8 +196,8 @@ def test_5_perplexity_refuses_a_missing_file_name():
 def test_6_a_json_array_calibration_file_is_parsed(tmp_path):
     import json
 
-    from optimum_owl.data import get_calibration_data
     from optimum_owl.evaluation import load_texts
+    from optimum_owl.pruning.data import get_calibration_data
 
     from .test_data_and_errors import TEXTS, CharTokenizer
 
@@ -217,7 +217,8 @@ def test_6_a_json_array_calibration_file_is_parsed(tmp_path):
 
 @pytest.mark.parametrize("content", ['{"text": "one object"}', '[1, 2]', '[{"other": "x"}]', "not json"])
 def test_6_a_json_file_of_another_shape_is_refused(tmp_path, content):
-    from optimum_owl.data import CalibrationDataError, get_calibration_data
+    from optimum_owl.errors import CalibrationDataError
+    from optimum_owl.pruning.data import get_calibration_data
 
     from .test_data_and_errors import CharTokenizer
 
@@ -258,7 +259,7 @@ def _c4_texts():
 
 
 def _assert_windows_match_reference(tokenizer, seqlen):
-    from optimum_owl.data import get_calibration_data
+    from optimum_owl.pruning.data import get_calibration_data
 
     texts = _c4_texts()
     ours = get_calibration_data(texts, tokenizer, num_samples=16, seqlen=seqlen, seed=0)
@@ -326,7 +327,8 @@ def _flip_tensor_bytes(file, key):
 def test_9_verify_checkpoint_catches_flipped_bytes_in_an_uncompressed_tensor(tmp_path, key):
     import optimum_owl  # noqa: F401
     from optimum_owl import OWLPruner, OWLPrunerConfig
-    from optimum_owl.checkpoint import OWLCheckpointError, verify_checkpoint
+    from optimum_owl.errors import OWLCheckpointError
+    from optimum_owl.formats import verify_checkpoint
 
     from .conftest import calib_ids, tiny_model
 
@@ -365,7 +367,7 @@ def test_10_saved_config_report_and_card_publish_no_absolute_local_path(tmp_path
     import json
 
     from optimum_owl.hub.card import render_model_card
-    from optimum_owl.report import PruneReport
+    from optimum_owl.pruning.report import PruneReport
 
     src, text = _saved_model_and_text(tmp_path)
     out = tmp_path / "out"
@@ -543,7 +545,7 @@ def test_12_demo_num_samples_zero_is_one_line(capsys):
 
 def test_12_a_failed_push_is_one_line(tmp_path, capsys, monkeypatch):
     import optimum_owl.hub as hub
-    from optimum_owl.hub.push import HubUploadError
+    from optimum_owl.errors import HubUploadError
 
     def fail(*args, **kwargs):
         raise HubUploadError("Upload to me/m failed (HTTP 500); the files are kept in /x; retry with: optimum-owl push")
@@ -632,7 +634,7 @@ def test_14_wrapper_help_example_is_a_valid_command():
 def test_15_a_corrupt_causal_lm_checkpoint_is_not_retried_as_automodel(tmp_path, caplog):
     import logging
 
-    from optimum_owl.saving import load_model
+    from optimum_owl.pruning.modeling import load_model
 
     src, text = _saved_model_and_text(tmp_path)
     assert main(_prune_args(src, text, tmp_path / "pruned")) == 0
@@ -643,7 +645,8 @@ def test_15_a_corrupt_causal_lm_checkpoint_is_not_retried_as_automodel(tmp_path,
 
 
 def test_15_a_non_utf8_file_is_named(tmp_path):
-    from optimum_owl.data import CalibrationDataError, get_calibration_data
+    from optimum_owl.errors import CalibrationDataError
+    from optimum_owl.pruning.data import get_calibration_data
 
     from .test_data_and_errors import CharTokenizer
 
@@ -654,7 +657,8 @@ def test_15_a_non_utf8_file_is_named(tmp_path):
 
 
 def test_15_an_empty_text_file_is_called_empty(tmp_path):
-    from optimum_owl.data import CalibrationDataError, get_calibration_data
+    from optimum_owl.errors import CalibrationDataError
+    from optimum_owl.pruning.data import get_calibration_data
 
     from .test_data_and_errors import CharTokenizer
 
@@ -679,7 +683,7 @@ def test_15_max_windows_zero_is_named(tmp_path, capsys):
 def test_15_sparsegpt_nm_names_the_layer_width():
     import torch
 
-    from optimum_owl.criteria import sparsegpt_prune
+    from optimum_owl.algorithms.criteria import sparsegpt_prune
 
     w = torch.randn(8, 172)
     with pytest.raises(ValueError, match=r"172.*layers\.0\.mlp\.down_proj|layers\.0\.mlp\.down_proj.*172"):
@@ -702,7 +706,7 @@ def test_16_identical_saves_are_byte_identical(tmp_path):
     import hashlib
 
     from optimum_owl import OWLPruner, OWLPrunerConfig
-    from optimum_owl.saving import save_pruned
+    from optimum_owl.serialization import save_pruned
 
     from .conftest import calib_ids, tiny_model
 
@@ -751,7 +755,7 @@ def test_16_cli_outputs_have_the_usual_permissions(tmp_path):
 
 def test_16_report_and_card_carry_eval_max_windows_and_the_calibration_overlap_warning(tmp_path):
     from optimum_owl.hub.card import render_model_card
-    from optimum_owl.report import PruneReport
+    from optimum_owl.pruning.report import PruneReport
 
     src, text = _saved_model_and_text(tmp_path)
     words = text.read_text().split()
@@ -777,7 +781,8 @@ def test_16_repair_warns_once_and_without_library_noise(caplog):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from repair_helpers import random_windows, tiny_llama
 
-    from optimum_owl.repair import RepairConfig, RepairWarning, repair
+    from optimum_owl.errors import RepairWarning
+    from optimum_owl.repair import RepairConfig, repair
 
     config = RepairConfig(r=4, seqlen=16, max_steps=1, per_device_train_batch_size=4)
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):

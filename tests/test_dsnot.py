@@ -1,4 +1,4 @@
-"""DSnoT-style refinement (`optimum_owl.dsnot`) and its use through `OWLPrunerConfig(refine="dsnot")`."""
+"""DSnoT-style refinement (`optimum_owl.algorithms.dsnot`) and its use through `OWLPrunerConfig(refine="dsnot")`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from optimum_owl import OWLPruner, OWLPrunerConfig
-from optimum_owl.config import OWLConfigError
-from optimum_owl.dsnot import dsnot_keep_mask, expected_row_error
-from optimum_owl.masks import keep_mask_nm, keep_mask_per_row
+from optimum_owl.algorithms.dsnot import dsnot_keep_mask, expected_row_error
+from optimum_owl.algorithms.masks import keep_mask_nm, keep_mask_per_row
+from optimum_owl.errors import OWLConfigError
 
 torch.set_num_threads(1)
 

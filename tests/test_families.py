@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from optimum_owl import OWLPruner, OWLPrunerConfig
-from optimum_owl.allocation import (
+from optimum_owl.algorithms.allocation import (
     MAX_BLOCK_SPARSITY,
     alphapruning_allocation,
     atp_allocation,
@@ -15,7 +15,7 @@ from optimum_owl.allocation import (
     esd_alpha,
     weighted_mean,
 )
-from optimum_owl.config import OWLConfigError
+from optimum_owl.errors import OWLConfigError
 
 from .conftest import calib_ids, tiny_model
 
@@ -157,7 +157,7 @@ def _rising_losses(model, ids, batch_size):
 def test_auto_searches_every_family_and_refits_the_winner_like_a_direct_run(monkeypatch):
     import copy
 
-    import optimum_owl.scoring as scoring
+    import optimum_owl.pruning.search.scoring as scoring
 
     monkeypatch.setattr(scoring, "token_losses", _rising_losses)
     model = tiny_model("llama", layers=3)
@@ -218,9 +218,9 @@ def test_auto_scores_on_windows_beyond_the_calibration_and_returns_the_model_it_
 ):
     import copy
 
-    import optimum_owl.scoring as scoring
-    import optimum_owl.search as search
-    from optimum_owl.data import draw_windows
+    import optimum_owl.pruning.search.scoring as scoring
+    import optimum_owl.pruning.search.search as search
+    from optimum_owl.pruning.data import draw_windows
 
     scored: list[int] = []
     monkeypatch.setattr(scoring, "token_losses", lambda m, ids, bs: scored.append(ids.shape[0]) or fake(m, ids, bs))
@@ -253,7 +253,7 @@ def test_auto_scores_on_windows_beyond_the_calibration_and_returns_the_model_it_
 
 
 def test_auto_holds_out_calibration_windows_when_the_source_has_no_other_text(monkeypatch):
-    import optimum_owl.scoring as scoring
+    import optimum_owl.pruning.search.scoring as scoring
 
     monkeypatch.setattr(scoring, "token_losses", _rising_losses)
     ids = calib_ids(12)  # exactly [num_samples, seqlen]: used as is, nothing else to draw from
@@ -269,8 +269,8 @@ def test_auto_holds_out_calibration_windows_when_the_source_has_no_other_text(mo
 def test_auto_scores_on_auto_holdout_dataset_and_keeps_every_calibration_window(monkeypatch):
     import copy
 
-    import optimum_owl.scoring as scoring
-    from optimum_owl.data import draw_windows
+    import optimum_owl.pruning.search.scoring as scoring
+    from optimum_owl.pruning.data import draw_windows
 
     scored: list[torch.Tensor] = []
     monkeypatch.setattr(scoring, "token_losses", lambda m, ids, bs: scored.append(ids.clone()) or _rising_losses(m, ids, bs))
@@ -316,7 +316,7 @@ def test_auto_holdout_dataset_is_validated(tmp_path):
 
 
 def test_auto_keeps_uniform_when_no_family_beats_it_beyond_the_noise(monkeypatch):
-    import optimum_owl.scoring as scoring
+    import optimum_owl.pruning.search.scoring as scoring
 
     def noisy(model, ids, batch_size):  # the gain flips sign from one held-out window to the next: only noise
         base = _rising_losses(model, ids, batch_size)
@@ -330,7 +330,8 @@ def test_auto_keeps_uniform_when_no_family_beats_it_beyond_the_noise(monkeypatch
 
 
 def test_chunks_and_holdout_size_for_small_calibration_sets():
-    from optimum_owl.search import CHUNK_TOKENS, chunk_losses, holdout_count, token_losses
+    from optimum_owl.pruning.search.holdout import holdout_count
+    from optimum_owl.pruning.search.scoring import CHUNK_TOKENS, chunk_losses, token_losses
 
     assert holdout_count(16, 0.125) == 4 and holdout_count(64, 0.125) == 8 and holdout_count(8, 0.125) == 2
     model = tiny_model("llama", layers=2)

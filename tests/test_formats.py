@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from optimum_owl import OWLPruner, OWLPrunerConfig
-from optimum_owl.bitmask import pack_bits
-from optimum_owl.config import CONFIG_FORMAT_VERSION, OWLConfigError
-from optimum_owl.resume import FORMAT_VERSION, STATE_FILE, ResumeMismatchError
+from optimum_owl.config import CONFIG_FORMAT_VERSION
+from optimum_owl.errors import OWLConfigError, ResumeMismatchError
+from optimum_owl.formats.bitmask import pack_bits
+from optimum_owl.pruning.resume import FORMAT_VERSION, STATE_FILE
 
 from .conftest import calib_ids, tiny_model
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from optimum_owl.algorithms.masks import keep_mask_per_row
 from optimum_owl.config import OWLPrunerConfig
-from optimum_owl.masks import keep_mask_per_row
-from optimum_owl.modeling import get_blocks_and_units
-from optimum_owl.report import BlockReport, PruneReport
+from optimum_owl.pruning.modeling import get_blocks_and_units
+from optimum_owl.pruning.report import BlockReport, PruneReport
 
 from ._fake_hub import FakeHub
 
@@ -249,7 +249,8 @@ def test_push_create_pr_and_revision(hub):
 
 
 def test_failed_upload_keeps_files_and_says_how_to_retry(hub, tmp_path):
-    from optimum_owl.hub import HubUploadError, push_to_hub
+    from optimum_owl.errors import HubUploadError
+    from optimum_owl.hub import push_to_hub
 
     model, report, config = tiny_pruned_llama()
     hub.fail_commits = 1
@@ -329,7 +330,8 @@ def test_cli_export_onnx_and_push_then_run_download(hub, tmp_path, capsys):
 
 
 def test_save_for_hub_with_a_plain_dict_config_writes_a_versioned_validated_config(tmp_path):
-    from optimum_owl.config import CONFIG_FORMAT_VERSION, OWLConfigError
+    from optimum_owl.config import CONFIG_FORMAT_VERSION
+    from optimum_owl.errors import OWLConfigError
     from optimum_owl.hub import save_for_hub
 
     model, report, config = tiny_pruned_llama()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from optimum_owl.bitmask import compress
+from optimum_owl.formats.bitmask import compress
 from optimum_owl.inference import SparseLinear, densify, sparsify
 from optimum_owl.inference import isa as isa_mod
 from optimum_owl.inference import kernel as kernel_mod

@@ -37,7 +37,7 @@ def test_optimum_cli_owl_prune(tmp_path, monkeypatch, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "owl"
     assert (out / "owl_report.json").exists()
-    from optimum_owl.serialization import verify_checkpoint
+    from optimum_owl.formats import verify_checkpoint
 
     assert verify_checkpoint(out)["compressed_ratio"] <= 0.40
 

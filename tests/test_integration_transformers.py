@@ -16,9 +16,10 @@ from transformers import AutoModelForCausalLM
 
 import optimum_owl  # noqa: F401
 from optimum_owl import OWLPruner, OWLPrunerConfig
+from optimum_owl.formats import OWLHfQuantizer, mark_pruned
 from optimum_owl.integration import transformers as owl_tf
-from optimum_owl.integration.transformers import OWLHfQuantizer, mark_pruned
-from optimum_owl.modeling import get_blocks_and_units
+from optimum_owl.integration.transformers import OWLPruningQuantizer
+from optimum_owl.pruning.modeling import get_blocks_and_units
 
 from .conftest import ASSETS, calib_ids, needs_assets, tiny_model
 
@@ -45,7 +46,7 @@ def unit_sparsity(model) -> float:
 def test_registered_with_transformers():
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-    assert AUTO_QUANTIZER_MAPPING["owl"] is OWLHfQuantizer
+    assert AUTO_QUANTIZER_MAPPING["owl"] is OWLPruningQuantizer and issubclass(OWLPruningQuantizer, OWLHfQuantizer)
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["owl"] is OWLPrunerConfig
     owl_tf.register()  # idempotent: a second registration must not raise
     assert owl_tf.is_registered()
@@ -151,7 +152,7 @@ def test_lazy_registration_and_loading_without_import(dense_dir, tmp_path):
     """
     ok = _run(code, import_owl=True)
     assert ok.returncode == 0, ok.stderr
-    assert "LAZY True QUANTIZER OWLHfQuantizer" in ok.stdout
+    assert "LAZY True QUANTIZER OWLPruningQuantizer" in ok.stdout
     # Without `import optimum_owl`, transformers warns about the unknown quant method and refuses the compressed
     # weights (their stored shapes differ), so a compact checkpoint can never load as a silently wrong model.
     bad = _run(code, import_owl=False)
@@ -162,7 +163,7 @@ def test_lazy_registration_and_loading_without_import(dense_dir, tmp_path):
 
 def test_prune_on_load_marks_once_and_attaches_the_report_once(dense_dir, monkeypatch):
     """The plugin runs the core once, then attaches the report and marks the model once (issue 10)."""
-    from optimum_owl import engine
+    from optimum_owl.pruning import engine
 
     marks, runs = [], []
     real_mark, real_prune = owl_tf.mark_pruned, engine.prune_model

@@ -3,9 +3,15 @@
 import pytest
 import torch
 
-from optimum_owl.allocation import clamp_preserving_mean, mixed_nm_allocation, outlier_ratio, owl_allocation
-from optimum_owl.criteria import keep_mask, wanda_prune_, wanda_scores
-from optimum_owl.masks import apply_keep_mask_, is_valid_nm, keep_mask_nm, keep_mask_per_layer, keep_mask_per_row
+from optimum_owl.algorithms.allocation import clamp_preserving_mean, mixed_nm_allocation, outlier_ratio, owl_allocation
+from optimum_owl.algorithms.criteria import keep_mask, wanda_prune_, wanda_scores
+from optimum_owl.algorithms.masks import (
+    apply_keep_mask_,
+    is_valid_nm,
+    keep_mask_nm,
+    keep_mask_per_layer,
+    keep_mask_per_row,
+)
 
 
 def test_wanda_one_row_by_hand():

@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from optimum_owl import OWLConfigError, OWLPruner, OWLPrunerConfig
-from optimum_owl.modeling import get_blocks_and_units
-from optimum_owl.offload import BlockOffloader, is_dispatched, main_device, offload_hook, plan_block_devices
-from optimum_owl.runner import module_device
+from optimum_owl.pruning.modeling import get_blocks_and_units
+from optimum_owl.pruning.offload import BlockOffloader, is_dispatched, main_device, offload_hook, plan_block_devices
+from optimum_owl.pruning.runner import module_device
 
 NUM_LAYERS = 4
 # embeddings and blocks 0, 2 in RAM; blocks 1, 3, the final norm and lm_head on disk
@@ -111,7 +111,7 @@ def test_offloaded_masks_match_in_memory(checkpoint, calib, tmp_path, method):
 
 
 def test_heap_retention_limited_only_for_offloaded_models(checkpoint, calib, tmp_path, monkeypatch):
-    from optimum_owl import offload
+    from optimum_owl.pruning import offload
 
     calls = []
     monkeypatch.setattr(offload, "limit_heap_retention", lambda: calls.append(1) or True)
@@ -120,7 +120,7 @@ def test_heap_retention_limited_only_for_offloaded_models(checkpoint, calib, tmp
     OWLPruner(_config(layerwise="uniform")).prune(_load_offloaded(checkpoint, tmp_path / "offload"), dataset=calib)
     assert calls  # set before the capture (embeddings read from the store) and checked per offloaded block
     monkeypatch.undo()
-    from optimum_owl import memory
+    from optimum_owl.pruning import memory
 
     if memory.glibc():  # glibc: mallopt accepted the fixed thresholds
         assert offload.limit_heap_retention() is True

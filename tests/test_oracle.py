@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from optimum_owl import OWLPruner, OWLPrunerConfig
-from optimum_owl.criteria import sparsegpt_prune
+from optimum_owl.algorithms.criteria import sparsegpt_prune
 
 from .conftest import calib_ids, tiny_model
 

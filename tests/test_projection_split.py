@@ -6,9 +6,9 @@ import random
 import pytest
 
 from optimum_owl import OWLPruner, OWLPrunerConfig
-from optimum_owl.allocation import MAX_BLOCK_SPARSITY, BlockPlan, projection_split
-from optimum_owl.config import OWLConfigError
-from optimum_owl.modeling import get_blocks_and_units, projection_group
+from optimum_owl.algorithms.allocation import MAX_BLOCK_SPARSITY, BlockPlan, projection_split
+from optimum_owl.errors import OWLConfigError
+from optimum_owl.pruning.modeling import get_blocks_and_units, projection_group
 
 from .conftest import calib_ids, tiny_model
 
@@ -139,7 +139,7 @@ def test_auto_searches_attention_shifts_and_refits_like_a_direct_run(monkeypatch
 
     import torch
 
-    import optimum_owl.scoring as scoring
+    import optimum_owl.pruning.search.scoring as scoring
 
     monkeypatch.setattr(scoring, "token_losses", _attention_heavy_losses)
     base = dict(

@@ -16,7 +16,7 @@ pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from optimum_owl.masks import is_valid_nm  # noqa: E402
+from optimum_owl.algorithms.masks import is_valid_nm  # noqa: E402
 from optimum_owl.repair import (  # noqa: E402
     GradualPruningCallback,
     MaskedLoraLinear,

@@ -14,9 +14,10 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from optimum_owl import OWLConfigError, OWLPruner, OWLPrunerConfig
-from optimum_owl.modeling import get_blocks_and_units
-from optimum_owl.offload import BlockOffloader
-from optimum_owl.resume import STATE_FILE, CheckpointMismatchError
+from optimum_owl.errors import ResumeMismatchError
+from optimum_owl.pruning.modeling import get_blocks_and_units
+from optimum_owl.pruning.offload import BlockOffloader
+from optimum_owl.pruning.resume import STATE_FILE
 
 NUM_LAYERS = 4
 DEVICE_MAP = {
@@ -77,7 +78,7 @@ def _load(path: Path, offload: Path | None = None):
 def _count_calls(monkeypatch, fail_at: int | None = None) -> list[int]:
     """Record which blocks get pruned; raise `Interrupted` before pruning block `fail_at`."""
     calls: list[int] = []
-    from optimum_owl import passes
+    from optimum_owl.pruning import passes
 
     original = passes.prune_block
 
@@ -148,7 +149,7 @@ def test_outlier_pass_is_not_repeated(checkpoint, calib, tmp_path, monkeypatch, 
         raise AssertionError("the outlier pass ran again")
 
     with monkeypatch.context() as m:
-        m.setattr("optimum_owl.passes.block_summary", no_forward)  # what the outlier pass computes per block
+        m.setattr("optimum_owl.pruning.passes.block_summary", no_forward)  # what the outlier pass computes per block
         report = OWLPruner(_config(checkpoint_dir=str(ckpt), layerwise=layerwise)).prune(_load(checkpoint), dataset=calib)
     ref = OWLPruner(_config(layerwise=layerwise)).prune(_load(checkpoint), dataset=calib)
     assert [b.outlier_ratio for b in report.blocks] == [b.outlier_ratio for b in ref.blocks]
@@ -159,7 +160,7 @@ def test_outlier_pass_is_not_repeated(checkpoint, calib, tmp_path, monkeypatch, 
 def test_state_without_mean_scores_reruns_the_outlier_pass_for_dlp(checkpoint, calib, tmp_path, monkeypatch):
     """A state file written before mean scores were saved (OWL run format): DLP cannot plan from it, so the outlier
     pass runs again (it is deterministic; the saved plans must still match)."""
-    from optimum_owl.resume import _state_digest
+    from optimum_owl.pruning.resume import _state_digest
 
     ckpt = tmp_path / "run"
     with monkeypatch.context() as m:
@@ -201,9 +202,9 @@ def test_mismatched_run_is_refused(checkpoint, calib, tmp_path, monkeypatch):
         _count_calls(m, fail_at=1)
         with pytest.raises(Interrupted):
             OWLPruner(_config(checkpoint_dir=str(ckpt))).prune(_load(checkpoint), dataset=calib)
-    with pytest.raises(CheckpointMismatchError, match="checkpoint_dir"):  # other config
+    with pytest.raises(ResumeMismatchError, match="checkpoint_dir"):  # other config
         OWLPruner(_config(checkpoint_dir=str(ckpt), sparsity=0.6)).prune(_load(checkpoint), dataset=calib)
-    with pytest.raises(CheckpointMismatchError, match=str(ckpt)):  # other calibration data
+    with pytest.raises(ResumeMismatchError, match=str(ckpt)):  # other calibration data
         OWLPruner(_config(checkpoint_dir=str(ckpt))).prune(_load(checkpoint), dataset=calib.flip(0))
     # settings that do not change the result may differ
     OWLPruner(_config(checkpoint_dir=str(ckpt), offload_activations=True, device="cpu")).prune(_load(checkpoint), dataset=calib)

@@ -20,9 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import load_tokenizer
     from ..evaluation import perplexity
-    from ..modeling import get_blocks_and_units, load_model, zero_share
+    from ..pruning.data import load_tokenizer
+    from ..pruning.modeling import get_blocks_and_units, load_model, zero_share
 
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.tokenizer or args.model)

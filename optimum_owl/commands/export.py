@@ -47,7 +47,7 @@ def run_onnx(args: argparse.Namespace) -> int:
 
     import optimum_owl  # noqa: F401  (registers the optimum-owl checkpoint format when available)
 
-    from ..report import PruneReport
+    from ..pruning.report import PruneReport
 
     model = AutoModelForCausalLM.from_pretrained(args.model)
     report = None

@@ -145,7 +145,7 @@ def config_flags(cfg: dict[str, Any]) -> list[str]:
     to the fields that do not change the result: `resume.NON_RESULT_FIELDS`). Derived from `OPTIONAL_FIELDS`: the
     "pruning" group is always written (a readable command), every other flag when its value differs from the
     config's default, so a new field with a flag is reproduced without touching this function."""
-    from ..resume import NON_RESULT_FIELDS
+    from ..pruning.resume import NON_RESULT_FIELDS
 
     always = set(next(iter(FLAG_HELP.values())))
     out: list[str] = []
@@ -204,10 +204,10 @@ def _saved_bytes_lower_bound(model: Any, sparsity: float, dense: bool) -> int:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import load_tokenizer
     from ..evaluation import perplexity
-    from ..modeling import PRUNED_ZERO_SHARE, get_blocks_and_units, load_model, zero_share
     from ..pruner import OWLPruner
+    from ..pruning.data import load_tokenizer
+    from ..pruning.modeling import PRUNED_ZERO_SHARE, get_blocks_and_units, load_model, zero_share
     from ..serialization import save_pruned
     from ..utils import check_free_space, check_output_dir, public_path
 

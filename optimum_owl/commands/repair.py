@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from ..modeling import load_model
+    from ..pruning.modeling import load_model
     from ..repair import RepairConfig, repair, save_masked_adapter, save_repaired
     from ..utils import check_output_dir
 

@@ -5,7 +5,8 @@ Needs the `onnx` extra: `pip install "optimum-owl[onnx]"`.
 
 from __future__ import annotations
 
-from .errors import INSTALL_HINT, UnsupportedArchitectureError, require_onnx
+from ..errors import UnsupportedArchitectureError
+from .deps import INSTALL_HINT, require_onnx
 from .onnx import SUPPORTED_MODEL_TYPES, ExportResult, check_exportable, export_onnx, weight_sparsity
 from .ort import METADATA_NAME, ONNX_NAME, OnnxCausalLM, compare_with_torch, relative_error
 from .packing import decode_bitmask, encode_bitmask, pack_mask, unpack_mask

@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..memory import release_freed_memory
+from ..errors import UnsupportedArchitectureError
+from ..pruning.memory import release_freed_memory
 from ..utils import atomic_output_dir, atomic_write_text
-from .errors import UnsupportedArchitectureError, require_onnx
+from .deps import require_onnx
 from .ort import METADATA_NAME, ONNX_NAME, OnnxCausalLM, compare_with_torch
 from .storage import MIN_OPSET, STORAGES, apply_storage
 
@@ -169,7 +170,7 @@ def _dir_bytes(path: Path) -> int:
 
 def weight_sparsity(model: torch.nn.Module) -> tuple[int, int]:
     """Zeros and elements over the prunable weights (the linears inside the transformer blocks)."""
-    from ..modeling import get_blocks_and_units
+    from ..pruning.modeling import get_blocks_and_units
 
     zeros = numel = 0
     try:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import require_onnx
+from .deps import require_onnx
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Pure pack/unpack math of the compact ONNX weight storage: a keep-mask packed 8 weights per byte plus the
 non-zero values in row-major order.
 
-The bits are packed by THE codec (`optimum_owl.bitmask.pack_bits`). Bit order is little-endian within each byte: weight `k` of the flattened tensor lives in byte `k // 8`, bit
+The bits are packed by THE codec (`optimum_owl.formats.bitmask.pack_bits`). Bit order is little-endian within each byte: weight `k` of the flattened tensor lives in byte `k // 8`, bit
 `k % 8` (value `1 << (k % 8)`). The graph-side decoder in `optimum_owl.export.storage` uses the same order.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..bitmask import pack_bits, unpack_bits
+from ..formats.bitmask import pack_bits, unpack_bits
 
 
 def pack_mask(mask: np.ndarray) -> np.ndarray:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from ..errors import HubUploadError
 from .card import license_of, onnx_card_section, render_model_card
 from .plot import PLOT_NAME, plot_block_sparsity
-from .push import HubUploadError, push_folder, push_to_hub, save_for_hub, upload_folder_one_commit, write_card
+from .push import push_folder, push_to_hub, save_for_hub, upload_folder_one_commit, write_card
 
 __all__ = [
     "PLOT_NAME",

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import HubUploadError  # noqa: F401  (defined in optimum_owl.errors)
+from ..errors import HubUploadError
 from ..utils import atomic_write_text
 from .card import render_model_card
 from .plot import PLOT_NAME, plot_block_sparsity
@@ -46,7 +46,7 @@ def write_card(
     Returns:
         `Path`: the README.md file.
     """
-    from ..report import PruneReport
+    from ..pruning.report import PruneReport
 
     folder = Path(folder)
     if report is None and (folder / REPORT_NAME).exists():

@@ -11,7 +11,7 @@ In-memory sparse form (`Packed`) of a weight with `out` rows and `in` columns (a
 - `offsets`: `int64 [out + 1]`, prefix sum of the rows' popcounts.
 
 An element is stored when its bit pattern is not all zeros (`-0.0` is kept), exactly as in the checkpoint format
-(`optimum_owl.bitmask`), so dense -> sparse -> dense is bit-identical. Checkpoint parts are the flat
+(`optimum_owl.formats.bitmask`), so dense -> sparse -> dense is bit-identical. Checkpoint parts are the flat
 `(values, bitmask, shape)` of `docs/checkpoints.md`; for an `nn.Linear` whose `in` is a multiple of 8 the values are
 the same buffer and the mask rows are the same bytes, so loading one never builds the dense weight.
 """
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..bitmask import OWLCheckpointError, check_parts, compress
+from ..errors import OWLCheckpointError
+from ..formats.bitmask import check_parts, compress
 
 VALUE_PADDING = 16
 # The value / activation dtypes of the kernel's C entry points and their codes there (csrc/sparse_linear.cpp).

@@ -16,27 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX, OWLCheckpointError, crc32, decompress
-from .module import SparseLinear, is_conv1d, set_submodule
+from ..errors import OWLCheckpointError
+from ..formats.bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX, crc32, decompress
+from ..formats.files import METADATA_CRC_KEY, checkpoint_files
+from ..formats.quantizer import mark_pruned
+from ..utils import is_conv1d
+from .module import SparseLinear, set_submodule
 
 logger = logging.getLogger(__name__)
-
-_CRC_KEY = "owl_crc32"
-
-
-def _checkpoint_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / s for s in shards]
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise FileNotFoundError(
-        f"No model.safetensors (or model.safetensors.index.json) in {path}; load_sparse reads safetensors "
-        "checkpoints written by save_pretrained."
-    )
-
 
 def load_sparse(
     path: str | os.PathLike,
@@ -67,12 +54,11 @@ def load_sparse(
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from ..integration.transformers import mark_pruned
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; pass a folder written by save_pretrained.")
-    files = _checkpoint_files(path)
+    files = checkpoint_files(path)
     config = AutoConfig.from_pretrained(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -93,8 +79,8 @@ def load_sparse(
             for key in handle.keys():
                 location[key] = file
             meta = handle.metadata() or {}
-            if _CRC_KEY in meta:
-                checksums.update(json.loads(meta[_CRC_KEY]))
+            if METADATA_CRC_KEY in meta:
+                checksums.update(json.loads(meta[METADATA_CRC_KEY]))
 
     def read(key: str) -> torch.Tensor:
         with safe_open(str(location[key]), framework="pt") as handle:

@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX
-from ..modeling import is_conv1d as _modeling_is_conv1d
+from ..formats.bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX
+from ..formats.compact import compressible_names
+from ..formats.quantizer import mark_pruned
+from ..utils import is_conv1d
 from .format import Packed, from_checkpoint_parts, pack_dense, to_checkpoint_parts, unpack_dense, unpack_dense_torch
 from .kernel import DTYPE_CODES, check_rc, kernel
 
@@ -44,11 +46,6 @@ def _log_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         logger.info(message)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """A GPT-2 `Conv1D` with a weight (stored `[in, out]`)."""
-    return _modeling_is_conv1d(module) and getattr(module, "weight", None) is not None
 
 
 class SparseLinear(nn.Module):
@@ -293,8 +290,6 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.3, *, modules: list[str] 
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"`min_sparsity` must be in [0, 1], got {min_sparsity}.")
-    from ..integration.transformers import compressible_names
-
     names = [n.removesuffix(".weight") for n in compressible_names(model)]
     if modules is not None:
         unknown = sorted(set(modules) - set(names))
@@ -319,8 +314,6 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.3, *, modules: list[str] 
         converted += 1
     logger.info("sparsify: %d of %d eligible linears now sparse (min_sparsity=%.2f)", converted, len(names), min_sparsity)
     if converted and hasattr(model, "save_pretrained") and getattr(model, "hf_quantizer", None) is None:
-        from ..integration.transformers import mark_pruned
-
         mark_pruned(model)  # so that save_pretrained writes the compact format with quant_method "owl"
     return model
 

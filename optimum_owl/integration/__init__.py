@@ -17,13 +17,19 @@ import threading
 logger = logging.getLogger(__name__)
 
 _REGISTRY_MODULE = "transformers.quantizers.auto"
+# the compact format's quantizer imports the registry itself, so registration may have to wait for it to finish
+_FORMAT_MODULE = "optimum_owl.formats.quantizer"
 _lock = threading.Lock()
 
 
-def _register() -> None:
-    module = sys.modules.get(__name__ + ".transformers")
-    if module is not None and not hasattr(module, "register"):
-        return  # being imported right now: the module registers itself when it finishes
+def _register() -> bool:
+    """Register now if every module involved has finished executing; True once registered."""
+    for name, last in ((_FORMAT_MODULE, "mark_pruned"), (__name__ + ".transformers", "register")):
+        module = sys.modules.get(name)
+        if module is not None and not hasattr(module, last):
+            # being imported right now (its import started the registry's): when it finishes, the watched loader
+            # (formats) or the module itself (the plugin registers itself on import) registers
+            return False
     try:
         from .transformers import register
 
@@ -34,15 +40,16 @@ def _register() -> None:
             "checkpoints are unavailable. Call `optimum_owl.integration.transformers.register()` to see the error.",
             err,
         )
+    return True
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Meta-path finder that runs `_register` right after `transformers.quantizers.auto` has executed."""
+    """Meta-path finder that runs `_register` right after `transformers.quantizers.auto` (or, when its import is what
+    started the registry's, `optimum_owl.formats.quantizer`) has executed."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _REGISTRY_MODULE:
+        if fullname not in (_REGISTRY_MODULE, _FORMAT_MODULE):
             return None
-        _remove_finder()
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
             return spec
@@ -59,7 +66,8 @@ class _Loader(importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         self.inner.exec_module(module)
-        _register()
+        if _REGISTRY_MODULE in sys.modules and _register():
+            _remove_finder()
 
     def __getattr__(self, name):  # get_source, get_code, ... for tracebacks and tools
         return getattr(self.inner, name)
@@ -79,8 +87,7 @@ def _remove_finder() -> None:
 def install() -> None:
     """Register optimum-owl with transformers now, or as soon as its quantizer registry is imported."""
     global _finder
-    if _REGISTRY_MODULE in sys.modules:
-        _register()
+    if _REGISTRY_MODULE in sys.modules and _register():
         return
     with _lock:
         if _finder is None:

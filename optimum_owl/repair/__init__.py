@@ -12,6 +12,7 @@ LoRA whose delta is multiplied by the weight's keep-mask), and Trainer callbacks
 
 from __future__ import annotations
 
+from ..errors import RepairConfigError, RepairDataError, RepairModelError, RepairWarning
 from .callbacks import (
     GradualPruningCallback,
     SparsityLoggingCallback,
@@ -19,7 +20,7 @@ from .callbacks import (
     add_sparsity_logging,
     cubic_sparsity,
 )
-from .config import RepairConfig, RepairConfigError, RepairDataError, RepairModelError, RepairWarning
+from .config import RepairConfig
 from .masked_lora import (
     MaskedLoraLinear,
     attach_masked_lora,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .gradual import GradualPruningCallback, cubic_sparsity  # noqa: F401  (historic home)
+from .gradual import GradualPruningCallback, cubic_sparsity
 from .sparsity import MaskKeeper, block_sparsity, prunable_params
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import RepairConfigError, RepairDataError, RepairModelError, RepairWarning  # noqa: F401  (defined in optimum_owl.errors)
+from ..errors import RepairConfigError
 from ..utils import atomic_write_text
 
 REPAIR_CONFIG_NAME = "repair_config.json"

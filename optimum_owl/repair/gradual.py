@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..allocation import outlier_ratio, owl_allocation
-from ..masks import keep_mask_per_row
-from ..modeling import Unit, get_blocks_and_units
-from ..stats import RowNorms
+from ..algorithms.allocation import outlier_ratio, owl_allocation
+from ..algorithms.masks import keep_mask_per_row
+from ..pruning.modeling import Unit, get_blocks_and_units
+from ..pruning.stats import RowNorms
 from .sparsity import ADAPTER_MARKERS, MaskKeeper, unwrap_peft
 
 logger = logging.getLogger(__name__)

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling import is_conv1d
-from ..utils import atomic_output_dir, matches_any
-from .config import RepairConfig, RepairConfigError, RepairModelError, RepairWarning
+from ..errors import RepairConfigError, RepairModelError, RepairWarning
+from ..utils import atomic_output_dir, is_conv1d, matches_any
+from .config import RepairConfig
 from .sparsity import detect_nm, prunable_params, unwrap_peft, zeros_lost
 
 logger = logging.getLogger(__name__)
@@ -316,7 +316,7 @@ def merge_masked_lora(peft_model: Any, verify: bool = True) -> nn.Module:
     Returns:
         The merged model (same sparsity as the pruned model).
     """
-    from ..masks import is_valid_nm
+    from ..algorithms.masks import is_valid_nm
     from .sparsity import zero_masks
 
     layers = [m for m in peft_model.modules() if isinstance(m, _LoraLinear)]

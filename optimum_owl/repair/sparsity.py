@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..masks import is_valid_nm
-from ..modeling import get_blocks_and_units
+from ..algorithms.masks import is_valid_nm
+from ..pruning.modeling import get_blocks_and_units
 
 # Sub-module names PEFT adds inside a wrapped layer; their weights are adapter parameters, never pruned weights.
 ADAPTER_MARKERS = (".lora_", ".hira_", ".shira_")

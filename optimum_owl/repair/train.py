@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import RepairConfigError, RepairDataError
 from ..utils import atomic_output_dir, atomic_write_text
 from .callbacks import SparsityLoggingCallback, SparsityPreservingCallback, add_sparsity_logging
-from .config import RepairConfig, RepairConfigError, RepairDataError
+from .config import RepairConfig
 from .masked_lora import attach_masked_lora, check_not_quantized, merge_masked_lora, warn_no_zeros
 from .sparsity import block_sparsity, zero_masks, zeros_lost
 

@@ -1,10 +1,9 @@
-"""Pruned models on disk: saving (`save_pruned`), the plain dense export (`save_dense`), and inspecting compact
-checkpoints (`verify_checkpoint`, `size_summary`). The compact format itself is written and read by the transformers
-plugin (`optimum_owl.integration.transformers`) with THE codec (`optimum_owl.bitmask`)."""
+"""Saving pruned models: `save_pruned` (model, tokenizer, report and config in one rename) and `save_dense` (plain
+safetensors with the zeros in place). The compact format itself, and inspecting saved folders
+(`verify_checkpoint`, `size_summary`), live in `optimum_owl.formats`."""
 
 from __future__ import annotations
 
-from .compact import checkpoint_files, plain_model, save_dense, size_summary, verify_checkpoint
-from .save import save_pruned
+from .save import plain_model, save_dense, save_pruned
 
-__all__ = ["checkpoint_files", "plain_model", "save_dense", "save_pruned", "size_summary", "verify_checkpoint"]
+__all__ = ["plain_model", "save_dense", "save_pruned"]

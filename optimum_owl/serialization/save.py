@@ -1,18 +1,36 @@
-"""Saving pruned models (atomically, with the tokenizer, the report and the config)."""
+"""Saving pruned models (atomically, with the tokenizer, the report and the config), compact or dense.
+
+Two formats come out of a pruned model:
+
+- **compact** (default): `model.save_pretrained(dir)` on a model pruned by optimum-owl stores every sparse linear
+  weight as values + packed bitmask + shape in safetensors (`optimum_owl.formats`), and `config.json` carries
+  `quantization_config: {"quant_method": "owl", ...}`. Loading needs `import optimum_owl`.
+- **dense**: `save_dense(model, dir)` writes ordinary safetensors with the zeros in place and no
+  `quantization_config`, for engines that do not know the compact format (vLLM, llama.cpp converters, ...). The
+  pruning settings go to `owl_config.json` beside it.
+
+Example:
+
+```python
+>>> from optimum_owl.serialization import save_dense
+>>> save_dense(model, "pruned-dense")                        # doctest: +SKIP
+```
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ..config import OWLPrunerConfig
-from ..report import PruneReport
+from ..pruning.report import PruneReport
 from ..utils import atomic_output_dir
-from .compact import plain_model
 
 logger = logging.getLogger(__name__)
 
@@ -48,3 +66,69 @@ def save_pruned(
             config.save_pretrained(tmp)
     logger.info("Saved pruned model (%s format) to %s", "dense" if dense else "compact", save_dir)
     return Path(save_dir)
+
+
+def _is_owl_config(config: Any) -> bool:
+    if isinstance(config, OWLPrunerConfig):
+        return True
+    return isinstance(config, dict) and config.get("quant_method") == "owl"
+
+
+@contextlib.contextmanager
+def plain_model(model: nn.Module) -> Iterator[Any]:
+    """Temporarily detach optimum-owl's quantizer and `quantization_config`; yields the detached config (or None)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    qconfig = getattr(model.config, "quantization_config", None)
+    if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) != "owl":
+        raise ValueError(
+            f"The model is quantized with {quantizer.quantization_config.quant_method!r}; `save_dense` only removes "
+            "optimum-owl's compact format. Dequantize it first (`model.dequantize()`)."
+        )
+    owl_config = qconfig if _is_owl_config(qconfig) else None
+    had_method = hasattr(model, "quantization_method")
+    method = getattr(model, "quantization_method", None)
+    try:
+        if quantizer is not None:
+            model.hf_quantizer = None
+        if owl_config is not None:
+            del model.config.quantization_config
+        if had_method and method == "owl":
+            del model.quantization_method
+        yield owl_config
+    finally:
+        if quantizer is not None:
+            model.hf_quantizer = quantizer
+        if owl_config is not None:
+            model.config.quantization_config = owl_config
+        if had_method and method == "owl":
+            model.quantization_method = method
+
+
+def save_dense(model: nn.Module, save_directory: str | os.PathLike, overwrite: bool = False, **save_kwargs: Any) -> Path:
+    """Write a plain dense checkpoint of a pruned model: zeros in place, no `quantization_config` in `config.json`.
+
+    Any engine that reads Hugging Face safetensors can load it. The OWL settings (if the model was pruned by
+    optimum-owl) are written to `owl_config.json` and the report (if attached as `model.owl_report`) to
+    `owl_report.json`. The model itself is left unchanged and keeps saving compactly with `save_pretrained`.
+
+    Args:
+        model: a transformers model.
+        save_directory: output folder, written atomically (temporary folder, then one rename).
+        overwrite: replace `save_directory` if it exists (otherwise `FileExistsError`).
+        **save_kwargs: passed to `model.save_pretrained` (e.g. `max_shard_size`).
+
+    Returns:
+        The output folder.
+    """
+    with atomic_output_dir(save_directory, overwrite=overwrite) as tmp:
+        with plain_model(model) as owl_config:
+            model.save_pretrained(tmp, **save_kwargs)
+        if owl_config is not None:
+            config = owl_config if isinstance(owl_config, OWLPrunerConfig) else OWLPrunerConfig.from_dict(owl_config)
+            config.save_pretrained(tmp)
+        report = getattr(model, "owl_report", None)
+        if report is not None and hasattr(report, "save"):
+            report.save(tmp)
+    logger.info("Saved dense (zeros in place) checkpoint to %s", save_directory)
+    return Path(save_directory)
+

@@ -5,7 +5,7 @@ With `OWLPrunerConfig(checkpoint_dir=...)` the pruner keeps, in that folder:
 | file | written | holds |
 |---|---|---|
 | `owl_checkpoint.json` | after every step (last, atomically) | format version, run fingerprint, OWL outlier ratios and DLP mean scores, per-block plans, number of finished blocks, name of the inputs file, the SHA-256 of every `.pt` file it names and of itself |
-| `block_NNNNN.pt` | when block N is finished | per unit: the keep mask packed to bits by THE codec (`optimum_owl.bitmask`, little-endian bits) for criteria that only choose a mask, or the pruned weight for criteria that update weights (SparseGPT) |
+| `block_NNNNN.pt` | when block N is finished | per unit: the keep mask packed to bits by THE codec (`optimum_owl.formats.bitmask`, little-endian bits) for criteria that only choose a mask, or the pruned weight for criteria that update weights (SparseGPT) |
 | `inputs_NNNNN.pt` | when block N-1 is finished | block N's calibration inputs (hidden states and the block's other arguments) |
 
 Every file is written to a temporary name and renamed, and `owl_checkpoint.json` is replaced only after the files
@@ -19,7 +19,7 @@ freshly loaded) weights before anything is restored, and the saved plans must eq
 The fingerprint covers the config (except `device`, `offload_folder`, `offload_activations`, `checkpoint_dir`,
 which do not change the result on a given device), the model's block path and prunable unit names and shapes,
 and a hash of block 0's calibration inputs (so both the data and the embeddings are covered). A checkpoint made
-by a different run raises `ResumeMismatchError` (historic name `CheckpointMismatchError`), naming the folder.
+by a different run raises `ResumeMismatchError`, naming the folder.
 
 Format 2 (optimum-owl 0.2) packs mask bits little-endian, as the compact checkpoints do (format 1: big-endian bits);
 format 3 adds the SHA-256 of every file. Older formats are refused with a message that names the state file and
@@ -39,13 +39,13 @@ from typing import Any
 
 import torch
 
-from .bitmask import pack_bits, unpack_bits
-from .config import OWLPrunerConfig
-from .criteria import get_criterion
-from .errors import OWLConfigError, ResumeMismatchError
-from .masks import apply_keep_mask_
+from ..algorithms.criteria import get_criterion
+from ..algorithms.masks import apply_keep_mask_
+from ..config import OWLPrunerConfig
+from ..errors import OWLConfigError, ResumeMismatchError
+from ..formats.bitmask import pack_bits, unpack_bits
+from ..utils import atomic_write, atomic_write_text, map_tensors
 from .runner import Batch
-from .utils import atomic_write, atomic_write_text, map_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -298,8 +298,3 @@ class ResumeState:
         if old_inputs and old_inputs != new_inputs:
             with contextlib.suppress(FileNotFoundError):
                 (self.directory / old_inputs).unlink()
-
-
-# Historic names (optimum_owl.checkpointing.RunCheckpoint / CheckpointMismatchError).
-RunCheckpoint = ResumeState
-CheckpointMismatchError = ResumeMismatchError

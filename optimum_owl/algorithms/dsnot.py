@@ -57,7 +57,7 @@ def dsnot_keep_mask(
 
     ```python
     >>> import torch
-    >>> from optimum_owl.dsnot import dsnot_keep_mask
+    >>> from optimum_owl.algorithms.dsnot import dsnot_keep_mask
     >>> w = torch.tensor([[1.0, -1.0, 0.5, 0.6]])
     >>> keep = torch.tensor([[True, True, False, False]])
     >>> mean, mean_sq = torch.tensor([0.0, 1.0, 1.0, 1.0]), torch.tensor([1.0, 1.0, 1.0, 1.0])

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .allocation import (
+from ..algorithms.allocation import (
     BlockPlan,
     alphapruning_allocation,
     atp_allocation,
@@ -33,7 +33,7 @@ from .allocation import (
     score_summary,
     uniform_plans,
 )
-from .criteria import Criterion, PruneTask, get_criterion, wanda_scores
+from ..algorithms.criteria import Criterion, PruneTask, get_criterion, wanda_scores
 from .modeling import Unit
 from .report import Candidate
 from .runner import Batch, BlockRunner
@@ -64,7 +64,7 @@ class RunState:
     holdout_separate: bool = False  # searches: `holdout_ids` were drawn beyond the calibration windows (none held out)
     holdout_source: str | None = None  # searches: `auto_holdout_dataset`, described, when the windows came from it
     candidates: list[Candidate] = field(default_factory=list)  # owl-auto: candidates tried
-    resume: Any = None  # optimum_owl.resume.ResumeState when `checkpoint_dir` is set
+    resume: Any = None  # optimum_owl.pruning.resume.ResumeState when `checkpoint_dir` is set
 
     @property
     def criterion(self) -> Criterion:

@@ -72,11 +72,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .allocation import BlockPlan
-from .criteria import keep_mask
-from .holdout import holdout_count, holdout_windows_wanted, refit, split_holdout  # noqa: F401
-from .masks import apply_keep_mask_
-from .passes import (
+from ...algorithms.allocation import BlockPlan
+from ...algorithms.criteria import keep_mask
+from ...algorithms.masks import apply_keep_mask_
+from ..passes import (
     RunState,
     block_esd_alphas,
     block_outlier_ratios,
@@ -87,16 +86,13 @@ from .passes import (
     split_plans,
     uniform,
 )
-from .report import Candidate
-from .scoring import (  # noqa: F401  (MIN_GAIN_SE, window_losses: the public names of the old auto module)
-    CHUNK_TOKENS,
-    MIN_GAIN_SE,
+from ..report import Candidate
+from .holdout import holdout_count, refit
+from .scoring import (
     beats_uniform,
     chunk_losses,
     gain_z,
     holdout_loss,
-    token_losses,
-    window_losses,
 )
 from .snapshots import pack_masks, restore, restore_masked, snapshot
 

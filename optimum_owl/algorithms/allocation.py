@@ -1,6 +1,6 @@
 """Allocation: how much sparsity each block gets. Pure functions of numbers and score tensors (no model, no I/O).
 
-Every allocation family lives here as a small pure function; the passes (optimum_owl.passes) feed them the
+Every allocation family lives here as a small pure function; the passes (optimum_owl.pruning.passes) feed them the
 numbers they need and turn the result into `BlockPlan`s.
 
 - `uniform_plans`: every block gets the target.

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .errors import CalibrationDataError  # noqa: F401  (defined in optimum_owl.errors)
-from .utils import public_path
+from ..errors import CalibrationDataError
+from ..utils import public_path
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Held-out scoring for the searches (`layerwise="owl-auto"`, `"auto"`): next-token losses of the full model and
-the paired test that decides whether a candidate beats uniform sparsity (optimum_owl.search, docs/quality.md)."""
+the paired test that decides whether a candidate beats uniform sparsity (optimum_owl.pruning.search.search, docs/quality.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runner import module_device
+from ..runner import module_device
 
 # A finalist replaces uniform sparsity only when its held-out loss is lower by more than this many standard errors of
 # the mean paired (chunk by chunk) difference: about 97.7% one-sided confidence, so a gain within the noise of the

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ..errors import SparseGPTError
+from ...errors import SparseGPTError
 from ..masks import keep_mask_nm, num_to_prune
 
 logger = logging.getLogger(__name__)

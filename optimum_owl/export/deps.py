@@ -1,10 +1,8 @@
-"""Exceptions and dependency checks of the export package."""
+"""The export package's optional dependencies: the install hint and the check that they are importable."""
 
 from __future__ import annotations
 
 import importlib
-
-from ..errors import UnsupportedArchitectureError  # noqa: F401  (defined in optimum_owl.errors)
 
 INSTALL_HINT = 'pip install "optimum-owl[onnx]"  (installs onnx, onnxruntime and onnxscript)'
 

@@ -17,7 +17,7 @@ Example:
 
 ```python
 >>> import torch
->>> from optimum_owl.bitmask import compress, decompress
+>>> from optimum_owl.formats.bitmask import compress, decompress
 >>> w = torch.tensor([[0.0, 1.5, 0.0], [2.0, 0.0, -0.0]])
 >>> values, bitmask, shape = compress(w)
 >>> values.tolist(), bitmask.tolist(), shape.tolist()
@@ -36,13 +36,12 @@ import zlib
 import numpy as np
 import torch
 
-from .errors import OWLCheckpointError
+from ..errors import OWLCheckpointError
 
 __all__ = [
     "BITMASK_SUFFIX",
     "FORMAT_NAME",
     "SHAPE_SUFFIX",
-    "OWLCheckpointError",
     "check_parts",
     "compress",
     "compressed_nbytes",

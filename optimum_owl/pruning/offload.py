@@ -41,9 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import OWLConfigError
-from .memory import limit_heap_retention, release_freed_memory  # noqa: F401  (re-exported)
-from .utils import atomic_write
+from ..errors import OWLConfigError
+from ..utils import atomic_write
+from .memory import limit_heap_retention, release_freed_memory
 
 logger = logging.getLogger(__name__)
 

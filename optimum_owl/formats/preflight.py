@@ -11,15 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX, OWLCheckpointError, check_parts, crc32, popcount
+from ..errors import OWLCheckpointError
+from .bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX, check_parts, crc32, popcount
+from .files import METADATA_CRC_KEY, METADATA_DENSE_CRC_KEY
 
 logger = logging.getLogger(__name__)
 
-# safetensors header metadata written into every shard of a compact checkpoint
-METADATA_FORMAT_KEY = "owl_format"
-METADATA_CRC_KEY = "owl_crc32"
-# `{name: [CRC-32, dtype]}` of every tensor stored as is (embeddings, norms, biases, weights not worth compressing)
-METADATA_DENSE_CRC_KEY = "owl_crc32_dense"
 
 
 def _model_shape(model: nn.Module, name: str) -> tuple[int, ...] | None:

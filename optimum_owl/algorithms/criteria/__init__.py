@@ -1,7 +1,7 @@
 """Pruning criteria: a registry (`registry.py`) and one file per criterion (wanda, sparsegpt, magnitude).
 
 ```python
->>> from optimum_owl.criteria import criterion_names, get_criterion
+>>> from optimum_owl.algorithms.criteria import criterion_names, get_criterion
 >>> criterion_names()
 ('wanda', 'sparsegpt', 'magnitude')
 >>> get_criterion("sparsegpt").statistics, get_criterion("sparsegpt").updates_weights
@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from ..errors import SparseGPTError
+from ...errors import SparseGPTError
 from .magnitude import MAGNITUDE
 from .registry import Criterion, PruneTask, criterion_names, get_criterion, register_criterion
 from .scores import WANDA_BAND_ELEMENTS, keep_mask, magnitude_scores, wanda_prune_, wanda_scores

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import OWLNumericalError  # noqa: F401  (defined in optimum_owl.errors)
+from ..errors import OWLNumericalError
+from ..utils import map_tensors
 from .memory import release_freed_memory
-from .utils import map_tensors
 
 if TYPE_CHECKING:
     from .stats import BlockStats

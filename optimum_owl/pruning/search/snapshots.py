@@ -1,4 +1,4 @@
-"""Host copies of the prunable weights, for the searches (optimum_owl.search).
+"""Host copies of the prunable weights, for the searches (optimum_owl.pruning.search.search).
 
 - `snapshot` / `restore`: the dense weights, one CPU tensor per unit (as much host memory as the prunable weights),
   restored before each candidate is pruned.
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .bitmask import pack_bits, stored_mask, unpack_bits
-from .passes import RunState, each_block
+from ...formats.bitmask import pack_bits, stored_mask, unpack_bits
+from ..passes import RunState, each_block
 
 
 def snapshot(state: RunState) -> list[list[torch.Tensor]]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .utils import atomic_write_text
+from ..utils import atomic_write_text
 
 REPORT_NAME = "owl_report.json"
 REPORT_VERSION = 1

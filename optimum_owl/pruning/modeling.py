@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import OWLModelError  # noqa: F401  (defined in optimum_owl.errors)
-from .utils import matches_any
+from ..errors import OWLModelError
+from ..utils import is_conv1d, matches_any
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +126,6 @@ def find_blocks(model: nn.Module, block_name: str | None = None) -> tuple[str, n
 
 def _module_lists(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """THE check for transformers' GPT-2 style `Conv1D` (weight stored transposed, `[in, out]`; y = x @ W + b)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def is_fused_experts(module: nn.Module) -> bool:

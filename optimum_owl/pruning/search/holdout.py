@@ -1,5 +1,5 @@
 """Which windows score the searches' candidates (`layerwise="owl-auto"`, `"auto"`), and the refit of the winner when
-they were held out of the calibration windows (optimum_owl.search, docs/quality.md).
+they were held out of the calibration windows (optimum_owl.pruning.search.search, docs/quality.md).
 
 Two cases, decided by `split_holdout` before the outlier pass:
 
@@ -22,9 +22,9 @@ import time
 
 import torch
 
-from .allocation import BlockPlan
-from .errors import OWLConfigError
-from .passes import RunState, block_esd_alphas, family_plans, holdout_ratios, plan, prune_pass, split_plans, uniform
+from ...algorithms.allocation import BlockPlan
+from ...errors import OWLConfigError
+from ..passes import RunState, block_esd_alphas, family_plans, holdout_ratios, plan, prune_pass, split_plans, uniform
 
 logger = logging.getLogger(__name__)
 

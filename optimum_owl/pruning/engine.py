@@ -14,7 +14,7 @@ Passes over the calibration data (L = number of blocks, one "forward" = one bloc
 | uniform or owl, dense | L | one dense pass; every block pruned from dense-input statistics (approximation) |
 | criterion without statistics (magnitude), uniform | 0 | no calibration data needed |
 | criterion without statistics, atp or alphapruning | 0 | no calibration data needed |
-| owl-auto, auto | see optimum_owl.search | |
+| owl-auto, auto | see optimum_owl.pruning.search.search | |
 """
 
 from __future__ import annotations
@@ -28,18 +28,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import passes, search
-from .allocation import BlockPlan
-from .config import OWLPrunerConfig
+from ..algorithms.allocation import BlockPlan
+from ..config import OWLPrunerConfig
+from ..errors import CalibrationDataError, OWLConfigError
+from ..utils import public_config, public_path
+from . import passes
 from .data import describe_source, draw_windows
-from .errors import CalibrationDataError, OWLConfigError
 from .modeling import PRUNED_ZERO_SHARE, context_length, get_blocks_and_units, zero_share
 from .offload import make_block_offloader
 from .passes import RunState
 from .report import METRIC_NAMES, BlockReport, ModuleReport, PruneReport
 from .resume import ResumeState
 from .runner import BlockRunner
-from .utils import public_config, public_path
+from .search import holdout, search
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def prepare(state: RunState, layerwise: str, dataset: Any, tokenizer: Any) -> di
     if max_pos is not None and cfg.seqlen > max_pos:
         raise OWLConfigError(f"`seqlen`={cfg.seqlen} exceeds the model's max_position_embeddings={max_pos}; lower `seqlen`.")
     t = time.perf_counter()
-    extra = search.holdout_windows_wanted(cfg) if layerwise in SEARCHES else 0
+    extra = holdout.holdout_windows_wanted(cfg) if layerwise in SEARCHES else 0
     scoring_source = cfg.auto_holdout_dataset if extra else None
     if isinstance(scoring_source, str) and isinstance(dataset, (str, os.PathLike)) and scoring_source == str(dataset):
         raise OWLConfigError(
@@ -191,7 +192,7 @@ def run(state: RunState, layerwise: str) -> list[BlockPlan]:
         passes.prune_pass(state, uniform)
         return uniform
     if layerwise in SEARCHES:
-        search.split_holdout(state)  # held-out windows must not enter the outlier statistics
+        holdout.split_holdout(state)  # held-out windows must not enter the outlier statistics
         passes.outlier_pass(state)
         return search.choose_and_prune(state)
     if layerwise in ("owl", "dlp"):

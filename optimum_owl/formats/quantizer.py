@@ -1,0 +1,247 @@
+"""The compact format's binding to transformers: the load / save ops, `OWLHfQuantizer` (reads and writes compact
+checkpoints under `quant_method="owl"`) and `mark_pruned` (hooks an in-memory pruned model in, so that
+`model.save_pretrained(dir)` writes the compact format).
+
+- `from_pretrained(dir)` of a compact checkpoint checks every compressed tensor before loading (header shapes, mask
+  length, mask popcount against the number of values) and after (CRC-32), and rebuilds bit-identical dense weights.
+- `save_pretrained` writes `quantization_config` (without calibration data) into `config.json` and stores each pruned
+  linear weight as values + packed bitmask + shape (`formats.compact.compact_state_dict`).
+
+Pruning while loading (`from_pretrained(..., quantization_config=OWLPrunerConfig(..., dataset=...))`) is the
+subclass in `optimum_owl.integration.transformers`, which is what transformers finds registered.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers.base import HfQuantizer
+
+from ..config import OWLPrunerConfig
+from ..errors import OWLCheckpointError
+from ..utils import public_config
+from .bitmask import BITMASK_SUFFIX, FORMAT_NAME, SHAPE_SUFFIX, compress, crc32, decompress, worth_compressing
+from .compact import compact_state_dict, compressible_names, is_own_converter
+from .preflight import check_dense_crc, dense_checksums, preflight_check
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "owl"
+
+
+# --------------------------------------------------------------------------------------------------------- load ops
+class BitmaskDeserialize(ConversionOps):
+    """Load op: `{weight, weight_bitmask, weight_shape}` -> the dense `weight`; other weights pass through.
+
+    The quantizer is kept as `_quantizer` (not `hf_quantizer`) on purpose: transformers then casts the float
+    values to the model's dtype before this op, exactly as it would cast a dense weight.
+    """
+
+    owl_format = FORMAT_NAME  # how `formats.compact.is_own_converter` recognises our ops
+
+    def __init__(self, hf_quantizer: OWLHfQuantizer) -> None:
+        self._quantizer = hf_quantizer
+
+    def __deepcopy__(self, memo: dict) -> BitmaskDeserialize:
+        # transformers deep-copies the converter once per weight; share the quantizer instead of copying it
+        return type(self)(self._quantizer)
+
+    def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, model=None, **kwargs: Any):
+        parts = {key: (value[0] if isinstance(value, list) else value) for key, value in input_dict.items()}
+        values = parts.get("weight")
+        bitmask = parts.get("weight" + BITMASK_SUFFIX)
+        shape = parts.get("weight" + SHAPE_SUFFIX)
+        name = full_layer_name or "weight"
+        if bitmask is None and shape is None:
+            check_dense_crc(self._quantizer._dense_checksums, name, values)
+            return {name: values}
+        missing = [n for n, t in (("", values), (BITMASK_SUFFIX, bitmask), (SHAPE_SUFFIX, shape)) if t is None]
+        if missing:
+            raise OWLCheckpointError(
+                f"`{name}` is stored compressed but `{', '.join(name + m for m in missing)}` is missing from the "
+                "checkpoint (truncated or partially copied shards?); re-save or re-download the checkpoint."
+            )
+        expected = None
+        if model is not None:
+            try:
+                expected = tuple(model.get_parameter(name).shape)
+            except AttributeError:
+                expected = None
+        self._quantizer._verify_checksums(name, values, bitmask, shape)
+        dense = decompress(values, bitmask, shape, name=name, expected_shape=expected)
+        return {name: dense}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return BitmaskSerialize(self._quantizer)
+
+
+class BitmaskSerialize(ConversionOps):
+    """Save op (the reverse of `BitmaskDeserialize`): compress an eligible dense `weight` again."""
+
+    owl_format = FORMAT_NAME
+
+    def __init__(self, hf_quantizer: OWLHfQuantizer) -> None:
+        self._quantizer = hf_quantizer
+
+    def __deepcopy__(self, memo: dict) -> BitmaskSerialize:
+        return type(self)(self._quantizer)
+
+    def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, model=None, **kwargs: Any):
+        (key, value), *_ = input_dict.items()
+        tensor = value[0] if isinstance(value, list) else value
+        name = full_layer_name or key
+        eligible = model is not None and name in set(compressible_names(model))
+        if not eligible or not worth_compressing(tensor):
+            return {name: tensor}
+        values, bitmask, shape = compress(tensor.cpu())
+        return {name: values, name + BITMASK_SUFFIX: bitmask, name + SHAPE_SUFFIX: shape}
+
+
+# -------------------------------------------------------------------------------------------------------- quantizer
+class OWLHfQuantizer(HfQuantizer):
+    """transformers `HfQuantizer` for `OWLPrunerConfig` (`quant_method="owl"`): the compact format.
+
+    A compact checkpoint (`pre_quantized=True`): decompresses bitmask-stored weights while loading. Either way,
+    `save_pretrained` writes the compact format. Pruning a fresh load is added by the registered subclass
+    (`optimum_owl.integration.transformers.OWLPruningQuantizer`, which overrides `prune_after_loading`).
+    """
+
+    requires_calibration = False
+    serialized_names = {"weight": ["weight", "weight" + BITMASK_SUFFIX, "weight" + SHAPE_SUFFIX]}
+
+    def __init__(self, quantization_config: OWLPrunerConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self._checksums: dict[str, list[Any]] = {}
+        self._dense_checksums: dict[str, list[Any]] = {}
+
+    # --- environment
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        # Offloaded blocks (CPU or disk) are pruned through optimum_owl.pruning.offload.BlockOffloader: nothing to refuse.
+        return
+
+    # --- loading a compact checkpoint
+    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: Any = None, **kwargs: Any):
+        if self.pre_quantized and checkpoint_files:
+            self._checksums = preflight_check(checkpoint_files, model)
+            self._dense_checksums = dense_checksums(checkpoint_files)
+        return model
+
+    def get_load_operations(self) -> dict:
+        return {"deserialize": BitmaskDeserialize}
+
+    def _verify_checksums(self, name: str, values, bitmask, shape) -> None:
+        expected = self._checksums.get(name)
+        if not expected:
+            return
+        crc_values, crc_mask, crc_shape, dtype = expected
+        checks = [("bitmask", bitmask, crc_mask), ("shape", shape, crc_shape)]
+        if str(values.dtype).removeprefix("torch.") == dtype:
+            checks.insert(0, ("values", values, crc_values))  # values cast to another dtype cannot be checked
+        for label, tensor, crc in checks:
+            if crc32(tensor) != crc:
+                raise OWLCheckpointError(
+                    f"`{name}`: the stored {label} fail their CRC-32 check (corrupt file); re-download or re-save "
+                    "the checkpoint."
+                )
+
+    # --- after loading
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any):
+        if self.pre_quantized:
+            # Compression on save is done by `get_state_dict_and_metadata`; drop the load-time converter so that
+            # `revert_weight_conversion` does not try to reverse it a second time.
+            conversions = getattr(model, "_weight_conversions", None)
+            if conversions is not None:
+                model._weight_conversions = [c for c in conversions if not is_own_converter(c)]
+            mark_dense_model(model)
+            return model
+        return self.prune_after_loading(model)
+
+    def prune_after_loading(self, model: nn.Module) -> nn.Module:
+        """A fresh (dense) load: the compact format alone has nothing to prune with; see the plugin's subclass."""
+        mark_dense_model(model)
+        return model
+
+    # --- saving
+    def get_state_dict_and_metadata(self, model: nn.Module):
+        if getattr(model, "_hf_peft_config_loaded", False):
+            return None, {}  # only the (dense, small) adapter weights are saved
+        return compact_state_dict(model)
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+    def _dequantize(self, model: nn.Module, dtype=None):
+        # The weights are already dense tensors; `model.dequantize()` just turns the model into a plain one whose
+        # `save_pretrained` writes a dense checkpoint without `quantization_config`.
+        return model
+
+
+def mark_dense_model(model: nn.Module) -> None:
+    # A pruned model is an ordinary dense model: keep `.half()`, `.float()`, PEFT and Trainer working as usual.
+    model.is_quantized = False
+
+
+def _clean_config(config: OWLPrunerConfig) -> OWLPrunerConfig:
+    """A copy for `config.json`: no runtime-only fields (tokenizer, in-memory data), local paths shortened."""
+    return OWLPrunerConfig.from_dict(public_config(config.to_dict()))
+
+
+def mark_pruned(model: nn.Module, config: OWLPrunerConfig | None = None) -> nn.Module:
+    """Attach the OWL quantizer to an in-memory pruned model so that `model.save_pretrained(dir)` writes the compact
+    format and `config.json` gets `quantization_config` (without calibration data or tokenizer).
+
+    Called by `OWLPruner.prune` and by prune-on-load; idempotent. The weights are not touched.
+
+    Args:
+        model: a transformers `PreTrainedModel` whose weights hold the pruned zeros.
+        config: the `OWLPrunerConfig` it was pruned with (defaults to `OWLPrunerConfig()` when the model has none).
+
+    Returns:
+        The same model.
+
+    Example:
+
+    ```python
+    >>> from optimum_owl.formats import mark_pruned
+    >>> mark_pruned(model, config)            # doctest: +SKIP
+    >>> model.save_pretrained("pruned-model")  # doctest: +SKIP
+    ```
+    """
+    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
+        logger.debug("mark_pruned: %s is not a transformers model; nothing to attach", type(model).__name__)
+        return model
+    existing = getattr(model, "hf_quantizer", None)
+    if existing is not None and not isinstance(existing, OWLHfQuantizer):
+        raise ValueError(
+            f"The model is already quantized with {existing.quantization_config.quant_method!r}; optimum-owl cannot "
+            "store it in its compact format. Save it with `optimum_owl.serialization.save_dense` instead."
+        )
+    if config is None:
+        current = getattr(model.config, "quantization_config", None)
+        config = current if isinstance(current, OWLPrunerConfig) else OWLPrunerConfig()
+    clean = _clean_config(config)
+    if isinstance(existing, OWLHfQuantizer):
+        existing.quantization_config = clean
+    else:
+        model.hf_quantizer = OWLHfQuantizer(clean, pre_quantized=False)
+    model.config.quantization_config = clean
+    model.quantization_method = QUANT_METHOD
+    mark_dense_model(model)
+    return model
+
