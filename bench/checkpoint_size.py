@@ -11,7 +11,7 @@ For each dtype (fp32, fp16, bf16) the pruned model is saved twice, compact (`sav
 `--repeats` times with `from_pretrained` (median wall time, page cache warm for both).
 
 Usage:
-    OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/checkpoint_size.py [--models stories260K,llama100m] \
+    OMP_NUM_THREADS=2 python -m bench.checkpoint_size [--models stories260K,llama100m] \
         [--dtypes float32,float16,bfloat16] [--repeats 3] [--json out.json]
 
 Timings are medians of `--repeats` loads; "load+forward" adds one 8-token forward pass (see `timed_load`).
@@ -28,30 +28,28 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 import optimum_owl  # noqa: F401  (registers the "owl" quantizer)
+from bench._common import C4, STORIES, random_llama
 from optimum_owl import OWLPruner, OWLPrunerConfig
 from optimum_owl.formats import compressible_names, size_summary
 from optimum_owl.serialization import save_dense
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 SPARSITY = 0.7
 
 
 def build(name: str) -> tuple[torch.nn.Module, str]:
-    torch.manual_seed(0)
     if name == "stories260K":
-        model = AutoModelForCausalLM.from_pretrained(ASSETS / "models" / "stories260K", dtype=torch.float32)
-        texts = [json.loads(line)["text"] for line in (ASSETS / "text" / "c4_train_first1000.jsonl").open()][:200]
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32)
+        texts = [json.loads(line)["text"] for line in C4.open()][:200]
         config = OWLPrunerConfig(sparsity=SPARSITY, method="wanda", layerwise="owl", num_samples=16, seqlen=128)
-        OWLPruner(config).prune(model, dataset=texts, tokenizer=str(ASSETS / "models" / "stories260K"))
+        OWLPruner(config).prune(model, dataset=texts, tokenizer=str(STORIES))
         return model, "OWL + Wanda, 16 x 128 C4 tokens"
     if name == "llama100m":
-        config = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                             num_key_value_heads=12, vocab_size=32000, max_position_embeddings=2048)
-        model = LlamaForCausalLM(config).eval()
+        model = random_llama(hidden=768, intermediate=2048, layers=12, heads=12, vocab=32000)
         OWLPruner(OWLPrunerConfig(sparsity=SPARSITY, method="magnitude", layerwise="uniform")).prune(model)
         return model, "magnitude, uniform"
     raise ValueError(f"unknown model {name!r}")
@@ -135,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     rows = []
     for name in args.models.split(","):
-        if name == "stories260K" and not (ASSETS / "models" / "stories260K").is_dir():
-            print(f"skipping stories260K: {ASSETS} not found", file=sys.stderr)
+        if name == "stories260K" and not STORIES.is_dir():
+            print(f"skipping stories260K: {STORIES} not found", file=sys.stderr)
             continue
         start = time.perf_counter()
         model, how = build(name)

@@ -30,7 +30,7 @@ Models: `llama09b` (random Llama: hidden 2048, intermediate 5632, 16 layers, 32 
 0.95B parameters), `smollm2` (SmolLM2-135M from ../shared/assets, de-quantized from its GGUF file), `tiny` (smoke
 tests). Random models are pruned per row by magnitude (random weights: the masks are random anyway).
 
-    OMP_NUM_THREADS=2 PYTHONPATH=. flock -x /work/cpu.lock python bench/inference.py speed --model llama09b
+    OMP_NUM_THREADS=2 flock -x /work/cpu.lock python -m bench.inference speed --model llama09b
 """
 
 from __future__ import annotations
@@ -48,36 +48,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT.parent / "shared" / "assets"
-sys.path.insert(0, str(ROOT))
+from bench._common import cpu_info, peak_rss_bytes, random_llama, smollm2
+from optimum_owl.inference import SparseLinear, kernel_status
+from optimum_owl.inference.module import native_bf16_gemm
+from optimum_owl.utils import atomic_write_text
 
-from optimum_owl.inference import SparseLinear, kernel_status  # noqa: E402
-from optimum_owl.inference.module import native_bf16_gemm  # noqa: E402
-from optimum_owl.utils import atomic_write_text  # noqa: E402
-
-MODELS = {
-    "llama09b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32000),
-    "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=1000),
+MODELS = {  # random_llama's shapes
+    "llama09b": dict(hidden=2048, intermediate=5632, layers=16, heads=32, vocab=32000),
+    "tiny": dict(hidden=256, intermediate=704, layers=2, heads=4, vocab=1000),
 }
 
 
 def build_model(name: str) -> nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     if name == "smollm2":
-        folder = ASSETS / "models" / "smollm2-135m"
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                                                     dtype=torch.float32)
-        model.config.quantization_config = None
-        model.hf_quantizer = None
-        return model.eval()
-    config = LlamaConfig(**MODELS[name], max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1,
-                         eos_token_id=2)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        return smollm2()
+    return random_llama(**MODELS[name], bos_token_id=1, eos_token_id=2)
 
 
 def block_linears(model: nn.Module) -> list[str]:
@@ -158,16 +143,10 @@ def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
 def machine() -> dict:
     """The CPU (model name, family/model: a virtualised "AMD EPYC" may be Zen 3 or Zen 4), its vector extensions that
     matter here, torch and the kernel's decode paths."""
-    info = {"model name": platform.processor()}
-    try:
-        first_cpu = open("/proc/cpuinfo").read().split("\n\n")[0]
-    except OSError:
-        first_cpu = ""
-    for line in first_cpu.splitlines():
-        key, _, value = line.partition(":")
-        info[key.strip()] = value.strip()
+    info = cpu_info()
     flags = set(info.get("flags", "").split())
-    return {"cpu": info["model name"], "cpu_family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
+    return {"cpu": info.get("model name", platform.processor()),
+            "cpu_family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
             "isa_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vbmi2"}),
             "bf16_gemm": native_bf16_gemm(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "kernel": kernel_status(),
@@ -411,23 +390,13 @@ def run_traffic(args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ RSS
-def _peak() -> int:
-    """VmHWM: this process's peak resident set (anonymous + mapped file pages). Not `ru_maxrss`, which a child
-    started by fork + exec inherits from its parent's size at fork time."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
 def rss_child(args: argparse.Namespace) -> None:
     """Runs in a fresh process: load one way, report peak RSS after import / load / generate."""
     import transformers  # noqa: F401 - part of the baseline
 
     import optimum_owl  # noqa: F401 - registers quant_method "owl"
 
-    base = _peak()
+    base = peak_rss_bytes()
     dtype = getattr(torch, args.dtype)
     if args.kind == "sparse":
         from optimum_owl.inference.loading import load_sparse
@@ -437,10 +406,10 @@ def rss_child(args: argparse.Namespace) -> None:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(args.path, dtype=dtype).eval()
-    loaded = _peak()
+    loaded = peak_rss_bytes()
     with torch.inference_mode():
         model.generate(torch.tensor([[1, 5, 9, 13]]), max_new_tokens=8, do_sample=False, pad_token_id=0)
-    print(json.dumps({"baseline": base, "after_load": loaded, "after_generate": _peak()}))
+    print(json.dumps({"baseline": base, "after_load": loaded, "after_generate": peak_rss_bytes()}))
 
 
 def run_rss(args: argparse.Namespace) -> dict:
@@ -463,7 +432,8 @@ def run_rss(args: argparse.Namespace) -> dict:
             ("compact_ckpt_load_sparse", "sparse", compact_dir)]
     for dtype in ("float32", "bfloat16"):
         for label, kind, path in runs:
-            cmd = [sys.executable, __file__, "_rss_child", "--kind", kind, "--path", str(path), "--dtype", dtype]
+            cmd = [sys.executable, "-m", "bench.inference", "_rss_child", "--kind", kind, "--path", str(path),
+                   "--dtype", dtype]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ)).stdout
             rec = json.loads(out.strip().splitlines()[-1])
             result["runs"][f"{label}_{dtype}"] = rec

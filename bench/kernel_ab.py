@@ -13,8 +13,8 @@ With `--isa`, the two are instead the working tree's AVX2 and AVX-512 decode pat
 CPU, or `--emulate-avx512` to run the AVX-512 path's code in the test build that emulates its intrinsics: a check
 of this script, not a speed).
 
-    OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/kernel_ab.py --base HEAD --dtypes bfloat16,float32,float16
-    OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/kernel_ab.py --isa --tokens 1,4
+    OMP_NUM_THREADS=2 python -m bench.kernel_ab --base HEAD --dtypes bfloat16,float32,float16
+    OMP_NUM_THREADS=2 python -m bench.kernel_ab --isa --tokens 1,4
 """
 
 from __future__ import annotations
@@ -32,14 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-import inference as bench  # noqa: E402
-
-from optimum_owl.inference import SparseLinear  # noqa: E402
-from optimum_owl.inference import kernel as kernel_mod  # noqa: E402
-from optimum_owl.utils import atomic_write_text  # noqa: E402
+from bench import inference as bench
+from bench._common import ROOT
+from optimum_owl.inference import SparseLinear
+from optimum_owl.inference import kernel as kernel_mod
+from optimum_owl.utils import atomic_write_text
 
 SHAPES = [(2048, 2048)] * 4 + [(5632, 2048)] * 2 + [(2048, 5632)]  # (out, in) of one layer's linears
 

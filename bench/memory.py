@@ -9,17 +9,18 @@ Steps (each measured run happens in a fresh subprocess, so its peak RSS is its o
 3. `memory` run: load it normally (all weights in RAM) and prune with the same config and calibration data.
 4. Compare the keep masks (`weight != 0`) of every block weight of both runs.
 
-Peak RSS is `resource.getrusage(RUSAGE_SELF).ru_maxrss`, the kernel's high-water mark of the process's resident
-set (anonymous memory *and* mapped file pages, e.g. safetensors mmaps), for the whole subprocess, so it includes
-the Python + torch + transformers baseline. The baseline (RSS after the imports, before any model exists) is
-reported separately, then the peak after importing the model's code (`modeling_llama`, which transformers' modeling
-stack makes heavy; `from_pretrained` would import it anyway) and after loading (peak and current), and a psutil
-sampler (every 10 ms) records which phase the peak fell in. `bench/memory_probe.py` attributes the peak to the
-phases inside a block exactly.
+Peak RSS is `VmHWM` (`bench._common.peak_rss_bytes`), the kernel's high-water mark of the process's resident set
+(anonymous memory *and* mapped file pages, e.g. safetensors mmaps), for the whole subprocess, so it includes the
+Python + torch + transformers baseline. (The figures of docs/benchmarks.md were taken with `ru_maxrss`; for these
+children, started by a parent that imports neither torch nor the model, the two are the same high-water mark.) The
+baseline (RSS after the imports, before any model exists) is reported separately, then the peak after importing the
+model's code (`modeling_llama`, which transformers' modeling stack makes heavy; `from_pretrained` would import it
+anyway) and after loading (peak and current), and a psutil sampler (every 10 ms) records which phase the peak fell in.
+`bench/probes/memory_probe.py` attributes the peak to the phases inside a block exactly.
 
-Usage:
+Usage (from the repository root):
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/memory.py --work-dir /tmp/owl-memory
+    OMP_NUM_THREADS=1 python -m bench.memory --work-dir /tmp/owl-memory
 
 Prints a JSON result and writes it to `<work-dir>/results.json`.
 """
@@ -29,29 +30,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+from bench._common import peak_rss_bytes, proc_status, random_llama
 
 
 def _status_bytes() -> dict[str, int]:
-    """RssAnon / RssFile (mapped files, e.g. safetensors mmaps) of this process, from /proc/self/status."""
-    out = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            if key in ("RssAnon", "RssFile", "RssShmem"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
+    """RssAnon / RssFile (mapped files, e.g. safetensors mmaps) / RssShmem of this process."""
+    return proc_status(("RssAnon", "RssFile", "RssShmem"))
 
 
 class RssSampler:
@@ -120,9 +110,6 @@ def _label_phases(sampler: RssSampler) -> None:
 
 
 def build_model(args: argparse.Namespace) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     path = Path(args.work_dir) / "model"
     spec = {
         "hidden_size": args.hidden,
@@ -137,8 +124,8 @@ def build_model(args: argparse.Namespace) -> Path:
     marker = path / "bench_spec.json"
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return path
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**spec)).to(torch.float32)
+    model = random_llama(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
+                         heads=args.hidden // 64, vocab=args.vocab)  # = spec
     model.save_pretrained(path)
     marker.write_text(json.dumps(spec))
     return path
@@ -157,7 +144,7 @@ def run_role(args: argparse.Namespace) -> None:
     from optimum_owl.pruning.offload import BlockOffloader
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    baseline = _peak_rss_bytes()
+    baseline = peak_rss_bytes()
     baseline_split = _status_bytes()
     # The model's code (transformers' modeling stack) is imported by `from_pretrained` anyway; importing it here
     # first only separates its cost (torch.distributed.tensor, sympy, torch._dynamo, ... pulled in by transformers)
@@ -165,7 +152,7 @@ def run_role(args: argparse.Namespace) -> None:
     sampler.phase = "import model code"
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    after_model_code = _peak_rss_bytes()
+    after_model_code = peak_rss_bytes()
     model_path = Path(args.work_dir) / "model"
     sampler.phase = "load"
     t0 = time.perf_counter()
@@ -182,7 +169,7 @@ def run_role(args: argparse.Namespace) -> None:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         device_map = None
     load_s = time.perf_counter() - t0
-    after_load = _peak_rss_bytes()
+    after_load = peak_rss_bytes()
     after_load_split = _status_bytes()
     import psutil
 
@@ -197,7 +184,7 @@ def run_role(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     report = OWLPruner(config).prune(model, dataset=ids)
     prune_s = time.perf_counter() - t0
-    peak = _peak_rss_bytes()
+    peak = peak_rss_bytes()
     sampler.phase = "masks"
     sampler.stop()
     _, blocks, units = get_blocks_and_units(model)
@@ -231,11 +218,10 @@ def run_role(args: argparse.Namespace) -> None:
 
 
 def _subprocess(args: argparse.Namespace, role: str, parse: bool = True) -> dict:
-    cmd = [sys.executable, __file__, "--role", role] + [
+    cmd = [sys.executable, "-m", "bench.memory", "--role", role] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "role" and v is not None
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{role} run failed:\n{proc.stderr[-4000:]}")
     if not parse:
@@ -267,8 +253,8 @@ def main() -> None:
         return
     import shutil
 
-    # The parent never loads torch or the model before the measured runs: Linux carries a process's peak RSS
-    # (ru_maxrss) over fork+exec into the child, so a big parent would inflate the children's figures.
+    # The parent never loads torch or the model before the measured runs (a small parent: the children's figures
+    # would be the same under ru_maxrss, which Linux carries over fork + exec).
     _subprocess(args, "build", parse=False)
     path = Path(args.work_dir) / "model"
     ckpt_bytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))

@@ -7,7 +7,7 @@ parameters) and "llama-1024" (hidden 1024, 8 layers, vocab 2048: embeddings 3.9%
 to show how the ratio behaves once the graph and embeddings stop dominating the file.
 
 Usage (from the repository root):
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/onnx_export.py --out /tmp/owl-onnx-bench [--json results.json]
+    OMP_NUM_THREADS=1 python -m bench.onnx_export --out /tmp/owl-onnx-bench [--json results.json]
 """
 
 from __future__ import annotations
@@ -23,21 +23,9 @@ from pathlib import Path
 
 import torch
 
+from bench._common import STORIES, WIKI, random_llama
 from optimum_owl import OWLPruner, OWLPrunerConfig
 from optimum_owl.export import OnnxCausalLM, export_onnx
-
-ASSETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets"
-
-
-def random_llama(hidden: int, layers: int, vocab: int, inter: int, heads: int, kv: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def prune(model, calibration, tokenizer=None, num_samples=16, seqlen=128):
@@ -110,33 +98,32 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    stories = ASSETS / "models" / "stories260K"
     if "stories260K" not in args.models:
         pass
-    elif stories.exists():
+    elif STORIES.exists():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(stories).eval()
-        tok = AutoTokenizer.from_pretrained(stories)
-        text = ASSETS / "text" / "wikitext2_test.jsonl"
-        report = prune(model, str(text), tok, num_samples=16, seqlen=128)
+        model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+        tok = AutoTokenizer.from_pretrained(STORIES)
+        report = prune(model, str(WIKI), tok, num_samples=16, seqlen=128)
         prompt = tok("Once upon a time, there was a little girl", return_tensors="pt").input_ids
         bench_model("stories260K", model, report, out, prompt, rows, storages)
     else:
-        print(f"skipping stories260K: {stories} not found")
+        print(f"skipping stories260K: {STORIES} not found")
     gen = torch.Generator().manual_seed(0)
     if "tiny-llama" in args.models:
-        tiny = random_llama(64, 2, 128, 256, 4, 2)
+        tiny = random_llama(hidden=64, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=128, max_positions=512)
         report = prune(tiny, torch.randint(0, 128, (16, 64), generator=gen), num_samples=16, seqlen=64)
         bench_model("tiny-llama", tiny, report, out, None, rows, storages)
     if "llama-512" in args.models:
-        large = random_llama(512, 4, 1024, 1408, 8, 4)
+        large = random_llama(hidden=512, intermediate=1408, layers=4, heads=8, kv_heads=4, vocab=1024,
+                             max_positions=512)
         report = prune(large, torch.randint(0, 1024, (8, 64), generator=gen), num_samples=8, seqlen=64)
         bench_model("llama-512", large, report, out, None, rows, storages)
     if "llama-1024" in args.models:
         # LLaMA-7B's proportions: untied embedding + LM head are 3.9% of the parameters (2 x 32000 x 4096 of 6.74B);
         # here 2 x 2048 x 1024 of 107M. llama-512's 8% is closer to small-model or large-vocabulary proportions.
-        big = random_llama(1024, 8, 2048, 2816, 16, 16)
+        big = random_llama(hidden=1024, intermediate=2816, layers=8, heads=16, vocab=2048, max_positions=512)
         report = prune(big, torch.randint(0, 2048, (8, 64), generator=gen), num_samples=8, seqlen=64)
         bench_model("llama-1024", big, report, out, None, rows, storages)
     info = {

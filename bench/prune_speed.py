@@ -5,7 +5,7 @@ capturing block-0 inputs), measured again right before each variant. Each varian
 model with the same data: windows drawn from random token documents, more of them than the calibration windows
 need, so that the searches score on windows beyond the calibration windows as they do on a real text source.
 
-    python bench/prune_speed.py --num-samples 64 --seqlen 512
+    python -m bench.prune_speed --num-samples 64 --seqlen 512
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import platform
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from bench._common import random_llama
 from optimum_owl import OWLPruner, OWLPrunerConfig
 from optimum_owl.pruning.data import get_calibration_data
 from optimum_owl.pruning.modeling import find_blocks
@@ -32,14 +32,6 @@ VARIANTS = {
     "owl_wanda_auto": dict(method="wanda", layerwise="owl-auto"),
     "wanda_auto": dict(method="wanda", layerwise="auto"),
 }
-
-
-def build_model(layers: int, hidden: int, intermediate: int, vocab: int, heads: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
-                         max_position_embeddings=4096, tie_word_embeddings=False)
-    return LlamaForCausalLM(config).eval()
 
 
 @torch.no_grad()
@@ -69,7 +61,8 @@ def main() -> None:
                    help="random token documents of seqlen + 8 tokens the calibration windows are drawn from (default: 4 × "
                    "--num-samples, so that the searches can draw their held-out windows beyond the calibration windows)")
     args = p.parse_args()
-    model = build_model(args.layers, args.hidden, args.intermediate, args.vocab, args.heads)
+    model = random_llama(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
+                         vocab=args.vocab, max_positions=4096)
     params = sum(p.numel() for p in model.parameters())
     documents = torch.randint(0, args.vocab, (args.documents or 4 * args.num_samples, args.seqlen + 8),
                               generator=torch.Generator().manual_seed(1))

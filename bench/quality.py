@@ -12,20 +12,20 @@ Two real models (shared assets, ../shared/assets/README.md):
 
 Usage (from the project root):
 
-    OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/quality.py --model smollm2
-    OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/quality.py --model smollm2 --only uniform owl --sparsities 0.7
+    OMP_NUM_THREADS=2 python -m bench.quality --model smollm2
+    OMP_NUM_THREADS=2 python -m bench.quality --model smollm2 --only uniform owl --sparsities 0.7
     # the per-projection split (not in the default table): one cell per command, into its own JSON
-    OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/quality.py --model smollm2 \
+    OMP_NUM_THREADS=2 python -m bench.quality --model smollm2 \
         --out bench/results/quality_smollm2_split.json --cells wanda-atp-attn+0.05:0.7
-    PYTHONPATH=$PWD python bench/quality.py --model smollm2 --render   # Markdown tables + docs/img/quality_*.png
+    python -m bench.quality --model smollm2 --render   # Markdown tables + docs/img/quality_*.png
     # the same cells under another float summation order (SparseGPT at 70-80% depends on it), then side by side
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/quality.py --batch-size 4 --out bench/results/quality_smollm2_b4t1.json \
+    OMP_NUM_THREADS=1 python -m bench.quality --batch-size 4 --out bench/results/quality_smollm2_b4t1.json \
         --cells sparsegpt-uniform:0.7 sparsegpt-atp:0.7
-    python bench/quality.py --variants bench/results/quality_smollm2.json bench/results/quality_smollm2_b4t1.json
+    python -m bench.quality --variants bench/results/quality_smollm2.json bench/results/quality_smollm2_b4t1.json
     # `auto` choosing on the WikiText-2 validation text instead of held-out C4 (the table's perplexity is on test)
-    OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/quality.py --model smollm2 --cells sparsegpt-auto-val:0.7
+    OMP_NUM_THREADS=2 python -m bench.quality --model smollm2 --cells sparsegpt-auto-val:0.7
     # any OWLPrunerConfig field for every cell, into its own JSON
-    PYTHONPATH=$PWD python bench/quality.py --set sparsegpt_damp=0.1 --out damp.json --cells sparsegpt-uniform:0.7
+    python -m bench.quality --set sparsegpt_damp=0.1 --out damp.json --cells sparsegpt-uniform:0.7
 
 Every cell (model, setting, sparsity) is written to the JSON as soon as it is measured, and a cell already in the
 JSON is never recomputed (delete it from the JSON, or pass --fresh, to measure again).
@@ -47,13 +47,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT.parent / "shared" / "assets"
-WIKI = ASSETS / "text" / "wikitext2_test.jsonl"
-WIKI_VAL = ASSETS / "text" / "wikitext2_validation.jsonl"  # `auto` may choose on it (the table reports on test)
-C4 = ASSETS / "text" / "c4_train_first1000.jsonl"
-SMOL_DIR = ASSETS / "models" / "smollm2-135m"
-SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from bench._common import C4, ROOT, SMOL_DIR, SMOL_GGUF, STORIES, WIKI, WIKI_VAL, machine_summary, real_model
 
 MODELS = {
     "smollm2": {
@@ -128,29 +122,6 @@ DEFAULT_KEYS = {
 LABELS = {k: label for k, label, _ in SETTINGS}
 
 
-def load_model(name: str, workdir: Path):
-    """(model, tokenizer) in float32, eval mode; SmolLM2 is converted from GGUF into `workdir` on first use."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if name == "stories260K":
-        path = ASSETS / "models" / "stories260K"
-        return AutoModelForCausalLM.from_pretrained(str(path)).eval(), AutoTokenizer.from_pretrained(str(path))
-    converted = workdir / "smollm2-135m"
-    if not (converted / "config.json").exists():
-        t = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(str(SMOL_DIR), gguf_file=SMOL_GGUF, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(SMOL_DIR), gguf_file=SMOL_GGUF)
-        del model.config.quantization_config  # plain float weights from here on
-        model.hf_quantizer = None
-        tmp = workdir / "smollm2-135m.tmp"
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, converted)
-        print(f"converted the GGUF file in {time.perf_counter() - t:.1f} s", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(str(converted))
-
-
 def evaluate(spec: dict, model, tokenizer) -> float:
     from optimum_owl.evaluation import perplexity
 
@@ -171,21 +142,6 @@ def cell_key(row: dict) -> tuple[str, float]:
     return row["key"], round(float(row["sparsity"]), 4)
 
 
-def _machine() -> str:
-    """The CPU this run used (a virtualised "AMD EPYC" was a Zen 3 on some days and a Zen 4 on others; SparseGPT's
-    results depend on the float summation order, so they are not comparable across them)."""
-    try:
-        first = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
-                     if ":" in line)
-    except OSError:
-        first = {}
-    first = {k.strip(): v.strip() for k, v in first.items()}
-    flags = set(first.get("flags", "").split())
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return (f"{first.get('model name', platform.processor())} (family {first.get('cpu family', '?')} model "
-            f"{first.get('model', '?')}, {isa}), {os.cpu_count()} cores, no GPU")
-
-
 def run(args: argparse.Namespace) -> None:
     from optimum_owl import OWLPruner, OWLPrunerConfig
     from optimum_owl.utils import atomic_write_text
@@ -203,7 +159,7 @@ def run(args: argparse.Namespace) -> None:
         + ("one BOS at the start" if spec["add_bos"] else "no BOS"),
         "calibration": f"{num_samples} windows x {seqlen} tokens of C4 (c4_train_first1000.jsonl), seed {args.seed}, "
         f"batch {args.batch_size}",
-        "machine": _machine(),
+        "machine": machine_summary(),
         "torch": torch.__version__,
         "python": platform.python_version(),
     })
@@ -218,7 +174,7 @@ def run(args: argparse.Namespace) -> None:
             data.setdefault("dense_ppl", on_disk.get("dense_ppl"))
         atomic_write_text(out, json.dumps(data, indent=1) + "\n")
 
-    extra = dict(_parse_set(item) for item in args.set or [])
+    extra = dict(parse_set(item) for item in args.set or [])
     if extra:
         data["setup"]["overrides"] = extra  # every cell of this file ran with them (use a separate --out)
     done = {cell_key(r) for r in data["rows"]}
@@ -233,7 +189,7 @@ def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="owl-quality-") as tmp:
         workdir = Path(tmp)
         if "dense_ppl" not in data:
-            model, tok = load_model(args.model, workdir)
+            model, tok = real_model(args.model, workdir)
             data["dense_ppl"] = evaluate(spec, model, tok)
             save()
             print(f"dense ppl {data['dense_ppl']:.3f}", flush=True)
@@ -241,7 +197,7 @@ def run(args: argparse.Namespace) -> None:
             if (key, round(sparsity, 4)) in done:
                 continue
             overrides = dict(next(o for k, _, o in SETTINGS if k == key)) | extra
-            model, tok = load_model(args.model, workdir)
+            model, tok = real_model(args.model, workdir)
             config = OWLPrunerConfig(
                 sparsity=sparsity, num_samples=num_samples, seqlen=seqlen, seed=args.seed, batch_size=args.batch_size, **overrides
             )
@@ -277,7 +233,7 @@ def run(args: argparse.Namespace) -> None:
             del model
 
 
-def _parse_set(item: str) -> tuple[str, object]:
+def parse_set(item: str) -> tuple[str, object]:
     """`--set name=value`: an OWLPrunerConfig field for every cell; the value read as JSON when it parses."""
     name, sep, value = item.partition("=")
     if not sep or not name:
@@ -465,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                              "with geometric means and the verdicts on them")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    needed = SMOL_DIR / SMOL_GGUF if args.model == "smollm2" else ASSETS / "models" / "stories260K"
+    needed = SMOL_DIR / SMOL_GGUF if args.model == "smollm2" else STORIES
     if not (args.render or args.variants) and not needed.exists():
         print(f"{args.model} not found at {needed}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@
 
 Run from the repository root:
 
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/repair.py --out bench/repair_results.json
+    OMP_NUM_THREADS=1 python -m bench.repair --out bench/repair_results.json
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bench._common import C4, STORIES, WIKI, mean_nll
 from optimum_owl import OWLPruner, OWLPrunerConfig
 from optimum_owl.evaluation import perplexity
 from optimum_owl.repair import (
@@ -37,8 +38,6 @@ from optimum_owl.repair import (
     zeros_lost,
 )
 from optimum_owl.repair.masked_lora import resolve_targets
-
-ASSETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets"
 
 
 @torch.no_grad()
@@ -55,20 +54,6 @@ def sample_sequences(model, n: int, length: int, seed: int, batch: int = 50) -> 
                              pad_token_id=model.config.eos_token_id)
         out.append(gen[:, :length])
     return torch.cat(out)
-
-
-@torch.no_grad()
-def mean_nll(model, windows: torch.LongTensor, batch: int = 16) -> float:
-    """Mean next-token NLL (nats) over all predicted tokens of the rows of `windows`."""
-    model.eval()
-    total, count = 0.0, 0
-    for chunk in windows.split(batch):
-        logits = model(input_ids=chunk).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                 chunk[:, 1:].reshape(-1), reduction="sum")
-        total += float(loss)
-        count += chunk[:, 1:].numel()
-    return total / count
 
 
 def evaluate(model, tok, held_out, wiki_path, seqlen, wiki_windows) -> dict[str, float]:
@@ -130,9 +115,9 @@ def step_time_ratio(pruned_model, cfg: RepairConfig, batch: torch.LongTensor, st
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ASSETS / "models" / "stories260K"))
-    p.add_argument("--calibration", default=str(ASSETS / "text" / "c4_train_first1000.jsonl"))
-    p.add_argument("--wikitext", default=str(ASSETS / "text" / "wikitext2_test.jsonl"))
+    p.add_argument("--model", default=str(STORIES))
+    p.add_argument("--calibration", default=str(C4))
+    p.add_argument("--wikitext", default=str(WIKI))
     p.add_argument("--sparsity", type=float, default=0.7)
     p.add_argument("--train-seqs", type=int, default=512)
     p.add_argument("--eval-seqs", type=int, default=64)

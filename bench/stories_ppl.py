@@ -3,7 +3,7 @@
 Perplexity on the shared WikiText-2 test text with the assets README's protocol: one BOS, the first 20,480 tokens,
 windows of 512 (dense ≈ 131). Calibration: C4 documents (shared first 1000 of shard 00000), seeded windows.
 
-    python bench/stories_ppl.py --assets ../shared/assets
+    python -m bench.stories_ppl --assets ../shared/assets
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bench._common import ASSETS
 from optimum_owl import OWLPruner, OWLPrunerConfig
 from optimum_owl.evaluation import encode_joined, load_texts, perplexity_of_ids
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--assets", default="../shared/assets")
+    p.add_argument("--assets", default=str(ASSETS))
     p.add_argument("--sparsities", type=float, nargs="*", default=[0.5, 0.7])
     p.add_argument("--methods", nargs="*", default=["wanda", "sparsegpt", "magnitude"])
     p.add_argument("--num-samples", type=int, default=128)

@@ -1,7 +1,7 @@
 """Diagnostic for `bench/memory.py`: where does the resident set of an offloaded pruning run go, phase by phase?
 
-Runs the same offloaded OWL + Wanda prune as `bench/memory.py --role offload` (the model must already be built in
-`<work-dir>/model`, e.g. by one `bench/memory.py` run), but attributes peak memory to phases exactly: at every phase
+Runs the same offloaded OWL + Wanda prune as `python -m bench.memory --role offload` (the model must already be built
+in `<work-dir>/model`, e.g. by one `python -m bench.memory` run), but attributes peak memory to phases exactly: at every phase
 boundary it reads the kernel's high-water mark `VmHWM` from /proc/self/status (the peak since the last boundary)
 and resets it (`echo 5 > /proc/self/clear_refs`). Because it resets the high-water mark, this script's own
 `ru_maxrss` is NOT a valid whole-run peak; `bench/memory.py` measures that, without resetting anything.
@@ -12,7 +12,7 @@ Phases: imports, load, capture, and inside each block: materialise (weights read
 stats-forward, outlier ratios, prune (per unit), output-forward, write-back, release. Prints, per phase, the
 largest peak seen and the RssAnon/RssFile split at the phase's end.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/memory_probe.py --work-dir /tmp/owl-mem
+    OMP_NUM_THREADS=1 python -m bench.probes.memory_probe --work-dir /tmp/owl-mem
 """
 
 from __future__ import annotations
@@ -24,17 +24,9 @@ import os
 import time
 from pathlib import Path
 
+from bench._common import proc_status as status
+
 MB = 1e6
-
-
-def status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 class Phases:

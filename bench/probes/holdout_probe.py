@@ -7,8 +7,8 @@ tokens of the dense distribution plus the rest as one bin) per 32-token chunk on
 the search used, 48 more C4 windows drawn with seed 1 (any identical to a calibration window dropped; they may come
 from the same documents), and the first 16 WikiText-2 test windows of 512 tokens. The search itself is unchanged (it scores by NLL on its held-out windows).
 
-    OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/holdout_probe.py --out bench/results/holdout_probe_sg70_intel.json
-    python bench/holdout_probe.py --render bench/results/holdout_probe_sg70_intel.json
+    OMP_NUM_THREADS=2 python -m bench.probes.holdout_probe --out bench/results/holdout_probe_sg70_intel.json
+    python -m bench.probes.holdout_probe --render bench/results/holdout_probe_sg70_intel.json
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality as Q  # noqa: E402  (bench/quality.py: model loading, data paths)
+from bench import quality as Q
+from bench._common import C4, WIKI, machine_summary, real_model
 
 TOP_K = 64
 CHUNK = 32
@@ -72,14 +71,14 @@ def run(args: argparse.Namespace) -> None:
     from optimum_owl.evaluation import encode_joined, load_texts
     from optimum_owl.pruning.data import draw_windows
 
-    overrides = {"auto_holdout_tokens": 0, "auto_finalists": 4} | dict(Q._parse_set(i) for i in args.set or [])
+    overrides = {"auto_holdout_tokens": 0, "auto_finalists": 4} | dict(Q.parse_set(i) for i in args.set or [])
     config = OWLPrunerConfig(sparsity=args.sparsity, method=args.method, layerwise="auto", num_samples=16, seqlen=256,
                              seed=0, batch_size=8, **overrides)
-    model, tok = Q.load_model("smollm2", Path(tempfile.mkdtemp(prefix="owl-probe-")))
-    calibration, _ = draw_windows(str(Q.C4), tok, 16, 256, 0)
+    model, tok = real_model("smollm2", Path(tempfile.mkdtemp(prefix="owl-probe-")))
+    calibration, _ = draw_windows(str(C4), tok, 16, 256, 0)
     seen = {tuple(r.tolist()) for r in calibration}
-    more = torch.stack([r for r in draw_windows(str(Q.C4), tok, 64, 256, 1)[0] if tuple(r.tolist()) not in seen][:48])
-    texts = {"c4_more": more, "wikitext": encode_joined(tok, load_texts(str(Q.WIKI)))[: 16 * 512].view(16, 512)}
+    more = torch.stack([r for r in draw_windows(str(C4), tok, 64, 256, 1)[0] if tuple(r.tolist()) not in seen][:48])
+    texts = {"c4_more": more, "wikitext": encode_joined(tok, load_texts(str(WIKI)))[: 16 * 512].view(16, 512)}
     refs = {name: dense_reference(model, ids) for name, ids in texts.items()}
     records: list[dict] = []
     original = search.chunk_losses
@@ -92,12 +91,12 @@ def run(args: argparse.Namespace) -> None:
 
     search.chunk_losses = recording
     t = time.perf_counter()
-    report = OWLPruner(config).prune(model, dataset=str(Q.C4), tokenizer=tok)
+    report = OWLPruner(config).prune(model, dataset=str(C4), tokenizer=tok)
     ppl = Q.evaluate(Q.MODELS["smollm2"], model, tok)
     exact = [c for c in report.candidates if not c.layerwise.endswith(", screened")]
     rows = [{"setting": c.setting, "chosen": c.chosen, "gain_z": c.gain_z, **rec} for c, rec in zip(exact, records)]
     out = {"config": overrides, "method": args.method, "sparsity": args.sparsity, "ppl": ppl,
-           "threads": torch.get_num_threads(), "machine": Q._machine(), "seconds": round(time.perf_counter() - t, 1),
+           "threads": torch.get_num_threads(), "machine": machine_summary(), "seconds": round(time.perf_counter() - t, 1),
            "rows": rows}
     Path(args.out).write_text(json.dumps(out) + "\n")
     render(args.out)

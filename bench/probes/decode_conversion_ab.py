@@ -9,7 +9,7 @@ alternates batch-1 greedy decodes of them, checks that both sparse variants prod
 ms per decoded token (best and median of `--repeats`). First, the same two paths are timed per call on single layers
 (`per_call`: one token, 64 -> 64 and 2048 -> 2048, float32 / bfloat16 / float16 activations, alternated).
 
-    OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/decode_conversion_ab.py --repeats 5 --json bench/results/decode_conversion_ab.json
+    OMP_NUM_THREADS=2 python -m bench.probes.decode_conversion_ab --repeats 5 --json bench/results/decode_conversion_ab.json
 """
 
 from __future__ import annotations
@@ -24,11 +24,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import inference as bench  # noqa: E402
-
-from optimum_owl.inference import SparseLinear  # noqa: E402
-from optimum_owl.utils import atomic_write_text  # noqa: E402
+from bench import inference as bench
+from optimum_owl.inference import SparseLinear
+from optimum_owl.utils import atomic_write_text
 
 
 class PythonConversion(SparseLinear):

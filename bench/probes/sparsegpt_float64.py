@@ -1,11 +1,12 @@
-"""Experiment: is SparseGPT's float-order sensitivity on SmolLM2 (docs/benchmarks.md) the float32 factorisation?
+"""Experiment: is the float-order sensitivity of SparseGPT on SmolLM2 (docs/benchmarks-history.md) the float32
+factorisation?
 
 Prunes SmolLM2-135M with SparseGPT, uniform allocation, 16 x 256 C4 calibration (the quality table's setting), with
 the damped Hessian factorised (Cholesky, inverse, Cholesky) in float64 instead of float32, under the given
 thread count and batch size, and prints the WikiText-2 perplexity. The library itself factorises in float32, as
 the reference code does; this script patches that one function for the run only.
 
-    PYTHONPATH=$PWD python bench/sparsegpt_float64.py 2:8:0.7 1:8:0.7 1:4:0.7 2:8:0.8 1:8:0.8   # threads:batch:sparsity
+    python -m bench.probes.sparsegpt_float64 2:8:0.7 1:8:0.7 1:4:0.7 2:8:0.8 1:8:0.8   # threads:batch:sparsity
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality  # noqa: E402
+from bench import quality
+from bench._common import C4, RESULTS, real_model
+from optimum_owl import OWLPruner, OWLPrunerConfig
+from optimum_owl.algorithms.criteria import sparsegpt_math
+from optimum_owl.utils import atomic_write_text
 
-from optimum_owl import OWLPruner, OWLPrunerConfig  # noqa: E402
-from optimum_owl.algorithms.criteria import sparsegpt_math  # noqa: E402
-from optimum_owl.utils import atomic_write_text  # noqa: E402
-
-OUT = Path(__file__).resolve().parent / "results" / "sparsegpt_float64.json"
+OUT = RESULTS / "sparsegpt_float64.json"
 _library_factorisation = sparsegpt_math._upper_cholesky_of_inverse  # float32 as given
 
 
@@ -41,11 +41,11 @@ def main() -> None:
         for run in sys.argv[1:]:
             threads, batch, sparsity = run.split(":")
             torch.set_num_threads(int(threads))
-            model, tokenizer = quality.load_model("smollm2", Path(tmp))
+            model, tokenizer = real_model("smollm2", Path(tmp))
             config = OWLPrunerConfig(sparsity=float(sparsity), method="sparsegpt", layerwise="uniform",
                                      num_samples=16, seqlen=256, seed=0, batch_size=int(batch))
             start = time.perf_counter()
-            OWLPruner(config).prune(model, dataset=str(quality.C4), tokenizer=tokenizer)
+            OWLPruner(config).prune(model, dataset=str(C4), tokenizer=tokenizer)
             torch.set_num_threads(2)
             ppl = quality.evaluate(spec, model, tokenizer)
             results[run] = {"ppl": ppl, "seconds": time.perf_counter() - start, "factorisation": "float64"}
