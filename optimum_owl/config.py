@@ -14,14 +14,20 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .algorithms.criteria import criterion_names, get_criterion
+from .algorithms.families import SEARCHES, UNIFORM, family_names, get_family, layerwise_names, searchable_names
 from .errors import OWLConfigError
 from .utils import atomic_write_text, public_config
 from .validation import (
+    check_attention_shift,
     check_choice,
-    check_holdout_source,
-    check_int,
+    check_counts,
+    check_dense_propagation,
+    check_holdout_fields,
+    check_known_keys,
+    check_module_fields,
     check_number,
     check_range,
+    check_refine,
     check_scale_fields,
     choice_list,
     number_list,
@@ -33,21 +39,27 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "owl_config.json"
 # Version of the `owl_config.json` layout (the fields below); written into the file, checked when read.
 CONFIG_FORMAT_VERSION = 1
-LAYERWISE = ("owl", "uniform", "owl-auto", "auto", "dlp", "alphapruning", "atp")
-AUTO_FAMILIES = ("owl", "dlp", "alphapruning", "atp")  # what `layerwise="auto"` can search besides uniform
 PROPAGATION = ("sequential", "dense")
 WANDA_GROUPS = ("row", "layer")
 REFINE = ("dsnot",)
 DATA_FIELDS = ("dataset", "auto_holdout_dataset")  # data sources: written to JSON only when a string (a path or name)
-# Fields with a fixed set of values (the CLI derives its `choices` from here); callables, so that criteria
-# registered after import are included.
+# Fields that do not change the pruned weights (left out of resume fingerprints and the card's reproduce command)
+NON_RESULT_FIELDS = ("checkpoint_dir", "device", "offload_folder", "offload_activations", "dataset", "tokenizer")
+# Fields with a fixed set of values (the CLI derives its `choices` from here); callables, so that criteria and
+# allocation families registered after import are included.
 FIELD_CHOICES = {
     "method": criterion_names,
-    "layerwise": lambda: LAYERWISE,
+    "layerwise": layerwise_names,
     "propagation": lambda: PROPAGATION,
     "wanda_group": lambda: WANDA_GROUPS,
     "refine": lambda: REFINE,
 }
+
+
+def _flag(default: Any, group: str, help: str, **kwargs: Any) -> Any:
+    """A field with an `optimum-owl prune` flag, its help and help group in the metadata (a callable: a factory)."""
+    key = "default_factory" if callable(default) else "default"
+    return field(**{key: default}, metadata={"group": group, "help": help}, **kwargs)
 
 
 @dataclass
@@ -205,49 +217,73 @@ class OWLPrunerConfig(QuantizationConfigMixin):
     ```
     """
 
-    sparsity: float = 0.7
-    method: str = "wanda"
-    layerwise: str = "owl"
-    owl_m: float = 5.0
-    owl_lambda: float = 0.08
-    dlp_alpha: float = 0.15
-    alphapruning_epsilon: float = 0.2
-    atp_beta: float = 0.005
-    attention_shift: float = 0.0
-    pattern: str = "unstructured"
-    nm_mixed: bool = False
-    wanda_group: str = "row"
-    sparsegpt_blocksize: int = 128
-    sparsegpt_damp: float = 0.01
-    propagation: str = "sequential"
-    num_samples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    batch_size: int = 8
-    block_name: str | None = None
-    ignore: list[str] = field(default_factory=list)
-    text_column: str = "text"
-    offload_activations: bool = False
-    device: str | None = None
-    offload_folder: str | None = None
-    checkpoint_dir: str | None = None
-    auto_holdout_tokens: int = 8192
-    auto_holdout: float = 0.125
-    auto_holdout_dataset: Any = field(default=None, compare=False, repr=False)
-    auto_owl_ms: list[float] = field(default_factory=lambda: [3.0, 5.0, 7.0, 10.0])
-    auto_owl_lambdas: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.08, 0.12, 0.16, 0.2])
-    auto_finalists: int = 1
-    auto_families: list[str] = field(default_factory=lambda: ["owl", "dlp", "alphapruning", "atp"])
-    auto_dlp_alphas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.25])
-    auto_alphapruning_epsilons: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3])
-    auto_atp_betas: list[float] | None = None
-    auto_attention_shifts: list[float] | None = None
-    refine: str | None = None
-    dsnot_cycles: int = 50
-    dsnot_threshold: float = 1e-3
-    dataset: Any = field(default=None, compare=False, repr=False)
-    tokenizer: Any = field(default=None, compare=False, repr=False)
-    quant_method: str = field(default="owl", init=False, repr=False)
+    # The `optimum-owl prune` flags are built from these fields (config_flags.py): each one's help text is here.
+    sparsity: float = _flag(0.7, "pruning", "target mean sparsity in (0, 1)")
+    method: str = _flag("wanda", "pruning", "pruning criterion")
+    layerwise: str = _flag("owl", "pruning", "how sparsity is spread over blocks")
+    owl_m: float = _flag(5.0, "pruning", "the paper's M (outlier threshold multiple)")
+    owl_lambda: float = _flag(0.08, "pruning", "the paper's λ (spread of block sparsities is 2λ)")
+    dlp_alpha: float = _flag(0.15, "families", "DLP: block sparsities span 2α around the target")
+    alphapruning_epsilon: float = _flag(
+        0.2, "families", "AlphaPruning: block sparsities are the target × (1 ± ε), rescaled to the mean")
+    atp_beta: float = _flag(0.005, "families", "ATP: sparsity step β from one block to the next")
+    attention_shift: float = _flag(0.0, "families", "any family: sparsity added to each block's attention "
+                                   "projections, taken from its MLP (block mean kept)")
+    pattern: str = _flag("unstructured", "pruning", "'unstructured' or N:M (N non-zeros kept per M), e.g. 2:4")
+    nm_mixed: bool = _flag(False, "pruning", "with OWL and N:M: per-block N (mean kept at N/M)")
+    wanda_group: str = _flag("row", "criteria", "Wanda comparison group: row (paper) or layer")
+    sparsegpt_blocksize: int = _flag(128, "criteria", "SparseGPT columns per lazy batch update (the paper's B)")
+    sparsegpt_damp: float = _flag(0.01, "criteria", "SparseGPT dampening, fraction of the mean Hessian diagonal")
+    propagation: str = _flag("sequential", "pruning", "sequential (exact) or dense (faster approximation)")
+    num_samples: int = _flag(128, "pruning", "calibration windows")
+    seqlen: int = _flag(2048, "pruning", "tokens per calibration window")
+    seed: int = _flag(0, "pruning", "seed of the calibration sampling")
+    batch_size: int = _flag(8, "pruning", "calibration windows run through a block at once")
+    block_name: str | None = _flag(None, "pruning", "dotted path of the block list, e.g. model.layers")
+    ignore: list[str] = _flag(list, "pruning", "module-name glob (or re:regex) never pruned; repeat the flag for "
+                              "several")
+    text_column: str = _flag("text", "pruning", "text column of a .jsonl / datasets calibration source")
+    offload_activations: bool = _flag(False, "memory", "keep calibration activations on CPU between blocks")
+    device: str | None = _flag(None, "memory", "move each block to this device for its turn (auto, cpu, cuda:0, ...); "
+                               "unset: where it lives")
+    offload_folder: str | None = _flag(None, "memory", "folder for the pruned weights of disk-offloaded blocks "
+                                       "(device_map models)")
+    checkpoint_dir: str | None = _flag(None, "memory", "folder for resumable runs: rerun the same command to continue "
+                                       "after the last block")
+    auto_holdout_tokens: int = _flag(8192, "search", "tokens to score candidates on, drawn from the calibration "
+                                     "source beyond the calibration windows (0: hold out calibration windows)")
+    auto_holdout: float = _flag(0.125, "search", "fraction of calibration windows held out to score candidates when "
+                                "the source has no other text, in (0, 0.5]")
+    auto_holdout_dataset: Any = _flag(None, "search", "text to score candidates on instead of the calibration source "
+                                      "(.txt/.jsonl path or datasets name), e.g. a validation split of the text the "
+                                      "model will serve", compare=False, repr=False)
+    auto_owl_ms: list[float] = _flag(lambda: [3.0, 5.0, 7.0, 10.0], "search",
+                                     "M values searched (--owl-m is always added)")
+    auto_owl_lambdas: list[float] = _flag(lambda: [0.02, 0.05, 0.08, 0.12, 0.16, 0.2], "search",
+                                          "λ values searched (--owl-lambda is always added)")
+    auto_finalists: int = _flag(1, "search", "best screened candidates (auto: of that many families) pruned exactly "
+                                "and scored again")
+    auto_families: list[str] = _flag(lambda: ["owl", "dlp", "alphapruning", "atp"], "search",
+                                     "auto: families searched besides uniform")
+    auto_dlp_alphas: list[float] = _flag(lambda: [0.05, 0.1, 0.15, 0.2, 0.25], "search",
+                                         "auto: DLP α values searched (--dlp-alpha is always added)")
+    auto_alphapruning_epsilons: list[float] = _flag(lambda: [0.1, 0.2, 0.3], "search", "auto: AlphaPruning ε values "
+                                                    "searched (--alphapruning-epsilon is always added)")
+    auto_atp_betas: list[float] | None = _flag(None, "search", "auto: ATP β values searched (--atp-beta is always "
+                                               "added); unset: spreads 0.08-0.32 over the depth")
+    auto_attention_shifts: list[float] | None = _flag(None, "search", "auto: attention shifts (see --attention-shift) "
+                                                      "tried on the best screened setting")
+    refine: str | None = _flag(None, "refinement", "training-free mask refinement after pruning; needs --method wanda")
+    dsnot_cycles: int = _flag(50, "refinement", "--refine dsnot: most swaps per row")
+    dsnot_threshold: float = _flag(1e-3, "refinement", "--refine dsnot: stop a row when a swap gains less than this "
+                                   "fraction")
+    # Not flags ("flag": False): `optimum-owl prune` hands `--calibration` and `--tokenizer` to `OWLPruner.prune`.
+    dataset: Any = field(default=None, compare=False, repr=False,
+                         metadata={"flag": False, "help": "calibration data of prune-on-load (any OWLPruner source)"})
+    tokenizer: Any = field(default=None, compare=False, repr=False,
+                           metadata={"flag": False, "help": "tokenizer (or its path) for text calibration data"})
+    quant_method: str = field(default="owl", init=False, repr=False,
+                              metadata={"flag": False, "help": "transformers' quantization method, always owl"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -257,8 +293,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         """Check every field; raise `OWLConfigError` naming the field and the fix."""
         check_range("sparsity", self.sparsity, 0.0, 1.0, hint="the fraction of zeros, e.g. 0.7")
         self.method = check_choice("method", self.method, criterion_names())
-        criterion = get_criterion(self.method)
-        self.layerwise = check_choice("layerwise", self.layerwise, LAYERWISE)
+        self.layerwise = check_choice("layerwise", self.layerwise, layerwise_names())
         self.propagation = check_choice("propagation", self.propagation, PROPAGATION)
         self.wanda_group = check_choice("wanda_group", self.wanda_group, WANDA_GROUPS)
         check_number("owl_m", self.owl_m)
@@ -270,59 +305,26 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         check_range("atp_beta", self.atp_beta, 0.0, hint="e.g. 0.005; ATP searches it in steps of 0.002")
         parse_pattern(self.pattern)
         self.pattern = self.pattern.strip().lower()
-        check_range("attention_shift", self.attention_shift, -1.0, 1.0, hint="e.g. 0.05 (0 keeps one sparsity per block)")
-        self.auto_attention_shifts = number_list("auto_attention_shifts", self.auto_attention_shifts, low=-1.0,
-                                                 high=1.0, optional=True)
-        if (self.attention_shift or self.auto_attention_shifts) and self.nm_pattern is not None:
-            raise OWLConfigError(f"`attention_shift` / `auto_attention_shifts` need pattern='unstructured' (an N:M "
-                                 f"pattern fixes every matrix's sparsity), got pattern={self.pattern!r}; unset them.")
-        for name in ("num_samples", "seqlen", "batch_size", "sparsegpt_blocksize", "auto_finalists", "dsnot_cycles"):
-            check_int(name, getattr(self, name), 1)
-        check_int("seed", self.seed)
-        check_range("sparsegpt_damp", self.sparsegpt_damp, 0.0, hint="the paper uses 0.01")
-        if self.propagation == "dense" and criterion.updates_weights:
-            plain = ", ".join(repr(n) for n in criterion_names() if not get_criterion(n).updates_weights)
-            raise OWLConfigError(
-                f"`propagation`='dense' supports methods that do not update weights ({plain}) only: "
-                f"{self.method!r} updates weights and needs the statistics of every block after the pruned ones "
-                f"before it. Use propagation='sequential' with method={self.method!r}."
-            )
-        if isinstance(self.ignore, str):
-            self.ignore = [self.ignore]
-        if not isinstance(self.ignore, (list, tuple)) or not all(isinstance(p, str) for p in self.ignore):
-            raise OWLConfigError(f"`ignore` must be a list of name patterns (strings), got {self.ignore!r}.")
-        self.ignore = list(self.ignore)
-        if self.block_name is not None and not isinstance(self.block_name, str):
-            raise OWLConfigError(f"`block_name` must be a dotted module path such as 'model.layers', got {self.block_name!r}.")
+        check_attention_shift(self)
+        check_counts(self)
+        check_dense_propagation(self, {n: get_criterion(n) for n in criterion_names()})
+        check_module_fields(self)
         check_scale_fields(self)
-        if self.nm_pattern is not None and self.nm_mixed and self.layerwise not in ("owl", "uniform"):
-            raise OWLConfigError(f"`nm_mixed=True` needs layerwise='owl', got {self.layerwise!r}; or set nm_mixed=False.")
+        if self.nm_pattern is not None and self.nm_mixed and (self.layerwise in SEARCHES or not get_family(self.layerwise).nm):
+            able = " or ".join(repr(n) for n in family_names() if get_family(n).nm and n != UNIFORM)
+            raise OWLConfigError(f"`nm_mixed=True` needs layerwise={able}, got {self.layerwise!r}; or set nm_mixed=False.")
         self._validate_auto_and_refine()
 
     def _validate_auto_and_refine(self) -> None:
         """Fields of `layerwise="owl-auto"` / `"auto"` and of the `refine` step."""
-        check_int("auto_holdout_tokens", self.auto_holdout_tokens, 0,
-                  hint="tokens the searches score on beyond the calibration windows, e.g. 8192 (0: hold out instead)")
-        check_number("auto_holdout", self.auto_holdout)
-        if not 0.0 < self.auto_holdout <= 0.5:
-            raise OWLConfigError(f"`auto_holdout` must be in (0, 0.5] (fraction of the calibration windows held out), "
-                                 f"got {self.auto_holdout}; e.g. 0.125.")
-        check_holdout_source(self)
+        check_holdout_fields(self)
         self.auto_owl_ms = number_list("auto_owl_ms", self.auto_owl_ms, positive=True)
         self.auto_owl_lambdas = number_list("auto_owl_lambdas", self.auto_owl_lambdas)
         self.auto_dlp_alphas = number_list("auto_dlp_alphas", self.auto_dlp_alphas)
         self.auto_alphapruning_epsilons = number_list("auto_alphapruning_epsilons", self.auto_alphapruning_epsilons, high=1.0)
         self.auto_atp_betas = number_list("auto_atp_betas", self.auto_atp_betas, optional=True)
-        self.auto_families = choice_list("auto_families", self.auto_families, AUTO_FAMILIES)
-        if self.refine is not None:
-            self.refine = check_choice("refine", self.refine, REFINE)  # or None
-            if self.refine not in get_criterion(self.method).refine:
-                able = [n for n in criterion_names() if self.refine in get_criterion(n).refine]
-                raise OWLConfigError(
-                    f"`refine`={self.refine!r} needs method={' or '.join(repr(n) for n in able)} (it swaps weights "
-                    f"using calibration statistics and keeps dense values), got method={self.method!r}; set "
-                    f"refine=None or method={able[0]!r}."
-                )
+        self.auto_families = choice_list("auto_families", self.auto_families, searchable_names())
+        check_refine(self, {n: get_criterion(n) for n in criterion_names()}, REFINE)
         check_range("dsnot_threshold", self.dsnot_threshold, 0.0, 1.0, hint="e.g. 0.001")
 
     # ----------------------------------------------------------------------------------------------- derived
@@ -361,8 +363,12 @@ class OWLPrunerConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
-        """Build a config from `to_dict()` output (unknown keys are ignored with a warning)."""
-        data = {**dict(config_dict), **kwargs}
+        """Build a config from `to_dict()` output (or `owl_config.json`, `quantization_config`: their `quant_method`
+        and `format_version` are accepted). An unknown key raises `OWLConfigError` naming the closest field, as the
+        constructor refuses it; with `return_unused_kwargs` (transformers' protocol) unknown `kwargs` are returned."""
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unused = {k: v for k, v in kwargs.items() if k not in names} if return_unused_kwargs else {}
+        data = {**dict(config_dict), **{k: v for k, v in kwargs.items() if k not in unused}}
         data.pop("quant_method", None)
         version = data.pop("format_version", CONFIG_FORMAT_VERSION)
         if not isinstance(version, int) or version > CONFIG_FORMAT_VERSION:
@@ -370,11 +376,8 @@ class OWLPrunerConfig(QuantizationConfigMixin):
                 f"This OWL config has `format_version`={version!r}; this optimum-owl reads format "
                 f"{CONFIG_FORMAT_VERSION} and earlier. Upgrade optimum-owl (`pip install -U optimum-owl`)."
             )
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
-        unused = {k: v for k, v in data.items() if k not in names}
-        if unused and not return_unused_kwargs:
-            logger.warning("Ignoring unknown OWLPrunerConfig keys: %s", sorted(unused))
-        config = cls(**{k: v for k, v in data.items() if k in names})
+        check_known_keys(data, names, cls.__name__)
+        config = cls(**data)
         return (config, unused) if return_unused_kwargs else config
 
     def to_json_string(self, use_diff: bool = True) -> str:

@@ -19,6 +19,7 @@ import torch
 from .config import OWLPrunerConfig
 from .evaluation import encode_joined, load_texts, perplexity_of_ids
 from .pruner import OWLPruner
+from .pruning.modeling import context_length
 from .pruning.report import PruneReport
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,12 @@ def run_demo(
     """Prune stories260K with uniform and OWL allocation and measure perplexity on held-out generated text."""
     model, tokenizer = load_bundled_model()
     model.eval()
+    max_pos = context_length(model)
+    if max_pos is not None and seqlen > max_pos:  # before any text is generated: windows longer than the context
+        raise ValueError(
+            f"seqlen={seqlen} (--seqlen) exceeds the bundled stories260K's context of {max_pos} tokens "
+            f"(max_position_embeddings); use a seqlen of at most {max_pos}."
+        )
     calib = generate_token_windows(model, tokenizer, num_samples, seqlen, seed=seed)
     heldout = generate_token_windows(model, tokenizer, 32, seqlen, seed=seed + 1000)
     eval_sets: dict[str, torch.LongTensor] = {"generated": heldout.reshape(-1)}

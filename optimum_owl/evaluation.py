@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,29 +24,43 @@ from .pruning.modeling import context_length
 logger = logging.getLogger(__name__)
 
 
-# A string with no whitespace ending like a text file is a path; if it does not exist that is an error, not text.
-_TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".json")
+# The end of a file name: "wiki.parquet", "test.jsonl", "notes.txt" (not "Hello." nor "3.14").
+_FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9_]{0,9}$")
 
 
-def _is_file(name: str) -> bool:
+def _exists(name: str) -> bool:
     try:
-        return Path(name).is_file()
-    except OSError:  # e.g. a long text is not a valid file name
+        return Path(name).expanduser().exists()
+    except (OSError, ValueError):  # e.g. a long text is not a valid file name
         return False
 
 
-def load_texts(source: Any, text_column: str = "text") -> list[str]:
-    """Texts from a string, a list of strings, a `.txt`/`.jsonl`/`.json` path, or a `datasets.Dataset`.
+def looks_like_path(source: str) -> bool:
+    """Whether a string passed as evaluation text is a path: it names an existing file or folder, or it has no
+    whitespace and a path separator (`data/wiki_test`), a leading `~`, or a file suffix (`wiki.parquet`)."""
+    if _exists(source):
+        return True
+    if not source or any(c.isspace() for c in source):
+        return False
+    return "/" in source or os.sep in source or source.startswith("~") or bool(_FILE_SUFFIX.search(source))
 
-    A path (`os.PathLike`, or a string without whitespace ending in .txt/.jsonl/.json) that does not exist raises
-    `FileNotFoundError`; it is never evaluated as text.
+
+def load_texts(source: Any, text_column: str = "text") -> list[str]:
+    """Texts from a path (`.txt`/`.jsonl`/`.json`; `str` or `os.PathLike`), a list of strings, a
+    `datasets.Dataset`, or a string of text.
+
+    A string is read as a path when `looks_like_path` says so; a path that does not exist raises `FileNotFoundError`
+    naming it (it is never evaluated as text). Pass text that looks like a path in a list (`["a/b"]`), or as
+    `perplexity(..., text=...)`.
     """
-    looks_like_path = isinstance(source, os.PathLike) or (
-        isinstance(source, str) and not any(c.isspace() for c in source) and (
-            source.endswith(_TEXT_FILE_SUFFIXES) or _is_file(source))
-    )
-    if looks_like_path:
-        return read_texts(source, text_column, documents=False)
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and looks_like_path(source)):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"Evaluation text file {os.fspath(source)} does not exist. Check the path; to evaluate a string as "
+                "text, pass it in a list ([text]) or as `text=`."
+            )
+        return read_texts(path, text_column, documents=False)
     if isinstance(source, str):
         return [source]
     if hasattr(source, "column_names"):
@@ -57,23 +72,29 @@ def load_texts(source: Any, text_column: str = "text") -> list[str]:
 def perplexity(
     model: nn.Module,
     tokenizer: Any,
-    text_or_dataset: Any,
+    text_or_dataset: Any = None,
     seqlen: int = 2048,
     batch_size: int = 1,
     max_windows: int | None = None,
     add_bos: bool = False,
     text_column: str = "text",
+    *,
+    text: str | list[str] | None = None,
 ) -> float:
     """Perplexity of a causal LM on `text_or_dataset` (see the module docstring for the protocol).
 
     Args:
         model: a causal LM returning `.logits`.
         tokenizer: its tokenizer.
-        text_or_dataset: a string, list of strings (joined with `"\\n\\n"`), `.txt`/`.jsonl` path or `datasets.Dataset`.
+        text_or_dataset: a `.txt`/`.jsonl`/`.json` path, a list of strings (joined with `"\\n\\n"`), a
+            `datasets.Dataset`, or a string of text. A string that looks like a path (`load_texts`) is a path, and
+            a missing one raises `FileNotFoundError`.
         seqlen (`int`): window length.
         batch_size (`int`): windows per forward.
         max_windows (`int`, *optional*): evaluate only the first windows (quick checks).
         add_bos (`bool`): put the tokenizer's BOS before the text (once, at the start).
+        text (`str` or `list[str]`, *optional*): the text itself, never read as a path (instead of
+            `text_or_dataset`).
 
     Returns:
         `float` perplexity.
@@ -85,7 +106,11 @@ def perplexity(
     >>> ppl = perplexity(model, tokenizer, "../shared/assets/text/wikitext2_test.jsonl", seqlen=512)  # doctest: +SKIP
     ```
     """
-    ids = encode_joined(tokenizer, load_texts(text_or_dataset, text_column), add_bos=add_bos)
+    if (text is None) == (text_or_dataset is None):
+        raise ValueError("perplexity: pass the evaluation text either as `text_or_dataset` (a path, a list of strings "
+                         "or a dataset) or as `text=` (the text itself), exactly one of them.")
+    texts = load_texts(text_or_dataset, text_column) if text is None else [text] if isinstance(text, str) else list(text)
+    ids = encode_joined(tokenizer, texts, add_bos=add_bos)
     return perplexity_of_ids(model, ids, seqlen, batch_size, max_windows)
 
 

@@ -1,18 +1,24 @@
-"""Small helpers shared by every layer: THE atomic writers (file, text, folder), THE nested-structure walker, name
-matching, what may be published (public_path, redact_secrets)."""
+"""Small helpers shared by every layer: THE atomic writers (file, text, folder) and the checks of an output folder
+(never over an input, free space, leftovers of killed writes), THE nested-structure walker, name matching, what may be
+published (public_path, public_command, redact_secrets)."""
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
@@ -55,19 +61,26 @@ def map_tensors(value: Any, fn: Callable[[Any], Any]) -> Any:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    path: str | os.PathLike, overwrite: bool = False, protected: dict[str, Any] | None = None, flag: str = "save_dir"
+) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename, on failure it is removed.
 
-    An interrupted run therefore leaves either the old `path` or nothing, never a half-written folder.
-    Raises `FileExistsError` when `path` exists and `overwrite` is false.
+    An interrupted run therefore leaves either the old `path` or nothing, never a half-written folder; the leftovers
+    of a killed run (`.NAME.owl-*.partial`) are removed by the next write of `path` (`clean_stale_outputs`).
+    Raises `FileExistsError` when `path` exists and `overwrite` is false, and `ValueError` (naming `flag`) when `path`
+    is or contains one of the `protected` local inputs (`{description: path}`, e.g. `input_paths(model, ...)`):
+    replacing it would delete them.
     """
     final = Path(path)
     if final.exists() and not final.is_dir():
         raise FileExistsError(f"Output path {final} exists and is not a folder; remove it or choose another path.")
+    refuse_overlap(final, local_paths(protected), flag, inside=False)
     if final.exists() and not overwrite:
         raise FileExistsError(f"Output directory {final} already exists; pass overwrite=True (CLI: --overwrite).")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    clean_stale_outputs(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_owner_tag()}-", suffix=".partial", dir=final.parent))
     try:
         yield tmp
         for file in tmp.rglob("*.safetensors"):
@@ -78,7 +91,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
             if not item.is_symlink():
                 os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
         if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            old = final.with_name(f".{final.name}.{_owner_tag()}.old")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -87,6 +100,70 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _owner_tag() -> str:
+    """`owl-<host hash>-<pid>`: names the process (and machine) that owns a temporary output folder."""
+    host = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+    return f"owl-{host}-{os.getpid()}"
+
+
+_OWNED = re.compile(r"owl-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)(?P<kind>-\w+\.partial|\.old)")
+_LEGACY = re.compile(r"\w{8}\.partial|old-\d+")  # written before the owner was recorded in the name
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine exists (True when that cannot be told: never remove a live write)."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def clean_stale_outputs(path: str | os.PathLike) -> list[Path]:
+    """Remove what killed writes of `path` left beside it; returns the removed folders.
+
+    `atomic_output_dir` writes into `.NAME.owl-<host>-<pid>-*.partial` and moves the replaced output to
+    `.NAME.owl-<host>-<pid>.old`; a SIGKILL (or power loss) leaves them behind. One is removed only when its owner
+    process is gone from this machine (a live one may be another run writing `path` right now) and, for `.old`, when
+    `path` exists (otherwise it holds the previous output: it is named in a warning instead). Leftovers of another
+    machine or of older optimum-owl versions are named in a warning, never removed.
+    """
+    final = Path(path)
+    prefix = f".{final.name}."
+    try:
+        entries = [e for e in final.parent.iterdir() if e.name.startswith(prefix) and e.is_dir() and not e.is_symlink()]
+    except OSError:
+        return []
+    removed: list[Path] = []
+    host = _owner_tag().split("-")[1]
+    for entry in sorted(entries):
+        rest = entry.name[len(prefix):]
+        owned = _OWNED.fullmatch(rest)
+        if owned is None:
+            if _LEGACY.fullmatch(rest):
+                logger.warning("%s looks like the leftover of an interrupted write of %s; remove it if no other run "
+                               "is writing there.", entry, final)
+            continue
+        if owned["host"] != host or _process_alive(int(owned["pid"])):
+            if owned["host"] != host:
+                logger.warning("%s was left by process %s of another machine writing %s; remove it if that run has "
+                               "ended.", entry, owned["pid"], final)
+            continue
+        if owned["kind"] == ".old" and not final.exists():
+            logger.warning("%s holds the previous %s (a write was killed while replacing it); rename it back or "
+                           "remove it.", entry, final)
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        logger.warning("Removed %s, left by an interrupted write of %s (process %s is gone).", entry, final,
+                       owned["pid"])
+        removed.append(entry)
+    return removed
 
 
 def _umask() -> int:
@@ -131,6 +208,7 @@ def check_output_dir(
     flag: str = "--output-dir",
     protected: dict[str, str | None] | None = None,
     disjoint: dict[str, str | None] | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> None:
     """Refuse an output folder before any work starts (the CLI calls this first).
 
@@ -138,29 +216,69 @@ def check_output_dir(
     no permission: probed by creating and removing a temporary folder where it will go), or is, contains or lies
     inside one of the `protected` local paths (`{description: path}`, e.g. the input model: replacing the output would
     delete it; entries that do not exist locally, such as Hub ids, are skipped) or of the `disjoint` paths (folders the
-    run itself writes, e.g. `--checkpoint-dir`, checked whether or not they exist yet). Raises `FileExistsError`,
-    `PermissionError` or `ValueError` naming `flag`.
+    run itself writes, e.g. `--checkpoint-dir`, checked whether or not they exist yet), or is or contains one of the
+    `inputs` (other local files and folders the run reads, such as the calibration text: an output inside them
+    deletes nothing). Raises `FileExistsError`, `PermissionError` or `ValueError` naming `flag`. Leftovers of killed
+    writes of `path` are cleaned up (`clean_stale_outputs`), so the free-space check that follows sees their space.
     """
     final = Path(path)
     if final.exists() and not final.is_dir():
         raise FileExistsError(f"{flag} {final} exists and is not a folder; remove it or choose another path.")
-    resolved = final.resolve()
-    others = {k: v for k, v in (protected or {}).items() if v is not None and Path(v).exists()}
+    others = local_paths(protected)
     others.update({k: v for k, v in (disjoint or {}).items() if v is not None})
-    for what, other in others.items():
-        theirs = Path(other).resolve()
-        if resolved == theirs or theirs in resolved.parents or resolved in theirs.parents:
-            relation = "is" if resolved == theirs else ("is inside" if theirs in resolved.parents else "contains")
-            raise ValueError(
-                f"{flag} {final} {relation} the {what} {other}; writing there would delete it. Choose a folder outside it."
-            )
+    refuse_overlap(final, others, flag)
+    refuse_overlap(final, local_paths(inputs), flag, inside=False)
     if final.exists() and not overwrite:
-        raise FileExistsError(f"{flag} {final} exists; pass --overwrite to replace it.")
-    ancestor = existing_ancestor(resolved.parent)
+        how = "pass --overwrite" if flag.startswith("-") else "pass overwrite=True"
+        raise FileExistsError(f"{flag} {final} exists; {how} to replace it.")
+    clean_stale_outputs(final)
+    ancestor = existing_ancestor(final.resolve().parent)
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".owl-write-probe.", dir=ancestor))
     except OSError as err:
         raise PermissionError(f"{flag} {final}: cannot write in {ancestor} ({err.strerror}).") from None
+
+
+def local_paths(paths: dict[str, Any] | None) -> dict[str, str]:
+    """The entries of `{description: path}` that name an existing local file or folder (Hub ids, data set names,
+    objects and empty values are dropped)."""
+    found: dict[str, str] = {}
+    for what, value in (paths or {}).items():
+        if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            if Path(value).exists():
+                found[what] = os.fspath(value)
+    return found
+
+
+def refuse_overlap(path: str | os.PathLike, others: dict[str, Any], flag: str, inside: bool = True) -> None:
+    """Raise `ValueError` (naming `flag`) when `path` is or contains one of `others` (`{description: path}`), or, with
+    `inside`, lies inside one: replacing `path` would delete it (or write into it)."""
+    final = Path(path)
+    resolved = final.resolve()
+    for what, other in others.items():
+        theirs = Path(other).resolve()
+        if resolved == theirs:
+            relation = "is"
+        elif resolved in theirs.parents:
+            relation = "contains"
+        elif inside and theirs in resolved.parents:
+            relation = "is inside"
+        else:
+            continue
+        raise ValueError(
+            f"{flag} {final} {relation} the {what} {other}; writing there would delete it. Choose a folder outside it."
+        )
+
+
+def input_paths(model: Any = None, tokenizer: Any = None, config: Any = None) -> dict[str, Any]:
+    """What a save must not delete: the folders `model` and `tokenizer` were loaded from (`name_or_path`) and the
+    local paths of `config` (`PATH_FIELDS`: calibration data, checkpoint and offload folders), as
+    `{description: path}` for `atomic_output_dir(protected=...)` / `check_output_dir`."""
+    found = {"input model": getattr(model, "name_or_path", None), "tokenizer": getattr(tokenizer, "name_or_path", None)}
+    found.update({f"`{name}`": getattr(config, name, None) for name in PATH_FIELDS})
+    return found
 
 
 def existing_ancestor(path: Path) -> Path:
@@ -171,14 +289,25 @@ def existing_ancestor(path: Path) -> Path:
     return path
 
 
-def check_free_space(path: str | os.PathLike, needed: int, flag: str = "--output-dir") -> None:
-    """Refuse (`OSError`) when the file system that will hold `path` has less than `needed` bytes free."""
+def format_bytes(size: int) -> str:
+    """`size` for messages: exact bytes below 1 MB, else MB or GB with two decimals."""
+    if size < 1e6:
+        return f"{size:,} bytes"
+    return f"{size / 1e6:,.2f} MB" if size < 1e9 else f"{size / 1e9:,.2f} GB"
+
+
+def check_free_space(path: str | os.PathLike, needed: int, flag: str = "--output-dir", what: str = "") -> None:
+    """Refuse (`OSError`) when the file system that will hold `path` has less than `needed` bytes free; `what` says
+    where the estimate comes from (shown in the message)."""
     where = existing_ancestor(Path(path).parent)
     free = shutil.disk_usage(where).free
     if free < needed:
+        shown_free, shown_needed = format_bytes(free), format_bytes(needed)
+        if shown_free == shown_needed:  # too close for two decimals: show the bytes
+            shown_free, shown_needed = f"{free:,} bytes", f"{needed:,} bytes"
         raise OSError(
-            f"{flag} {path}: {free / 1e6:,.1f} MB free in {where}, but the output needs at least {needed / 1e6:,.1f} MB; "
-            "free some space or choose another folder."
+            f"{flag} {path}: {shown_free} free in {where}, but the output needs about {shown_needed}"
+            f"{f' ({what})' if what else ''}; free some space or choose another folder."
         )
 
 
@@ -207,6 +336,22 @@ def public_path(value: object) -> object:
     if os.path.isabs(text) or text.startswith("~"):
         return Path(text).name
     return text
+
+
+# An absolute or `~` path in a command line: quoted (group `quoted`), or a bare word after a space, `=` or the start.
+_COMMAND_PATH = re.compile(r"""(?P<q>['"])(?P<quoted>[~/][^'"]*)(?P=q)|(?P<lead>^|[\s=])(?P<bare>[~/][^\s'"]*)""")
+
+
+def public_command(command: str) -> str:
+    """A command line as published (model cards): every absolute or `~` path in it reduced by `public_path`, quoted
+    or not, also as `--flag=/path` or `NAME=/path`; URLs, relative paths and Hub ids are kept."""
+
+    def reduce(match: re.Match) -> str:
+        if match["quoted"] is not None:
+            return f"{match['q']}{public_path(match['quoted']) or match['quoted']}{match['q']}"
+        return f"{match['lead']}{public_path(match['bare']) or match['bare']}"
+
+    return _COMMAND_PATH.sub(reduce, command)
 
 
 # `OWLPrunerConfig` fields that may hold local paths; published files carry only their last component.

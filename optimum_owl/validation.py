@@ -1,10 +1,12 @@
 """Field checks shared by the configs (numbers, choices, N:M patterns), and the `OWLPrunerConfig` field groups checked
-together (`check_scale_fields`, `check_holdout_source`). Each error names the field and the fix."""
+together (`check_scale_fields`, `check_holdout_fields`, `check_refine`, ...). Each error names the field and the fix."""
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .errors import OWLConfigError
@@ -146,3 +148,95 @@ def check_holdout_source(config: Any) -> None:
     if isinstance(config.auto_holdout_dataset, str) and not config.auto_holdout_dataset.strip():
         raise OWLConfigError("`auto_holdout_dataset` is an empty string; give a .txt/.jsonl path, a datasets "
                              "name or any calibration source, or None.")
+
+
+def check_attention_shift(config: Any) -> None:
+    """`attention_shift` and `auto_attention_shifts` of an `OWLPrunerConfig`: in [-1, 1), unstructured only."""
+    check_range("attention_shift", config.attention_shift, -1.0, 1.0, hint="e.g. 0.05 (0 keeps one sparsity per block)")
+    config.auto_attention_shifts = number_list("auto_attention_shifts", config.auto_attention_shifts, low=-1.0,
+                                               high=1.0, optional=True)
+    if (config.attention_shift or config.auto_attention_shifts) and config.nm_pattern is not None:
+        raise OWLConfigError(f"`attention_shift` / `auto_attention_shifts` need pattern='unstructured' (an N:M "
+                             f"pattern fixes every matrix's sparsity), got pattern={config.pattern!r}; unset them.")
+
+
+def check_module_fields(config: Any) -> None:
+    """`ignore` (a list of name patterns; one string is accepted) and `block_name` of an `OWLPrunerConfig`."""
+    if isinstance(config.ignore, str):
+        config.ignore = [config.ignore]
+    if not isinstance(config.ignore, (list, tuple)) or not all(isinstance(p, str) for p in config.ignore):
+        raise OWLConfigError(f"`ignore` must be a list of name patterns (strings), got {config.ignore!r}.")
+    config.ignore = list(config.ignore)
+    if config.block_name is not None and not isinstance(config.block_name, str):
+        raise OWLConfigError(f"`block_name` must be a dotted module path such as 'model.layers', got {config.block_name!r}.")
+
+
+def check_counts(config: Any) -> None:
+    """The positive counts of an `OWLPrunerConfig`, its `seed` and `sparsegpt_damp`."""
+    for name in ("num_samples", "seqlen", "batch_size", "sparsegpt_blocksize", "auto_finalists", "dsnot_cycles"):
+        check_int(name, getattr(config, name), 1)
+    check_int("seed", config.seed)
+    check_range("sparsegpt_damp", config.sparsegpt_damp, 0.0, hint="the paper uses 0.01")
+
+
+def check_holdout_fields(config: Any) -> None:
+    """`auto_holdout_tokens`, `auto_holdout`, then `auto_holdout_dataset` (`check_holdout_source`) of the searches."""
+    check_int("auto_holdout_tokens", config.auto_holdout_tokens, 0,
+              hint="tokens the searches score on beyond the calibration windows, e.g. 8192 (0: hold out instead)")
+    check_number("auto_holdout", config.auto_holdout)
+    if not 0.0 < config.auto_holdout <= 0.5:
+        raise OWLConfigError(f"`auto_holdout` must be in (0, 0.5] (fraction of the calibration windows held out), "
+                             f"got {config.auto_holdout}; e.g. 0.125.")
+    check_holdout_source(config)
+
+
+def check_dense_propagation(config: Any, criteria: Mapping[str, Any]) -> None:
+    """`propagation="dense"` needs a criterion that does not update weights (`criteria`: name -> its `Criterion`,
+    the registry of `algorithms.criteria`, which sits above this module)."""
+    if config.propagation == "dense" and criteria[config.method].updates_weights:
+        plain = ", ".join(repr(n) for n, c in criteria.items() if not c.updates_weights)
+        raise OWLConfigError(
+            f"`propagation`='dense' supports methods that do not update weights ({plain}) only: "
+            f"{config.method!r} updates weights and needs the statistics of every block after the pruned ones "
+            f"before it. Use propagation='sequential' with method={config.method!r}."
+        )
+
+
+def check_refine(config: Any, criteria: Mapping[str, Any], choices: tuple[str, ...]) -> None:
+    """`refine` (None or one of `choices`), only with a criterion that lists it (`criteria` as above)."""
+    if config.refine is None:
+        return
+    config.refine = check_choice("refine", config.refine, choices)
+    if config.refine not in criteria[config.method].refine:
+        able = [n for n, c in criteria.items() if config.refine in c.refine]
+        raise OWLConfigError(
+            f"`refine`={config.refine!r} needs method={' or '.join(repr(n) for n in able)} (it swaps weights "
+            f"using calibration statistics and keeps dense values), got method={config.method!r}; set "
+            f"refine=None or method={able[0]!r}."
+        )
+
+
+def check_target_sparsity(config: Any, name: str = "sparsity") -> None:
+    """A pruning run needs something to prune: refuse a target sparsity of 0 (`OWLConfigError` naming `name`).
+
+    Checked where a run saves a checkpoint (the `prune` command, `OWLPruner.prune_and_save` / `quantize`), not by the
+    config itself, which also describes checkpoints, nor by `OWLPruner.prune`, for which 0 is a no-op."""
+    if config.target_sparsity <= 0.0:
+        shown = f"{name} {config.sparsity}" if name.startswith("-") else f"`{name}`={config.sparsity}"
+        raise OWLConfigError(
+            f"{shown} prunes nothing: the run would only save the unchanged model as a pruned checkpoint. Set a "
+            "sparsity in (0, 1), e.g. 0.5, or an N:M pattern such as 2:4."
+        )
+
+
+def check_known_keys(data: Mapping[str, Any], names: Iterable[str], owner: str) -> None:
+    """Refuse the keys of `data` that are not among `names` (the fields of `owner`), as the constructor refuses an
+    unknown keyword: `OWLConfigError` naming each key and its closest field (a typo in a JSON file must not silently
+    run with the default)."""
+    names = sorted(names)
+    unknown = sorted(str(k) for k in data if k not in names)
+    if unknown:
+        hints = [f"`{key}`" + "".join(f" (did you mean `{m}`?)" for m in difflib.get_close_matches(key, names, n=1))
+                 for key in unknown]
+        raise OWLConfigError(f"Unknown {owner} key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; fix or remove "
+                             f"it (the fields are documented in `help({owner})`).")

@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "optimum_owl"
 LAYERS = [
     ("foundations", ("optimum_owl.errors", "optimum_owl.utils", "optimum_owl.validation")),
     ("algorithms", ("optimum_owl.algorithms",)),
-    ("config", ("optimum_owl.config",)),
+    ("config", ("optimum_owl.config", "optimum_owl.config_flags")),
     ("formats", ("optimum_owl.formats",)),
     ("core", ("optimum_owl.pruning", "optimum_owl.inference")),
     ("public API", ("optimum_owl.pruner", "optimum_owl.integration", "optimum_owl.serialization",
@@ -176,6 +176,53 @@ def test_a_new_criterion_is_one_registration():
         registry._REGISTRY.pop("toy_rowmag", None)
     with pytest.raises(Exception, match="toy_rowmag"):
         OWLPrunerConfig(method="toy_rowmag")
+
+
+def test_a_new_allocation_family_is_one_registration(monkeypatch):
+    """A toy family (sparsity falling with depth, the knob `atp_beta`) registered once: a direct run applies it, and
+    `auto` screens its grid, checks it exactly and can choose it; unregistered, the config refuses its name."""
+    import optimum_owl.pruning.search.scoring as scoring
+    from optimum_owl.algorithms.allocation import BlockPlan
+    from optimum_owl.algorithms.families import Family, get_family, register_family, registry, searchable_names
+    from optimum_owl.algorithms.families.registry import with_configured
+
+    def allocate(budget, metrics, knob):
+        n, beta = budget.num_blocks, knob["atp_beta"]
+        return [BlockPlan(budget.sparsity + beta * ((n - 1) / 2 - i)) for i in range(n)], None
+
+    def grid(config, num_blocks):
+        return {"atp_beta": with_configured([0.05, 0.1], config.atp_beta)}
+
+    toy = Family("toy_falling", allocate, knobs=("atp_beta",), grid=grid)
+    register_family(toy)
+    try:
+        assert get_family("TOY_FALLING") is toy and "toy_falling" in searchable_names()
+        model = tiny_model("llama", layers=3)
+        report = OWLPruner(OWLPrunerConfig(sparsity=0.5, method="magnitude", layerwise="toy_falling", atp_beta=0.05)).prune(model)
+        assert report.calibration["source"].startswith("none")  # inputs="none": no data needed
+        assert report.block_sparsities == pytest.approx([0.55, 0.5, 0.45])
+        assert report.allocation == {"family": "toy_falling", "knob": {"atp_beta": 0.05}, "metric": None}
+
+        def falling(model, ids, batch_size):  # a loss that rewards sparsity falling with depth
+            zeros = [sum(int((p == 0).sum()) for p in layer.parameters() if p.dim() == 2) for layer in model.model.layers]
+            return torch.full((ids.shape[0], 3), 1.0 - (zeros[0] - zeros[-1]) / 1e4, dtype=torch.float64)
+
+        monkeypatch.setattr(scoring, "token_losses", falling)
+        config = OWLPrunerConfig(sparsity=0.5, layerwise="auto", auto_families=["toy_falling"], num_samples=12,
+                                 seqlen=16, batch_size=3, auto_holdout=0.25)
+        report = OWLPruner(config).prune(tiny_model("llama", layers=3), dataset=calib_ids(12))
+        screened = [c.knob for c in report.candidates if c.layerwise == "toy_falling, screened"]
+        assert screened == [{"atp_beta": 0.005}, {"atp_beta": 0.05}, {"atp_beta": 0.1}]  # the grid and the configured
+        (chosen,) = [c for c in report.candidates if c.chosen]
+        assert chosen.family == "toy_falling" and report.allocation["family"] == "toy_falling"
+        with pytest.raises(ValueError, match="already registered"):
+            register_family(Family("toy_falling", allocate))
+        with pytest.raises(ValueError, match="search"):
+            register_family(Family("auto", allocate))
+    finally:
+        registry._REGISTRY.pop("toy_falling", None)
+    with pytest.raises(Exception, match="toy_falling"):
+        OWLPrunerConfig(layerwise="toy_falling")
 
 
 def test_pruner_is_reentrant():

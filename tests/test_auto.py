@@ -10,9 +10,9 @@ import torch
 from optimum_owl import OWLPruner, OWLPrunerConfig
 from optimum_owl.errors import OWLConfigError
 from optimum_owl.pruning.report import PruneReport
-from optimum_owl.pruning.search.holdout import holdout_count
 from optimum_owl.pruning.search.scoring import beats_uniform
 from optimum_owl.pruning.search.search import SCREEN_SUFFIX
+from optimum_owl.pruning.search.windows import holdout_count
 
 torch.set_num_threads(1)
 
@@ -120,10 +120,49 @@ def test_finalists_are_the_best_screened_owl_candidates(auto_run):
 def test_report_shows_candidates(auto_run):
     _, _, _, report = auto_run
     text = report.to_markdown()
-    assert "held-out loss" in text and "✓" in text and "owl, screened" in text
+    assert "held-out loss" in text and "✓" in text and "| screened (3 windows) | owl owl_m=" in text
     again = PruneReport.from_json(report.to_json())
     assert again.candidates == report.candidates
     assert "auto_screen" in report.timings and "auto_exact" in report.timings
+
+
+def test_candidate_table_labels_screened_and_exact_rows_and_explains_gain_z(auto_run):
+    _, _, _, report = auto_run
+    lines = report.candidate_table().splitlines()
+    screened = [line for line in lines if line.startswith("| screened")]
+    exact = [line for line in lines if line.startswith("| exact")]
+    assert len(screened) == sum(c.layerwise.endswith(SCREEN_SUFFIX) for c in report.candidates) and len(exact) == 3
+    # held out of the calibration windows (as here): the screening scores on every held-out window too
+    assert screened[0].startswith("| screened (3 windows) | uniform |") and exact[0].startswith("| exact (3 windows) | uniform |")
+    assert "*gain z*: how many standard errors" in lines[0] and "*Screened* rows" in lines[0]
+
+
+def test_phase_timings_add_up_to_the_total(auto_run):
+    """A phase run inside another (the prune passes of the search) is a part of it, not counted twice."""
+    _, _, _, report = auto_run
+    timings = report.timings
+    top = {k: v for k, v in timings.items() if "/" not in k and k != "total"}
+    assert sum(top.values()) <= timings["total"] + 1e-3
+    nested = {k: v for k, v in timings.items() if "/" in k}
+    assert {"auto_exact/prune_pass", "auto_refit/prune_pass"} <= set(nested)
+    assert all(v <= timings[k.split("/")[0]] + 1e-3 for k, v in nested.items())
+    line = next(x for x in report.to_markdown().splitlines() if x.startswith("- time (s): "))
+    total, parts = line.removeprefix("- time (s): total ").split(" = ")
+    values = [float(part.split(" (of which")[0].rsplit(" ", 1)[1]) for part in parts.split(" + ")]
+    assert parts.split(" + ")[-1].startswith("other ") and "(of which prune_pass" in line
+    assert sum(values) == pytest.approx(float(total), abs=0.005 * len(values))
+
+
+def test_screening_shows_a_progress_bar(monkeypatch):
+    import optimum_owl.pruning.search.search as search
+
+    bars = []
+    real = search.tqdm
+    monkeypatch.setattr(search, "tqdm", lambda *a, **k: bars.append(real(*a, **k)) or bars[-1])
+    report = OWLPruner(_config(auto_finalists=1)).prune(_tiny_llama(layers=2), dataset=_ids())
+    (bar,) = bars
+    screened = sum(c.layerwise.endswith(SCREEN_SUFFIX) for c in report.candidates)
+    assert bar.n == screened and screened <= bar.total and bar.desc.startswith("owl-auto screening")
 
 
 def test_holdout_windows_never_touch_statistics():
@@ -142,15 +181,18 @@ def test_holdout_windows_never_touch_statistics():
 
         model = _tiny_llama()
         path, blocks, units = get_blocks_and_units(model)
+        from optimum_owl.pruning.search.state import SearchState
+
         state = RunState(config=_config(), model=model, path=path, blocks=blocks, units=units,
-                         runner=BlockRunner(model, blocks))
+                         runner=BlockRunner(model, blocks), layerwise="owl-auto")
+        search = SearchState.open("owl-auto", state.config)
         with torch.no_grad():
-            prepare(state, "owl-auto", ids, None)
-            split_holdout(state)
+            prepare(state, ids, None, search)
+            split_holdout(state, search)
             outlier_pass(state)
-        states.append(state)
-    a, b = states
-    assert torch.equal(a.holdout_ids, ids_a[N - k :]) and torch.equal(b.holdout_ids, ids_b[N - k :])
+        states.append((state, search))
+    (a, search_a), (b, search_b) = states
+    assert torch.equal(search_a.ids, ids_a[N - k :]) and torch.equal(search_b.ids, ids_b[N - k :])
     assert sum(x.hidden.shape[0] for x in a.inputs0) == N - k
     assert a.outlier_ratios == b.outlier_ratios
     for sa, sb, units in zip(a.dense_stats, b.dense_stats, a.units):

@@ -71,7 +71,7 @@ def test_cli_rejects_bad_config_before_loading(tmp_path, capsys):
 
 def _cli_config(*flags: str):
     from optimum_owl.cli import build_parser
-    from optimum_owl.commands.prune import config_from_args
+    from optimum_owl.config_flags import config_from_args
 
     return config_from_args(build_parser().parse_args(["prune", "MODEL", "-o", "OUT", *flags]))
 
@@ -81,7 +81,7 @@ def test_cli_defaults_are_the_config_defaults_and_every_optional_flag_is_a_confi
 
     from optimum_owl import OWLPrunerConfig
     from optimum_owl.cli import build_parser
-    from optimum_owl.commands.prune import OPTIONAL_FIELDS
+    from optimum_owl.config_flags import OPTIONAL_FIELDS
 
     assert _cli_config() == OWLPrunerConfig()  # no flag restates a default differently
     assert set(OPTIONAL_FIELDS) <= {f.name for f in dataclasses.fields(OWLPrunerConfig)}
@@ -90,6 +90,70 @@ def test_cli_defaults_are_the_config_defaults_and_every_optional_flag_is_a_confi
     assert not set(OPTIONAL_FIELDS) & set(given)  # not given -> absent, so the config's own default applies
     prune_help = parser._subparsers._group_actions[0].choices["prune"].format_help()
     assert all("--" + name.replace("_", "-") in prune_help for name in OPTIONAL_FIELDS)
+
+
+def test_every_config_field_has_a_flag_with_its_help_or_is_marked_without_one():
+    """Help is written once, in the field's metadata; the parser shows it (and the default) under the field's group."""
+    import dataclasses
+
+    from optimum_owl import OWLPrunerConfig
+    from optimum_owl.cli import build_parser
+    from optimum_owl.config_flags import GROUPS, OPTIONAL_FIELDS
+
+    prune = build_parser()._subparsers._group_actions[0].choices["prune"]
+    by_flag = {opt: a for a in prune._actions for opt in a.option_strings}
+    titles = {a.dest: g.title for g in prune._action_groups for a in g._group_actions}
+    for f in dataclasses.fields(OWLPrunerConfig):
+        if f.metadata.get("flag") is False:  # runtime-only or not an init argument: no flag, and it says so
+            assert f.name not in OPTIONAL_FIELDS and f.metadata.get("help"), f.name
+            continue
+        assert f.name in OPTIONAL_FIELDS, f"{f.name}: give it metadata help and group (config._flag) or flag=False"
+        text, group = f.metadata.get("help", ""), f.metadata.get("group")
+        action = by_flag["--" + f.name.replace("_", "-")]
+        assert text.strip() and action.dest == f.name and action.help.startswith(text + " (default: ")
+        assert titles[f.name] == GROUPS[group]
+    assert list(OPTIONAL_FIELDS) == [n for g in GROUPS for n in OPTIONAL_FIELDS if titles[n] == GROUPS[g]]
+
+
+_ROUND_TRIP_CONFIGS = [
+    dict(sparsity=0.6, layerwise="auto", owl_m=7.0, owl_lambda=0.1, dlp_alpha=0.2, alphapruning_epsilon=0.3,
+         atp_beta=0.01, attention_shift=-0.05, auto_holdout=0.25, auto_holdout_dataset="val.jsonl",
+         auto_owl_ms=[4.0], auto_owl_lambdas=[0.1, 0.2], auto_finalists=2, auto_families=["atp", "dlp"],
+         auto_dlp_alphas=[0.1, 0.3], auto_alphapruning_epsilons=[0.25], auto_atp_betas=[0.01, 0.02],
+         auto_attention_shifts=[-0.05, 0.025], refine="dsnot", dsnot_cycles=7, dsnot_threshold=0.01,
+         wanda_group="layer", text_column="body", ignore=["*q_proj", "re:.*k_proj"], block_name="model.layers",
+         num_samples=16, seqlen=256, batch_size=4, seed=3),
+    dict(method="sparsegpt", layerwise="uniform", pattern="2:4", nm_mixed=True, sparsegpt_blocksize=64,
+         sparsegpt_damp=0.05, checkpoint_dir="ckpt", offload_folder="off"),
+    dict(method="magnitude", propagation="dense", layerwise="dlp", auto_holdout_tokens=0, offload_activations=True,
+         device="cpu"),
+]
+
+
+@pytest.mark.parametrize("kwargs", _ROUND_TRIP_CONFIGS)
+def test_config_to_flags_to_config_round_trips(kwargs):
+    """`config_flags` is the inverse of `config_from_args`, up to the fields that do not change the result."""
+    import dataclasses
+
+    from optimum_owl import OWLPrunerConfig
+    from optimum_owl.config import NON_RESULT_FIELDS
+    from optimum_owl.config_flags import config_default, config_flags
+
+    config = OWLPrunerConfig(**kwargs)
+    flags = config_flags(config.to_dict())
+    assert not {"--device", "--offload-folder", "--checkpoint-dir", "--offload-activations"} & set(flags)
+    expected = dataclasses.replace(config, **{n: config_default(n) for n in NON_RESULT_FIELDS if n in kwargs})
+    assert _cli_config(*flags).to_dict() == expected.to_dict()
+
+
+def test_the_round_trip_configs_set_every_flag_that_changes_the_result():
+    from optimum_owl import OWLPrunerConfig
+    from optimum_owl.config import NON_RESULT_FIELDS
+    from optimum_owl.config_flags import OPTIONAL_FIELDS, config_default
+
+    dicts = [OWLPrunerConfig(**kwargs).to_dict() for kwargs in _ROUND_TRIP_CONFIGS]
+    covered = {n for d in dicts for n in OPTIONAL_FIELDS if d.get(n) != config_default(n)}
+    assert set(OPTIONAL_FIELDS) - set(NON_RESULT_FIELDS) - covered == set()  # add a new flag's field to one above
 
 
 def test_cli_optional_flags_reach_the_config():

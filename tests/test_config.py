@@ -55,7 +55,10 @@ def test_nm_convention_is_kept_non_zeros():
     assert parse_pattern("unstructured") is None
 
 
-def test_unknown_keys_are_ignored_with_warning(caplog):
-    config = OWLPrunerConfig.from_dict({"sparsity": 0.5, "future_field": 1})
-    assert config.sparsity == 0.5
-    assert "future_field" in caplog.text
+def test_unknown_keys_are_refused_like_the_constructor():
+    with pytest.raises(OWLConfigError, match="`future_field`"):
+        OWLPrunerConfig.from_dict({"sparsity": 0.5, "future_field": 1})
+    # the keys the files themselves carry are accepted; transformers' protocol returns unknown keyword arguments
+    config, unused = OWLPrunerConfig.from_dict({"sparsity": 0.5, "quant_method": "owl", "format_version": 1},
+                                               return_unused_kwargs=True, device_map="auto")
+    assert config.sparsity == 0.5 and unused == {"device_map": "auto"}

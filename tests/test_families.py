@@ -234,6 +234,8 @@ def test_auto_scores_on_windows_beyond_the_calibration_and_returns_the_model_it_
     report = OWLPruner(config).prune(model, dataset=source)
     assert report.calibration["holdout_windows"] == 4 and report.calibration["holdout"].startswith("beyond")
     assert "scored on 4 windows beyond the calibration windows" in report.to_markdown()
+    # the screening scores on the first 3 of them, the exact check on all 4: the table says which row is which
+    assert "| screened (3 windows) | uniform |" in report.to_markdown() and "| exact (4 windows) | uniform |" in report.to_markdown()
     assert not any("auto_holdout_tokens" in w for w in report.warnings)
     (chosen,) = [c for c in report.candidates if c.chosen]
     assert chosen.family == winner
@@ -330,8 +332,8 @@ def test_auto_keeps_uniform_when_no_family_beats_it_beyond_the_noise(monkeypatch
 
 
 def test_chunks_and_holdout_size_for_small_calibration_sets():
-    from optimum_owl.pruning.search.holdout import holdout_count
     from optimum_owl.pruning.search.scoring import CHUNK_TOKENS, chunk_losses, token_losses
+    from optimum_owl.pruning.search.windows import holdout_count
 
     assert holdout_count(16, 0.125) == 4 and holdout_count(64, 0.125) == 8 and holdout_count(8, 0.125) == 2
     model = tiny_model("llama", layers=2)

@@ -142,7 +142,7 @@ def _card_command(card) -> list[str]:
 
 def test_card_command_reproduces_every_family_and_search_knob_through_the_cli():
     from optimum_owl.cli import build_parser
-    from optimum_owl.commands.prune import config_from_args
+    from optimum_owl.config_flags import config_from_args
     from optimum_owl.hub import render_model_card
 
     config = OWLPrunerConfig(
@@ -166,10 +166,10 @@ def test_card_command_reproduces_every_family_and_search_knob_through_the_cli():
 
 
 def test_card_command_names_fields_without_a_flag(monkeypatch):
-    import optimum_owl.commands.prune as prune_cmd
+    import optimum_owl.config_flags as flags
     from optimum_owl.hub import render_model_card
 
-    monkeypatch.setattr(prune_cmd, "OPTIONAL_FIELDS", tuple(f for f in prune_cmd.OPTIONAL_FIELDS if f != "atp_beta"))
+    monkeypatch.setattr(flags, "OPTIONAL_FIELDS", tuple(f for f in flags.OPTIONAL_FIELDS if f != "atp_beta"))
     text = str(render_model_card(None, OWLPrunerConfig(atp_beta=0.01), base_model="b"))
     assert "# not settable from the CLI, use the Python API for: atp_beta=0.01" in text and "--atp-beta" not in text
 

@@ -168,7 +168,7 @@ def test_prune_on_load_marks_once_and_attaches_the_report_once(dense_dir, monkey
     marks, runs = [], []
     real_mark, real_prune = owl_tf.mark_pruned, engine.prune_model
     monkeypatch.setattr(owl_tf, "mark_pruned", lambda model, config=None: marks.append(1) or real_mark(model, config))
-    monkeypatch.setattr(owl_tf, "prune_model", lambda *a, **k: runs.append(1) or real_prune(*a, **k))
+    monkeypatch.setattr(engine, "prune_model", lambda *a, **k: runs.append(1) or real_prune(*a, **k))
     config = OWLPrunerConfig(sparsity=0.5, method="magnitude", layerwise="uniform")
     model = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=config)
     assert (runs, marks) == ([1], [1])

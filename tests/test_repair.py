@@ -363,7 +363,7 @@ def test_cli_repair_on_stories260k(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     repair_cmd.register(parser.add_subparsers())
     args = parser.parse_args([
-        "repair", str(tmp_path / "pruned"), "--train-data", str(text), "--output", str(tmp_path / "out"),
+        "repair", str(tmp_path / "pruned"), "--train-data", str(text), "--output-dir", str(tmp_path / "out"),
         "--max-steps", "3", "--seqlen", "32", "--batch-size", "2", "--r", "4", "--eval-data", str(text),
     ])
     assert args.func(args) == 0

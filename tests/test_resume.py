@@ -239,7 +239,7 @@ def test_killed_process_resumes(checkpoint, calib, tmp_path):
         import os, sys, torch
         from transformers import AutoModelForCausalLM
         from optimum_owl import OWLPruner, OWLPrunerConfig
-        from optimum_owl import resume
+        from optimum_owl.pruning import resume
         if sys.argv[1] == "kill":
             original = resume.ResumeState.block_done
             def block_done(self, index, units, next_inputs):

@@ -1,7 +1,8 @@
 """Allocation: how much sparsity each block gets. Pure functions of numbers and score tensors (no model, no I/O).
 
-Every allocation family lives here as a small pure function; the passes (optimum_owl.pruning.passes) feed them the
-numbers they need and turn the result into `BlockPlan`s.
+Every allocation family's math lives here as a small pure function; each family's registration
+(`optimum_owl.algorithms.families`, one file per family) wraps it into `BlockPlan`s and declares what it needs, which
+the passes (optimum_owl.pruning.passes) feed it.
 
 - `uniform_plans`: every block gets the target.
 - OWL (Yin et al. 2023). Outlier ratio of a block (Layerwise Outlier Distribution, as a fraction): the share of all

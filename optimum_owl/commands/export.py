@@ -40,9 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_onnx(args: argparse.Namespace) -> int:
     from ..export import export_onnx, require_onnx
     from ..utils import check_output_dir
+    from . import args_input_paths, check_model_args
 
     require_onnx("onnx", "onnxruntime")
-    check_output_dir(args.output_dir, args.overwrite, protected={"input model": args.model})
+    check_model_args(args)  # a wrong name fails here, at once, before anything is loaded
+    check_output_dir(args.output_dir, args.overwrite, protected={"input model": args.model},
+                     inputs=args_input_paths(args, "output_dir"))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import optimum_owl  # noqa: F401  (registers the optimum-owl checkpoint format when available)

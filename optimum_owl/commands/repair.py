@@ -5,8 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
-from . import existing_file, int_at_least
+from . import (
+    add_model_source_arguments,
+    args_input_paths,
+    existing_file,
+    int_at_least,
+    load_model_arg,
+    load_tokenizer_arg,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="pruned model folder or Hub id")
     p.add_argument("--train-data", required=True, type=existing_file, help="training text: .txt or .jsonl file (field --text-column)")
-    p.add_argument("--output", required=True, help="output folder (merged model, or the adapter with --no-merge)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
+    p.add_argument("--output-dir", "-o", required=True,
+                   help="output folder: the merged model with the pruning record (owl_report.json, owl_config.json) "
+                   "and repair_report.json, or the adapter with --no-merge")
+    add_model_source_arguments(p, tokenizer_help="tokenizer path (default: the model's)")
     p.add_argument("--eval-data", default=None, type=existing_file, help="held-out .txt/.jsonl for perplexity before and after")
     p.add_argument("--method", choices=("masked_lora", "full_ft"), default="masked_lora")
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
@@ -46,19 +56,17 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     p.add_argument("--report-to", default="none", help="Trainer loggers: none, tensorboard, wandb, ...")
     p.add_argument("--no-merge", action="store_true", help="save the masked adapter instead of the merged model")
-    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    from ..pruning.modeling import load_model
     from ..repair import RepairConfig, repair, save_masked_adapter, save_repaired
     from ..utils import check_output_dir
 
-    check_output_dir(args.output, args.overwrite, flag="--output", protected={"input model": args.model})
+    check_output_dir(args.output_dir, args.overwrite, flag="--output-dir", protected={"input model": args.model},
+                     inputs=args_input_paths(args, "output_dir"))
     targets: str | list[str] = "pruned"
     if args.targets:
         targets = args.targets[0] if len(args.targets) == 1 and args.targets[0] in ("pruned", "all") else list(args.targets)
@@ -71,16 +79,17 @@ def run(args: argparse.Namespace) -> int:
         text_column=args.text_column, seed=args.seed, bf16=args.bf16, report_to=args.report_to,
         merge=not args.no_merge,
     )
-    model = load_model(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    model = load_model_arg(args)
+    tokenizer = load_tokenizer_arg(args, needed_for="repair --train-data")
     model, report = repair(model, tokenizer, train_data=args.train_data, config=config, eval_data=args.eval_data)
     if args.no_merge:
-        save_masked_adapter(model, args.output, overwrite=args.overwrite)
-        report.save(args.output)
+        save_masked_adapter(model, args.output_dir, overwrite=args.overwrite)
+        report.save(args.output_dir)
     else:
-        save_repaired(model, args.output, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
+        save_repaired(model, args.output_dir, tokenizer=tokenizer, report=report, overwrite=args.overwrite,
+                      source=args.model if Path(args.model).is_dir() else None)
     summary = {
-        "output": str(args.output),
+        "output": str(args.output_dir),
         "steps": report.steps,
         "train_loss": report.train_loss,
         "sparsity_before": report.sparsity_before,

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import UnsupportedArchitectureError
 from ..pruning.memory import release_freed_memory
-from ..utils import atomic_output_dir, atomic_write_text
+from ..utils import atomic_output_dir, atomic_write_text, input_paths
 from .deps import require_onnx
 from .ort import METADATA_NAME, ONNX_NAME, OnnxCausalLM, compare_with_torch
 from .storage import MIN_OPSET, STORAGES, apply_storage
@@ -266,7 +266,10 @@ def export_onnx(
         logger.warning("The model has no zero weights in its blocks (not pruned); the export will be dense.")
     io = _io_spec(model.config, target_dtype)
 
-    with tempfile.TemporaryDirectory(prefix="owl-onnx-") as scratch, atomic_output_dir(output_dir, overwrite) as tmp:
+    protected = input_paths(model, tokenizer)
+    with tempfile.TemporaryDirectory(prefix="owl-onnx-") as scratch, atomic_output_dir(
+        output_dir, overwrite, protected=protected, flag="output_dir"
+    ) as tmp:
         dense_dir = Path(scratch) / "dense"
         dense_dir.mkdir()
         trace_s = _trace(model, io, dense_dir / ONNX_NAME, opset)

@@ -13,6 +13,7 @@ subclass in `optimum_owl.integration.transformers`, which is what transformers f
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -22,9 +23,10 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..config import OWLPrunerConfig
 from ..errors import OWLCheckpointError
-from ..utils import public_config
+from ..utils import public_config, sort_safetensors_metadata
 from .bitmask import BITMASK_SUFFIX, FORMAT_NAME, SHAPE_SUFFIX, compress, crc32, decompress, worth_compressing
 from .compact import compact_state_dict, compressible_names, is_own_converter
+from .files import METADATA_FORMAT_KEY
 from .preflight import check_dense_crc, dense_checksums, preflight_check
 
 logger = logging.getLogger(__name__)
@@ -169,6 +171,7 @@ class OWLHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model: nn.Module):
         if getattr(model, "_hf_peft_config_loaded", False):
             return None, {}  # only the (dense, small) adapter weights are saved
+        sort_saved_metadata()
         return compact_state_dict(model)
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
@@ -190,6 +193,31 @@ class OWLHfQuantizer(HfQuantizer):
         # The weights are already dense tensors; `model.dequantize()` just turns the model into a plain one whose
         # `save_pretrained` writes a dense checkpoint without `quantization_config`.
         return model
+
+
+def sort_saved_metadata() -> None:
+    """Make `save_pretrained` of a compact checkpoint byte-stable across processes (idempotent).
+
+    safetensors keeps the header metadata in a hash map whose order is random per process, so two saves of the same
+    model differ in their header bytes. transformers writes every shard with `modeling_utils.safe_save_file`; this
+    wraps it (once, on the first compact save) so that a file carrying the compact format's metadata has its metadata
+    keys sorted right after it is written (`utils.sort_safetensors_metadata`); other files are written untouched.
+    """
+    from transformers import modeling_utils
+
+    save = getattr(modeling_utils, "safe_save_file", None)
+    if save is None or getattr(save, "owl_sorts_metadata", False):
+        return
+
+    @functools.wraps(save)
+    def save_sorted(tensors: Any, filename: Any, metadata: Any = None, *args: Any, **kwargs: Any) -> Any:
+        result = save(tensors, filename, metadata, *args, **kwargs)
+        if isinstance(metadata, dict) and metadata.get(METADATA_FORMAT_KEY) == FORMAT_NAME:
+            sort_safetensors_metadata(filename)
+        return result
+
+    save_sorted.owl_sorts_metadata = True  # type: ignore[attr-defined]
+    modeling_utils.safe_save_file = save_sorted
 
 
 def mark_dense_model(model: nn.Module) -> None:

@@ -10,8 +10,18 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..utils import public_config, public_path, redact_secrets
+from ..pruning.modeling import PRUNED_ZERO_SHARE
+from ..utils import public_command, public_config, public_path, redact_secrets
 from .plot import PLOT_NAME
+from .sections import (
+    SEARCHES,
+    applied,
+    chosen_config,
+    knob_text,
+    method_section,
+    repair_section,
+    with_knob_flags,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,24 +111,20 @@ def _eval_rows(report: Any, eval_results: Any) -> list[dict[str, Any]]:
 
 def prune_command(cfg: dict[str, Any], model: str, source: Any) -> str:
     """The `optimum-owl prune` command line equivalent to a config dict (shell-quoted); the flags come from the CLI's
-    own field list (`commands.prune.config_flags`), so every knob with a flag is reproduced."""
+    own field list (`config_flags.config_flags`), so every knob with a flag is reproduced."""
     import dataclasses
     import shlex
 
-    from ..commands.prune import OPTIONAL_FIELDS, config_flags
     from ..config import OWLPrunerConfig
+    from ..config_flags import OPTIONAL_FIELDS, config_default, config_flags
 
     parts = ["optimum-owl", "prune", model]
     if source is not None:
         parts += ["--calibration", str(source)]
     parts += config_flags(cfg) + ["-o", "pruned-model"]
     text = " ".join(shlex.quote(p) for p in parts)
-    no_flag = {f.name: f for f in dataclasses.fields(OWLPrunerConfig) if f.init and f.name not in OPTIONAL_FIELDS}
-    differs = [
-        k for k, f in no_flag.items()
-        if k in cfg and k not in ("dataset", "tokenizer") and cfg[k] != (f.default_factory() if f.default_factory
-                                                                          is not dataclasses.MISSING else f.default)
-    ]
+    no_flag = [f.name for f in dataclasses.fields(OWLPrunerConfig) if f.init and f.name not in OPTIONAL_FIELDS]
+    differs = [k for k in no_flag if k in cfg and k not in ("dataset", "tokenizer") and cfg[k] != config_default(k)]
     if differs:
         text += "\n# not settable from the CLI, use the Python API for: " + ", ".join(f"{k}={cfg[k]!r}" for k in differs)
     return text
@@ -144,6 +150,8 @@ def render_model_card(
     plot_file: str | None = PLOT_NAME,
     repo_id: str | None = None,
     weight_sparsity: float | None = None,
+    repair: dict[str, Any] | None = None,
+    lookup_license: bool = True,
 ):
     """Build the model card of a pruned model.
 
@@ -156,12 +164,18 @@ def render_model_card(
         license (`str`, *optional*): license id; otherwise read from the base model's card when possible.
         eval_results (*optional*): list of `{"dataset", "metric", "value", "dense_value"?, "dataset_id"?,
             "details"?}` or a `{metric: value}` dict; `report.evaluation` (dense/pruned perplexity) is added too.
-        command (`str`, *optional*): the exact command line that produced the checkpoint.
+        command (`str`, *optional*): the command line that produced the checkpoint; published with absolute paths
+            reduced to their last component (`utils.public_command`) and secrets redacted.
         onnx (`dict`, *optional*): `owl_onnx.json` metadata of an ONNX export shipped under `onnx_path`.
         onnx_path (`str`, *optional*, defaults to `"onnx"`): folder of the ONNX export inside the repo.
         plot_file (`str`, *optional*): file name of the PNG plot to embed (`None` for no plot).
         repo_id (`str`, *optional*): the target repo, used in the loading snippets.
-        weight_sparsity (`float`, *optional*): measured sparsity when there is no report.
+        weight_sparsity (`float`, *optional*): the share of zero prunable weights measured on the weights, used when
+            there is no report: above `PRUNED_ZERO_SHARE` the card says the model is pruned and that its pruning
+            record is missing.
+        repair (`dict`, *optional*): `repair_report.json` of a repair run after pruning (adds a "Repair" section).
+        lookup_license (`bool`, *optional*, defaults to `True`): read the license from the base model's card (one
+            Hub request for a Hub id); `False` never touches the network.
 
     Returns:
         `huggingface_hub.ModelCard`: the card (`str(card)` is the README.md text).
@@ -183,10 +197,10 @@ def render_model_card(
         base_model = name_or_path
     if license is None and local_name_or_path and Path(local_name_or_path).is_dir():
         license = license_of(local_name_or_path)
-    if license is None and base_model:
+    if license is None and base_model and lookup_license:
         license = license_of(base_model)
     sparsity = report.sparsity if report is not None else (weight_sparsity or 0.0)
-    pruned = sparsity > 0.0
+    pruned = sparsity > (0.0 if report is not None else PRUNED_ZERO_SHARE)  # without a record: from the weights
     title = model_name or (repo_id.split("/")[-1] if repo_id else None) or (
         f"{base_model.split('/')[-1]}-owl" if base_model else "OWL-pruned model"
     )
@@ -221,12 +235,21 @@ def render_model_card(
     )
     body = [f"# {title}", ""]
     base_text = f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model else f"`{name_or_path or 'a dense model'}`"
-    if pruned:
+    if pruned and not cfg:
+        body += [
+            f"This is {base_text} pruned to **{sparsity:.2%} sparsity** (fraction of zero weights in the linear layers "
+            "of the transformer blocks, measured on the weights). Its pruning record (`owl_report.json`, "
+            "`owl_config.json`) is missing, so the method and settings that produced it are unknown.",
+        ]
+    elif pruned:
+        family, knob = applied(cfg, report)
         body += [
             f"This is {base_text} pruned to **{sparsity:.2%} sparsity** (fraction of zero weights in the linear layers "
             f"of the transformer blocks) with optimum-owl: "
-            f"{cfg.get('method', '?')} scores, `{cfg.get('layerwise', '?')}` layer-wise allocation, pattern "
-            f"`{cfg.get('pattern', 'unstructured')}`.",
+            f"{cfg.get('method', '?')} scores, `{family}` layer-wise allocation"
+            + (f" ({knob_text(knob)})" if knob else "")
+            + (f", chosen by `layerwise=\"{cfg['layerwise']}\"`" if cfg.get("layerwise") in SEARCHES else "")
+            + f", pattern `{cfg.get('pattern', 'unstructured')}`.",
         ]
         if report is not None:
             body.append(f"{report.total_zeros:,} of {report.total_params:,} prunable weights are zero.")
@@ -235,30 +258,14 @@ def render_model_card(
             f"**This model is not pruned**: {sparsity:.2%} of its prunable weights are zero. It is {base_text} "
             "exported or uploaded with optimum-owl without a pruning run.",
         ]
-    body += [
-        "",
-        "## Method",
-        "",
-        "OWL (Outlier Weighed Layerwise sparsity, Yin et al. 2023, [arXiv:2310.05175](https://arxiv.org/abs/2310.05175)) "
-        "gives every transformer block its own sparsity. A block's *outlier ratio* D_i is the fraction of its Wanda "
-        "scores |W_ij|·‖X_j‖₂ that exceed M times the block's mean score; blocks with more outliers are pruned less: "
-        "s_i = S + 2λ·(mean(r̃) − r̃_i), with r̃ the min-max normalised ratios, so the mean stays at the target S and the "
-        "spread is 2λ. Each block is then pruned to s_i by the chosen criterion, one block at a time, on "
-        "calibration data.",
-        "",
-    ]
+    body.append("")
     if cfg:
-        body.append(
-            f"Settings: target sparsity S = {cfg.get('sparsity')}, M = {cfg.get('owl_m')}, λ = {cfg.get('owl_lambda')}, "
-            f"criterion `{cfg.get('method')}`, {cfg.get('num_samples')} calibration windows of {cfg.get('seqlen')} tokens"
-            + (f" from `{source}`" if source else "")
-            + f", seed {cfg.get('seed')}."
-        )
-        body.append("")
+        body += method_section(cfg, report, source)
     if report is not None and report.blocks:
         body += ["## Per-block sparsity", "", report.block_table(), ""]
         if plot_file:
-            body += [f"![Per-block sparsity and outlier ratio]({plot_file})", ""]
+            ratios = any(b.outlier_ratio is not None for b in report.blocks)
+            body += [f"![Per-block sparsity{' and outlier ratio' if ratios else ''}]({plot_file})", ""]
     if rows:
         body += ["## Evaluation", "", "| dataset | metric | pruned | dense | details |", "|---|---|---:|---:|---|"]
         for row in rows:
@@ -267,16 +274,26 @@ def render_model_card(
                 f"{row.get('details') or ''} |"
             )
         body.append("")
-    body += ["## Reproduce", "", "The exact configuration (`owl_config.json` in this repo):", "", "```json"]
-    body += [json.dumps(cfg, indent=2, sort_keys=True), "```", ""]
+    body += repair_section(repair, bool(rows) and report is not None and bool(report.evaluation))
     load_src = base_model or name_or_path or "<dense model>"
+    body += ["## Reproduce", ""]
+    if not cfg:
+        body += ["The pruning record (`owl_report.json`, `owl_config.json`) is missing, so the settings that produced "
+                 "these weights are unknown; optimum-owl writes it beside every pruned (and repaired) model.", ""]
+    else:
+        body += ["The exact configuration (`owl_config.json` in this repo):", "", "```json"]
+        body += [json.dumps(cfg, indent=2, sort_keys=True), "```", ""]
     if command:
-        body += ["Command:", "", "```bash", redact_secrets(command), "```", ""]
+        body += ["Command:", "", "```bash", redact_secrets(public_command(command)), "```", ""]
     elif cfg:
         body += ["Equivalent command:", "", "```bash", prune_command(cfg, load_src, source), "```", ""]
-    cfg_args = ", ".join(f"{k}={v!r}" for k, v in sorted(cfg.items()) if k not in ("quant_method", "dataset"))
-    body += [
-        "In Python:",
+    chosen = chosen_config(cfg, report)
+    if chosen is not None:
+        body += [f"That reruns the `{cfg.get('layerwise')}` search; the setting it chose, applied directly:", "", "```bash",
+                 with_knob_flags(prune_command(chosen, load_src, source), *applied(cfg, report)), "```", ""]
+    cfg_args = ", ".join(f"{k}={v!r}" for k, v in sorted((chosen or cfg).items()) if k not in ("quant_method", "dataset"))
+    body += [] if not cfg else [
+        "In Python" + (" (the chosen setting):" if chosen is not None else ":"),
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",

@@ -60,8 +60,10 @@ def plot_block_sparsity(report: Any, path: str | os.PathLike, title: str | None 
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, loc="lower right", fontsize=8)
     cfg = report.config or {}
-    ax.set_title(
-        title or f"{cfg.get('method', '?')} + {cfg.get('layerwise', '?')}: mean sparsity {report.sparsity:.3f}", fontsize=10
-    )
+    layerwise = str(cfg.get("layerwise", "?"))
+    family = (getattr(report, "allocation", None) or {}).get("family")
+    if family and family != layerwise:  # a search: name the family it chose
+        layerwise = f"{family} (chosen by {layerwise})"
+    ax.set_title(title or f"{cfg.get('method', '?')} + {layerwise}: mean sparsity {report.sparsity:.3f}", fontsize=10)
     fig.tight_layout()
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -19,6 +19,7 @@ from ..errors import HubUploadError
 from ..utils import atomic_write_text
 from .card import render_model_card
 from .plot import PLOT_NAME, plot_block_sparsity
+from .weights import folder_zero_share
 
 logger = logging.getLogger(__name__)
 
@@ -42,17 +43,22 @@ def write_card(
         config (`OWLPrunerConfig` or `dict`, *optional*): read from `folder/owl_config.json` when omitted and present.
         onnx_subdir (`str`, *optional*): sub-folder holding an ONNX export (its `owl_onnx.json` feeds the card).
         **card_kwargs: passed to `render_model_card` (`base_model`, `license`, `eval_results`, `command`, ...).
+            Without a report, `weight_sparsity` is measured on the folder's weights (`weights.folder_zero_share`);
+            `repair` is read from `repair_report.json` when present.
 
     Returns:
         `Path`: the README.md file.
     """
     from ..pruning.report import PruneReport
+    from ..repair.train import REPAIR_REPORT_NAME
 
     folder = Path(folder)
     if report is None and (folder / REPORT_NAME).exists():
         report = PruneReport.load(folder / REPORT_NAME)
     if config is None and (folder / CONFIG_NAME).exists():
         config = json.loads((folder / CONFIG_NAME).read_text())
+    if "repair" not in card_kwargs and (folder / REPAIR_REPORT_NAME).exists():
+        card_kwargs["repair"] = json.loads((folder / REPAIR_REPORT_NAME).read_text())
     onnx_meta = None
     if onnx_subdir and (folder / onnx_subdir / ONNX_METADATA).exists():
         onnx_meta = json.loads((folder / onnx_subdir / ONNX_METADATA).read_text())
@@ -65,6 +71,8 @@ def write_card(
         plot_file = PLOT_NAME
     if report is None and onnx_meta is not None:
         card_kwargs.setdefault("weight_sparsity", onnx_meta.get("weight_sparsity"))
+    if report is None and card_kwargs.get("weight_sparsity") is None:  # "pruned or not" comes from the weights
+        card_kwargs["weight_sparsity"] = folder_zero_share(folder)
     card = render_model_card(
         report, config, onnx=onnx_meta, onnx_path=onnx_subdir or "onnx", plot_file=plot_file, **card_kwargs
     )
@@ -134,6 +142,11 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def upload_files(folder: Path) -> list[Path]:
+    """The files `upload_folder_one_commit` uploads from `folder`: every file but hidden ones, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
 def upload_folder_one_commit(
     folder: str | os.PathLike,
     repo_id: str,
@@ -157,7 +170,7 @@ def upload_folder_one_commit(
     repo_id = repo.repo_id
     if revision and not create_pr and revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = upload_files(folder)
     operations = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files]
     info = api.create_commit(
         repo_id,
@@ -181,6 +194,7 @@ def push_folder(
     commit_message: str | None = None,
     onnx_dir: str | os.PathLike | None = None,
     regenerate_card: bool = True,
+    dry_run: bool = False,
     **card_kwargs: Any,
 ) -> Any:
     """Push a saved pruned-model folder (e.g. from `optimum-owl prune`) or an ONNX export folder in one commit.
@@ -198,10 +212,13 @@ def push_folder(
         commit_message (`str`, *optional*): commit title.
         onnx_dir (`str`, *optional*): an ONNX export to ship under `onnx/` in the same commit.
         regenerate_card (`bool`, *optional*, defaults to `True`): write a fresh README.md (else keep the folder's).
+        dry_run (`bool`, *optional*, defaults to `False`): stage everything (card included) but upload nothing and
+            make no network request: return what would be uploaded.
         **card_kwargs: `base_model`, `license`, `eval_results`, `command`, ... for `render_model_card`.
 
     Returns:
-        `huggingface_hub.CommitInfo`.
+        `huggingface_hub.CommitInfo`; with `dry_run`, `[(path in the repo, bytes), ...]` of every file that would be
+        uploaded, in upload order.
 
     Raises:
         `HubUploadError`: the upload failed; nothing local was changed, and the message says what to retry.
@@ -226,7 +243,11 @@ def push_folder(
         if regenerate_card or not (stage / "README.md").exists():
             (stage / "README.md").unlink(missing_ok=True)  # a hard link: never write through it
             (stage / PLOT_NAME).unlink(missing_ok=True)
+            if dry_run:
+                card_kwargs["lookup_license"] = False
             write_card(stage, onnx_subdir=onnx_subdir, repo_id=repo_id, **card_kwargs)
+        if dry_run:
+            return [(p.relative_to(stage).as_posix(), p.stat().st_size) for p in upload_files(stage)]
         try:
             return upload_folder_one_commit(
                 stage,

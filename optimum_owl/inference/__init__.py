@@ -7,15 +7,18 @@ everywhere else). See docs/inference.md.
 >>> model = optimum_owl.sparsify(pruned_model)   # doctest: +SKIP
 >>> model.generate(**inputs)                     # doctest: +SKIP
 >>> optimum_owl.densify(model)                   # doctest: +SKIP
+>>> from optimum_owl.inference import load_sparse
+>>> model = load_sparse("pruned-model")          # doctest: +SKIP
 ```
 """
 
 from __future__ import annotations
 
 from .kernel import kernel_status
+from .loading import load_sparse
 from .module import SparseLinear, densify, sparsify
 
-__all__ = ["MEASURED", "SparseLinear", "densify", "kernel_status", "sparsify"]
+__all__ = ["MEASURED", "SparseLinear", "densify", "kernel_status", "load_sparse", "sparsify"]
 
 # What optimum-owl measured, and where (quoted in generated model cards; full tables in docs/benchmarks.md).
 MEASURED = (

@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import OWLCheckpointError
 from ..formats.bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX, crc32, decompress
 from ..formats.files import METADATA_CRC_KEY, checkpoint_files
+from ..formats.preflight import check_dense_crc, dense_checksums
 from ..formats.quantizer import mark_pruned
 from ..utils import is_conv1d
 from .module import SparseLinear, set_submodule
@@ -36,11 +37,16 @@ def load_sparse(
     Args:
         path: a local folder with `config.json` and safetensors weights.
         dtype: dtype of the loaded model (default: the checkpoint's). Stored values are cast to it.
-        min_sparsity: bitmask-stored weights sparser than this become `SparseLinear`; the others are rebuilt dense.
+        min_sparsity: bitmask-stored weights at least this sparse (a fraction in [0, 1]) become `SparseLinear`; the
+            others are rebuilt dense.
         model_class: the transformers auto class (default `AutoModelForCausalLM`).
 
     Returns:
         The model in eval mode, ready for `generate`; `save_pretrained` writes the compact format again.
+
+    Raises:
+        OWLCheckpointError: a tensor fails its CRC-32 check (compressed weights and, from the `owl_crc32_dense`
+            table, every tensor stored as is: embeddings, norms, biases), or the files do not fit the config.
 
     Example:
 
@@ -54,7 +60,8 @@ def load_sparse(
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"`min_sparsity` must be in [0, 1] (a fraction of zero weights), got {min_sparsity}.")
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; pass a folder written by save_pretrained.")
@@ -81,6 +88,7 @@ def load_sparse(
             meta = handle.metadata() or {}
             if METADATA_CRC_KEY in meta:
                 checksums.update(json.loads(meta[METADATA_CRC_KEY]))
+    dense_table = dense_checksums(files)  # tensors stored as is: checked before any cast
 
     def read(key: str) -> torch.Tensor:
         with safe_open(str(location[key]), framework="pt") as handle:
@@ -117,7 +125,10 @@ def load_sparse(
         if values.dtype != dtype:
             values = values.to(dtype)
         bias_key = module_name + ".bias"
-        bias = read(bias_key).to(dtype) if bias_key in location else None
+        bias = read(bias_key) if bias_key in location else None
+        if bias is not None:
+            check_dense_crc(dense_table, bias_key, bias)
+            bias = bias.to(dtype)
         dims = shape.tolist()
         numel = dims[0] * dims[1] if len(dims) == 2 else 0
         sparsity = 1.0 - values.numel() / numel if numel else 0.0
@@ -146,6 +157,7 @@ def load_sparse(
         if key in done:
             continue
         tensor = read(key)
+        check_dense_crc(dense_table, key, tensor)
         if tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         set_module_tensor_to_device(model, key, "cpu", value=tensor)

@@ -21,7 +21,6 @@ from torch import nn
 
 from ..config import OWLPrunerConfig
 from ..formats.quantizer import QUANT_METHOD, OWLHfQuantizer, mark_pruned
-from ..pruning.engine import prune_model
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +36,10 @@ class OWLPruningQuantizer(OWLHfQuantizer):
 def prune_loaded_model(model: nn.Module, quantizer: OWLHfQuantizer) -> nn.Module:
     """Prune-on-load: run the core (`engine.prune_model`) on a freshly loaded model with the data carried by the
     config, then attach the report and mark the model for compact saving, once."""
+    # imported here, not at the top: registering the plugin (on transformers' first `from_pretrained`, possibly in
+    # the middle of importing the engine itself) must not need the pruning engine
+    from ..pruning.engine import prune_model
+
     config: OWLPrunerConfig = quantizer.quantization_config
     config.validate()
     tokenizer = config.tokenizer

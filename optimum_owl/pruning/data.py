@@ -21,6 +21,7 @@ import torch
 
 from ..errors import CalibrationDataError
 from ..utils import public_path
+from .sources import check_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ def load_tokenizer(tokenizer: Any) -> Any:
     if tokenizer is None or not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
     from transformers import AutoTokenizer
+
+    check_model_source(str(tokenizer), "Tokenizer", filename="tokenizer_config.json")  # one error, no Hub retries
 
     return AutoTokenizer.from_pretrained(str(tokenizer))
 
@@ -343,6 +346,25 @@ def _draw_long_documents(
     return windows, held
 
 
+def _joined_stream_warning(docs: list[list[int]], starts: list[int], tokens: int, seqlen: int, eos: bool) -> str:
+    """Why the windows come from the joined stream (how many rows were too short) and how many of them overlap."""
+    short, ordered = sum(len(doc) <= seqlen for doc in docs), sorted(starts)
+    close = [b - a < seqlen for a, b in zip(ordered, ordered[1:])]  # neighbours (in stream order) that overlap
+    overlapping = sum(left or right for left, right in zip([False, *close], [*close, False]))
+    msg = (
+        f"{short} of {len(docs)} calibration rows are no longer than seqlen={seqlen} tokens (the longest has "
+        f"{max(map(len, docs), default=0)}), too few long rows to draw {len(starts)} windows from: the rows were "
+        f"joined into one stream of {tokens} tokens{' (EOS between rows)' if eos else ''} and the windows cross row "
+        "boundaries"
+    )
+    if overlapping:
+        msg += (
+            f"; {overlapping} of the {len(starts)} windows overlap another (random starts in {tokens} tokens for "
+            f"{len(starts)} x {seqlen}), so they share tokens"
+        )
+    return msg + ". Longer documents (or a lower seqlen) would calibrate better."
+
+
 def sample_windows(
     docs: list[list[int]], num_samples: int, seqlen: int, seed: int, eos_id: int | None = None,
     warnings: list[str] | None = None,
@@ -371,14 +393,10 @@ def _sample(
         )
     rng = random.Random(seed)
     starts = [rng.randint(0, len(stream) - seqlen) for _ in range(num_samples)]
-    if len(stream) < num_samples * seqlen:
-        msg = (
-            f"Calibration stream has {len(stream)} tokens for {num_samples} windows of {seqlen}: windows overlap; "
-            "more text would calibrate better."
-        )
-        logger.warning(msg)
-        if warnings is not None:
-            warnings.append(msg)
+    msg = _joined_stream_warning(docs, starts, len(stream), seqlen, eos_id is not None)
+    logger.warning(msg)
+    if warnings is not None:
+        warnings.append(msg)
     taken = list(starts)
     held: list[int] = []
     for _ in range(MAX_DRAWS_FACTOR * extra + 100 if extra else 0):

@@ -15,6 +15,9 @@ Passes over the calibration data (L = number of blocks, one "forward" = one bloc
 | criterion without statistics (magnitude), uniform | 0 | no calibration data needed |
 | criterion without statistics, atp or alphapruning | 0 | no calibration data needed |
 | owl-auto, auto | see optimum_owl.pruning.search.search | |
+
+Which passes a family needs comes from the family registry (`optimum_owl.algorithms.families`): its `inputs` say
+whether it needs the outlier pass (calibration data) or only the weights.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..algorithms.allocation import BlockPlan
+from ..algorithms.families import SEARCHES, UNIFORM, get_family
 from ..config import OWLPrunerConfig
 from ..errors import CalibrationDataError, OWLConfigError
 from ..utils import public_config, public_path
@@ -36,11 +39,13 @@ from . import passes
 from .data import describe_source, draw_windows
 from .modeling import PRUNED_ZERO_SHARE, context_length, get_blocks_and_units, zero_share
 from .offload import make_block_offloader
-from .passes import RunState
-from .report import METRIC_NAMES, BlockReport, ModuleReport, PruneReport
+from .passes import Applied, RunState
+from .report import BlockReport, ModuleReport, PruneReport
 from .resume import ResumeState
 from .runner import BlockRunner
 from .search import holdout, search
+from .search.state import SearchState
+from .search.windows import holdout_windows_wanted
 
 logger = logging.getLogger(__name__)
 
@@ -58,20 +63,24 @@ def prune_model(
     if block_context is None:
         block_context = make_block_offloader(model, config.device, config.offload_folder)
     runner = BlockRunner(model, blocks, offload_activations=config.offload_activations, block_context=block_context)
-    state = RunState(config=config, model=model, path=path, blocks=blocks, units=units, runner=runner)
+    layerwise, notes = effective_layerwise(config, len(blocks))
+    state = RunState(config=config, model=model, path=path, blocks=blocks, units=units, runner=runner,
+                     layerwise=layerwise)
     warn_if_pruned(state)
-    layerwise = effective_layerwise(state)
+    for note in notes:
+        state.warn(note)
+    searching = SearchState.open(layerwise, config) if layerwise in SEARCHES else None
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            calibration = prepare(state, layerwise, dataset, tokenizer)
+            calibration = prepare(state, dataset, tokenizer, searching)
             open_resume(state)
-            plans = run(state, layerwise)
+            applied = run(state, searching)
     finally:
         model.train(was_training)
     state.timings["total"] = time.perf_counter() - start
-    report = build_report(state, plans, calibration)
+    report = build_report(state, applied, calibration, searching)
     logger.info("Pruned %s: sparsity %.4f over %d weights", type(model).__name__, report.sparsity, report.total_params)
     return report
 
@@ -89,32 +98,30 @@ def warn_if_pruned(state: RunState) -> None:
         state.warnings.append(msg)
 
 
-def effective_layerwise(state: RunState) -> str:
-    cfg = state.config
-    if cfg.nm_pattern is not None and cfg.layerwise != "uniform" and not cfg.nm_mixed:
-        state.warn(
-            f"layerwise={cfg.layerwise!r} with a fixed N:M pattern {cfg.pattern} gives every block the same "
+def effective_layerwise(config: OWLPrunerConfig, num_blocks: int) -> tuple[str, list[str]]:
+    """The `layerwise` the run applies (decided once, kept in `RunState.layerwise`) and the warnings that go with it:
+    a fixed N:M pattern without `nm_mixed` gives every block the same pattern (uniform)."""
+    if config.nm_pattern is not None and config.layerwise != UNIFORM and not config.nm_mixed:
+        return UNIFORM, [
+            f"layerwise={config.layerwise!r} with a fixed N:M pattern {config.pattern} gives every block the same "
             "pattern; OWL is skipped. Set nm_mixed=True for per-block N:M."
-        )
-        return "uniform"
-    if cfg.layerwise == "owl" and len(state.blocks) < 2:
-        state.warnings.append("OWL needs at least two blocks; one block gets the uniform target.")
-    return cfg.layerwise
+        ]
+    if config.layerwise not in SEARCHES and get_family(config.layerwise).knobs and num_blocks < 2:
+        return config.layerwise, [f"layerwise={config.layerwise!r} needs at least two blocks; one block gets the uniform "
+                                  "target."]
+    return config.layerwise, []
 
 
-# layerwise values whose allocation needs no calibration data (AlphaPruning reads the weights only)
-DATA_FREE = ("uniform", "atp", "alphapruning")
-SEARCHES = ("owl-auto", "auto")
+def needs_data(state: RunState) -> bool:
+    """Whether the run needs calibration data: its criterion, a search, or a family that needs the outlier pass."""
+    return state.criterion.needs_data or state.layerwise in SEARCHES or get_family(state.layerwise).needs_data
 
 
-def needs_data(state: RunState, layerwise: str) -> bool:
-    return state.criterion.needs_data or layerwise not in DATA_FREE
-
-
-def prepare(state: RunState, layerwise: str, dataset: Any, tokenizer: Any) -> dict[str, Any]:
-    """Calibration windows -> block 0's inputs (`state.inputs0`); returns the report's calibration entry."""
+def prepare(state: RunState, dataset: Any, tokenizer: Any, searching: SearchState | None = None) -> dict[str, Any]:
+    """Calibration windows -> block 0's inputs (`state.inputs0`; a search's extra scoring windows into `searching`);
+    returns the report's calibration entry."""
     cfg = state.config
-    if not needs_data(state, layerwise):
+    if not needs_data(state):
         return {"source": f"none ({cfg.method} pruning needs no data)"}
     dataset = dataset if dataset is not None else cfg.dataset
     tokenizer = tokenizer if tokenizer is not None else cfg.tokenizer
@@ -123,7 +130,7 @@ def prepare(state: RunState, layerwise: str, dataset: Any, tokenizer: Any) -> di
     if max_pos is not None and cfg.seqlen > max_pos:
         raise OWLConfigError(f"`seqlen`={cfg.seqlen} exceeds the model's max_position_embeddings={max_pos}; lower `seqlen`.")
     t = time.perf_counter()
-    extra = holdout.holdout_windows_wanted(cfg) if layerwise in SEARCHES else 0
+    extra = holdout_windows_wanted(cfg) if searching is not None else 0
     scoring_source = cfg.auto_holdout_dataset if extra else None
     if isinstance(scoring_source, str) and isinstance(dataset, (str, os.PathLike)) and scoring_source == str(dataset):
         raise OWLConfigError(
@@ -134,7 +141,7 @@ def prepare(state: RunState, layerwise: str, dataset: Any, tokenizer: Any) -> di
     ids, held = draw_windows(dataset, tokenizer, cfg.num_samples, cfg.seqlen, cfg.seed, cfg.text_column,
                              warnings=state.warnings, extra=0 if scoring_source is not None else extra)
     if scoring_source is not None:
-        held = draw_scoring_windows(state, scoring_source, tokenizer, extra)
+        held = draw_scoring_windows(state, searching, scoring_source, tokenizer, extra)
     vocab = getattr(model_cfg, "vocab_size", None)
     top = max(int(ids.max()), int(held.max()) if held.numel() else 0)
     if isinstance(vocab, int) and top >= vocab:
@@ -142,17 +149,17 @@ def prepare(state: RunState, layerwise: str, dataset: Any, tokenizer: Any) -> di
             f"Calibration token id {top} is outside the model's vocabulary ({vocab}); "
             "pass the model's own tokenizer."
         )
-    state.timings["calibration_data"] = time.perf_counter() - t
+    state.add_time("calibration_data", t)
     state.calibration_ids = ids
     if extra:
-        state.holdout_ids = held  # split_holdout decides whether there are enough of them
+        searching.ids = held  # split_holdout decides whether there are enough of them
     t = time.perf_counter()
     state.inputs0 = state.runner.capture(ids, cfg.batch_size)
-    state.timings["capture"] = time.perf_counter() - t
+    state.add_time("capture", t)
     return {"source": describe_source(dataset), "num_samples": int(ids.shape[0]), "seqlen": int(ids.shape[1])}
 
 
-def draw_scoring_windows(state: RunState, source: Any, tokenizer: Any, count: int) -> torch.Tensor:
+def draw_scoring_windows(state: RunState, searching: SearchState, source: Any, tokenizer: Any, count: int) -> torch.Tensor:
     """`count` windows of `auto_holdout_dataset` for the searches to score on (seeded like the calibration draw)."""
     cfg = state.config
     notes: list[str] = []
@@ -161,7 +168,7 @@ def draw_scoring_windows(state: RunState, source: Any, tokenizer: Any, count: in
     except CalibrationDataError as err:
         raise CalibrationDataError(f"`auto_holdout_dataset`: {err}") from None
     state.warnings += [f"`auto_holdout_dataset`: {note}" for note in notes]
-    state.holdout_source = describe_source(source)
+    searching.source = describe_source(source)
     return held
 
 
@@ -170,57 +177,57 @@ def open_resume(state: RunState) -> None:
         state.resume = ResumeState.open(state.config, state.path, state.units, state.inputs0)
 
 
-def run(state: RunState, layerwise: str) -> list[BlockPlan]:
-    """The passes for `layerwise` and `propagation`; returns the per-block plans."""
+def run(state: RunState, searching: SearchState | None = None) -> Applied:
+    """The passes for the run's `layerwise` and `propagation`; returns the allocation applied."""
     cfg = state.config
-    uniform = passes.uniform(state)
-    if not needs_data(state, layerwise):
-        plans = uniform if layerwise == "uniform" else passes.fixed_plans(state, layerwise)
-        passes.prune_pass(state, plans)
-        return plans
+    if not needs_data(state):
+        applied = passes.fixed_plans(state)
+        passes.prune_pass(state, applied.plans)
+        return applied
     if cfg.propagation == "dense":
-        if layerwise in SEARCHES:
-            raise OWLConfigError(f"`layerwise={layerwise!r}` needs propagation='sequential'.")
-        if layerwise == "uniform":
-            passes.dense_prune(state, uniform, from_outlier_pass=False)
-            return uniform
+        if searching is not None:
+            raise OWLConfigError(f"`layerwise={state.layerwise!r}` needs propagation='sequential'.")
+        if state.layerwise == UNIFORM:
+            applied = passes.fixed_plans(state)
+            passes.dense_prune(state, applied.plans, from_outlier_pass=False)
+            return applied
         passes.outlier_pass(state)  # the dense statistics every block is pruned from
-        plans = passes.fixed_plans(state, layerwise)
-        passes.dense_prune(state, plans, from_outlier_pass=True)
-        return plans
-    if layerwise == "uniform":
-        passes.prune_pass(state, uniform)
-        return uniform
-    if layerwise in SEARCHES:
-        holdout.split_holdout(state)  # held-out windows must not enter the outlier statistics
+        applied = passes.fixed_plans(state)
+        passes.dense_prune(state, applied.plans, from_outlier_pass=True)
+        return applied
+    if searching is not None:
+        holdout.split_holdout(state, searching)  # held-out windows must not enter the outlier statistics
         passes.outlier_pass(state)
-        return search.choose_and_prune(state)
-    if layerwise in ("owl", "dlp"):
+        return search.choose_and_prune(state, searching)
+    if get_family(state.layerwise).needs_data:
         passes.outlier_pass(state)
-    plans = passes.fixed_plans(state, layerwise)
-    passes.prune_pass(state, plans)
-    return plans
+    applied = passes.fixed_plans(state)
+    passes.prune_pass(state, applied.plans)
+    return applied
 
 
-def build_report(state: RunState, plans: list[BlockPlan], calibration: dict[str, Any]) -> PruneReport:
+def build_report(
+    state: RunState, applied: Applied, calibration: dict[str, Any], searching: SearchState | None = None
+) -> PruneReport:
     model = state.model
-    if state.candidates and state.holdout_ids is not None:  # a search: where its scoring windows came from
-        where = (
-            f"of auto_holdout_dataset {state.holdout_source}" if state.holdout_source is not None
-            else "beyond the calibration windows" if state.holdout_separate else "held out of the calibration windows"
-        )
-        calibration = {**calibration, "holdout_windows": int(state.holdout_ids.shape[0]), "holdout": where}
+    candidates = searching.candidates if searching is not None else []
+    if candidates and searching.ids is not None:  # a search: where its scoring windows came from
+        calibration = {**calibration, "holdout_windows": int(searching.ids.shape[0]), "holdout": searching.where()}
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    family = get_family(applied.family)
     report = PruneReport(
         config=public_config(state.config.to_dict()),
         model={"class": type(model).__name__, "name_or_path": public_path(name), "block_path": state.path},
         timings={k: round(v, 4) for k, v in state.timings.items()},
         warnings=list(state.warnings),
         calibration=calibration,
-        candidates=list(state.candidates),
-        allocation=allocation_summary(state),
+        candidates=list(candidates),
+        allocation={"family": family.name, "knob": dict(applied.knob), "metric": family.metric},
     )
-    owl_like = report.allocation.get("family") == "owl"
+    # the block metric: OWL's outlier ratios have their own column, any other family's go to `metric`
+    metrics = applied.metrics
+    as_ratio = family.inputs == "outlier_ratios"
+    plans = applied.plans
     for i, units in enumerate(state.units):
         block_zeros = block_params = 0
         with state.runner.block_scope(i):  # offloaded weights are meta tensors outside their block's scope
@@ -233,18 +240,17 @@ def build_report(state: RunState, plans: list[BlockPlan], calibration: dict[str,
                     ModuleReport(u.name, i, list(u.shape), round(plans[i].sparsity_for(u.group), 12),
                                  zeros / max(w.numel(), 1), w.numel())
                 )
-        ratio = state.outlier_ratios[i] if state.outlier_ratios is not None and owl_like else None
-        metric = state.block_metrics[i] if state.block_metrics is not None else None
+        value = metrics[i] if metrics is not None else None
         report.blocks.append(
             BlockReport(
                 index=i,
                 name=f"{state.path}.{i}",
-                outlier_ratio=ratio,
+                outlier_ratio=value if as_ratio else None,
                 target_sparsity=round(plans[i].sparsity, 12),
                 achieved_sparsity=block_zeros / max(block_params, 1),
                 num_params=block_params,
                 nm=list(plans[i].nm) if plans[i].nm else None,
-                metric=metric,
+                metric=None if as_ratio else value,
                 attention_sparsity=None if plans[i].split is None else plans[i].split[0],
                 mlp_sparsity=None if plans[i].split is None else plans[i].split[1],
             )
@@ -252,28 +258,3 @@ def build_report(state: RunState, plans: list[BlockPlan], calibration: dict[str,
         report.total_params += block_params
         report.total_zeros += block_zeros
     return report
-
-
-def allocation_summary(state: RunState) -> dict[str, Any]:
-    """Family, knob and block-metric name of the allocation applied (for a search: the chosen candidate's)."""
-    cfg = state.config
-    chosen = next((c for c in state.candidates if c.chosen), None)
-    if chosen is not None:
-        family = chosen.family or chosen.layerwise
-        knob = dict(chosen.knob or {})
-        if not knob and chosen.owl_m is not None:
-            knob = {"owl_m": chosen.owl_m, "owl_lambda": chosen.owl_lambda}
-    elif (cfg.layerwise in KNOB_NAMES or cfg.layerwise == "owl") and not (cfg.nm_pattern is not None and not cfg.nm_mixed):
-        family = cfg.layerwise
-        knob = (
-            {"owl_m": cfg.owl_m, "owl_lambda": cfg.owl_lambda}
-            if family == "owl"
-            else {KNOB_NAMES[family]: passes.knob_of(cfg, family)}
-        )
-    else:
-        family, knob = "uniform", {}
-    return {"family": family, "knob": knob, "metric": METRIC_NAMES.get(family)}
-
-
-KNOB_NAMES = {"dlp": "dlp_alpha", "alphapruning": "alphapruning_epsilon", "atp": "atp_beta"}
-

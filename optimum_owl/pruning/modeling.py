@@ -7,8 +7,11 @@ stores experts as 3-D tensors). Pruning writes through `unit.weight()`, a view i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import OWLModelError
+from ..errors import OWLCheckpointError, OWLModelError
 from ..utils import is_conv1d, matches_any
 
 logger = logging.getLogger(__name__)
@@ -191,24 +194,110 @@ def get_blocks_and_units(
     return path, blocks, units
 
 
-def load_model(name_or_path: str, **kwargs: Any) -> nn.Module:
-    """Load a causal LM (falling back to a bare `AutoModel`, e.g. BERT) from a local path or Hub id."""
+def load_model(name_or_path: str, gguf_file: str | None = None, **kwargs: Any) -> nn.Module:
+    """Load a causal LM (falling back to a bare `AutoModel`, e.g. BERT) from a local path or Hub id.
+
+    `gguf_file` names a GGUF file inside the folder: transformers de-quantizes it to float, and the model is then an
+    ordinary float model (the GGUF quantizer is dropped, so it can be pruned and saved like any other). A corrupt or
+    truncated checkpoint raises one `OWLCheckpointError` naming the file or tensor (transformers' load report of a
+    failed load is not printed).
+    """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    from .sources import check_model_source
+
     text = os.fspath(name_or_path)
-    local = Path(text).exists() or text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1)
-    if local and not Path(text).expanduser().is_dir():
-        what = "is not a folder" if Path(text).exists() else "does not exist"
-        raise FileNotFoundError(f"Model {text} {what}: pass a local model folder or a Hub id (owner/name).")
+    local = check_model_source(text, filename=gguf_file or "config.json")
+    if gguf_file is not None:
+        if local and not (Path(text).expanduser() / gguf_file).is_file():
+            raise FileNotFoundError(f"GGUF file {gguf_file} is not in {text}: pass the name of a .gguf file inside it.")
+        kwargs["gguf_file"] = gguf_file
+    elif local:
+        check_safetensors_headers(Path(text).expanduser())
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path, **({"gguf_file": gguf_file} if gguf_file else {}))
     except OSError as err:  # offline, unknown repo, no config.json: transformers' message does not name the model
         raise OSError(f"Cannot load model {text!r}: {' '.join(str(err).split())}") from err
-    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)  # its errors are about this checkpoint
-    logger.info("%s (%s) is not a causal LM; loading it with AutoModel", name_or_path, config.model_type)
-    return AutoModel.from_pretrained(name_or_path, **kwargs)
+    causal = type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
+    if not causal:
+        logger.info("%s (%s) is not a causal LM; loading it with AutoModel", name_or_path, config.model_type)
+    with held_load_report(text):  # its errors are about this checkpoint: never retried with another class
+        model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(name_or_path, **kwargs)
+    if gguf_file is not None:
+        drop_gguf_quantizer(model)
+    return model
+
+
+def check_safetensors_headers(folder: Path) -> None:
+    """Raise `OWLCheckpointError` naming the first `*.safetensors` file of `folder` whose header safetensors cannot
+    read (a truncated or corrupt file); reads the headers only."""
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as err:  # noqa: BLE001 - SafetensorError and OSError alike: the file cannot be read
+            raise OWLCheckpointError(
+                f"{file} cannot be read ({' '.join(str(err).split())}): the file is truncated or corrupt; "
+                "re-download or re-save the model."
+            ) from None
+
+
+@contextlib.contextmanager
+def held_load_report(name: str) -> Iterator[None]:
+    """Hold back transformers' LOAD REPORT warning while a model loads: it is logged as usual when the load
+    succeeds, and replaced by one `OWLCheckpointError` (the first optimum-owl error inside it, naming the tensor)
+    when the load fails on a weight conversion."""
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            held.append(record)
+            return False
+        return True
+
+    report_logger.addFilter(hold)
+    try:
+        yield
+    except RuntimeError as err:
+        report_logger.removeFilter(hold)
+        found = re.search(r"^optimum_owl\.errors\.\w+: (.+)$", "\n".join(r.getMessage() for r in held), re.MULTILINE)
+        if not found and "conversion" not in str(err):
+            _emit(report_logger, held)  # not a conversion failure: transformers' report explains it
+            raise
+        for record in held:  # `optimum-owl -v` shows transformers' report
+            logger.debug("%s", record.getMessage())
+        reason = found.group(1) if found else "transformers could not convert its weights (rerun with -v for its report)"
+        raise OWLCheckpointError(f"Cannot load model {name}: {reason}") from err
+    except BaseException:
+        report_logger.removeFilter(hold)
+        _emit(report_logger, held)
+        raise
+    report_logger.removeFilter(hold)
+    _emit(report_logger, held)
+
+
+def _emit(report_logger: logging.Logger, records: list[logging.LogRecord]) -> None:
+    for record in records:
+        report_logger.handle(record)
+
+
+def drop_gguf_quantizer(model: nn.Module) -> None:
+    """A model read from GGUF holds de-quantized float weights but keeps transformers' GGUF quantizer, which blocks
+    saving; drop it so the model is an ordinary float model."""
+    qconfig = getattr(model.config, "quantization_config", None)
+    method = qconfig.get("quant_method") if isinstance(qconfig, dict) else getattr(qconfig, "quant_method", None)
+    if str(getattr(method, "value", method)) != "gguf":
+        return
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    if hasattr(model, "quantization_method"):
+        del model.quantization_method
+    model.is_quantized = False
+    logger.info("Read from GGUF: the de-quantized float weights are used as an ordinary float model.")
 
 
 # Dense checkpoints have (almost) no exact zeros; above this share of zero block weights a model counts as pruned.

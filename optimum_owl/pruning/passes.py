@@ -5,37 +5,31 @@
 | `outlier_pass` | fresh row norms | dense | outlier ratio for M and mean Wanda score (`allocation.score_summary`) |
 | `prune_pass` (sequential) | what the criterion needs (block 0 may reuse the dense pass's) | pruned | `prune_block`, resume state |
 | `dense_prune` | fresh row norms (uniform) or the outlier pass's (OWL) | dense / none | `prune_block` |
-| `exact_prune_pass` (owl-auto) | as `prune_pass` | pruned | input norms kept, `prune_block` |
+| `prune_pass(record_norms=...)` (searches) | as `prune_pass` | pruned | input norms kept, `prune_block` |
 | `holdout_ratios` (search refit) | fresh row norms, merged into the dense pass's | dense | outlier ratio, mean score |
 
 `RunState` holds everything one run knows (no pruner attributes change during a run, so a pruner is re-entrant).
+Plans come from the family registry (`optimum_owl.algorithms.families`): `block_metrics` feeds a family what its
+`inputs` name (the outlier pass's ratios or mean scores, a metric of the weights, nothing) and `family_plans` calls
+its `allocate`; `fixed_plans` does both for the run's family with its configured knob.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..algorithms.allocation import (
-    BlockPlan,
-    alphapruning_allocation,
-    atp_allocation,
-    dlp_allocation,
-    esd_alpha,
-    owl_plans,
-    projection_split,
-    score_summary,
-    uniform_plans,
-)
+from ..algorithms.allocation import BlockPlan, projection_split, score_summary
 from ..algorithms.criteria import Criterion, PruneTask, get_criterion, wanda_scores
+from ..algorithms.families import UNIFORM, Budget, Family, get_family
 from .modeling import Unit
-from .report import Candidate
 from .runner import Batch, BlockRunner
 from .stats import BlockStats, merge_stats
 
@@ -44,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RunState:
-    """Everything one pruning run knows; owl-auto re-plans from it without recomputing dense statistics."""
+    """Everything one pruning run knows; the searches re-plan from it without recomputing dense statistics (what only
+    a search knows, its scoring windows and candidates, is its own `search.state.SearchState`)."""
 
     config: Any  # OWLPrunerConfig
     model: nn.Module
@@ -52,36 +47,78 @@ class RunState:
     blocks: nn.ModuleList
     units: list[list[Unit]]
     runner: BlockRunner
+    layerwise: str  # the effective `layerwise`, decided once (`engine.effective_layerwise`): a family or a search
     inputs0: list[Batch] | None = None
     dense_stats: list[BlockStats] = field(default_factory=list)
-    outlier_ratios: list[float] | None = None
-    mean_scores: list[float] | None = None  # mean Wanda score per block, from the dense statistics pass (DLP)
-    block_metrics: list[float] | None = None  # the applied family's block metric (DLP: mean score; AlphaPruning: α)
+    outlier_ratios: list[float] | None = None  # outlier pass: per block, the outlier ratio at `owl_m` (OWL)
+    mean_scores: list[float] | None = None  # outlier pass: per block, the mean Wanda score (DLP)
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     calibration_ids: torch.Tensor | None = None  # [num_samples, seqlen] token ids behind `inputs0`
-    holdout_ids: torch.Tensor | None = None  # searches: windows the candidates are scored on
-    holdout_separate: bool = False  # searches: `holdout_ids` were drawn beyond the calibration windows (none held out)
-    holdout_source: str | None = None  # searches: `auto_holdout_dataset`, described, when the windows came from it
-    candidates: list[Candidate] = field(default_factory=list)  # owl-auto: candidates tried
     resume: Any = None  # optimum_owl.pruning.resume.ResumeState when `checkpoint_dir` is set
+    open_phases: list[str] = field(default_factory=list, init=False, repr=False)  # `phase`s running, outermost first
 
     @property
     def criterion(self) -> Criterion:
         return get_criterion(self.config.method)
 
     def add_time(self, key: str, start: float) -> None:
+        """Add the seconds since `start` to `timings[key]`; inside a `phase` the key is `"phase/key"` (a part of that
+        phase's time, not counted again), so the keys without "/" never add up to more than `timings["total"]`."""
+        key = "/".join([*self.open_phases, key])
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def phase(self, key: str) -> Iterator[None]:
+        """Time a phase that holds others (the searches' `auto_exact`, `auto_screen`, ...): see `add_time`."""
+        start = time.perf_counter()
+        self.open_phases.append(key)
+        try:
+            yield
+        finally:
+            self.open_phases.pop()
+            self.add_time(key, start)
 
     def warn(self, message: str) -> None:
         logger.warning(message)
         self.warnings.append(message)
 
 
+@dataclass
+class Applied:
+    """The allocation a run applied: its family, knob (config field -> value), per-block plans and the block metric
+    they came from (`None` for none), which the report shows (`engine.build_report`)."""
+
+    family: str
+    knob: dict[str, float]
+    plans: list[BlockPlan]
+    metrics: list[float] | None = None
+
+
 # ------------------------------------------------------------------------------------------------ plans
-def uniform(state: RunState) -> list[BlockPlan]:
+def budget(state: RunState) -> Budget:
+    """What every family allocates: the target over the run's blocks, weighted by their prunable parameter counts
+    (`None` for equal blocks: the plain mean, identical and free of rounding in the weights)."""
     cfg = state.config
-    return split_plans(state, uniform_plans(cfg.target_sparsity, cfg.nm_pattern, len(state.blocks)))
+    weights = [sum(u.shape[0] * u.shape[1] for u in units) for units in state.units]
+    if len(set(weights)) == 1 or 0 in weights:
+        weights = None
+    return Budget(cfg.target_sparsity, len(state.units), weights, cfg.nm_pattern)
+
+
+def family_plans(
+    state: RunState, family: str, metrics: Sequence[float] | None, knob: Mapping[str, float], record: bool = True
+) -> list[BlockPlan]:
+    """Plans of `family` with `knob` (config field -> value; other keys are ignored) from its block metrics, split by
+    `attention_shift`; the family's clamping warning goes to the report when `record`."""
+    plans, warning = get_family(family).allocate(budget(state), metrics, knob)
+    if warning and record:
+        state.warn(warning)
+    return split_plans(state, plans)
+
+
+def uniform(state: RunState) -> list[BlockPlan]:
+    return family_plans(state, UNIFORM, None, {})
 
 
 def split_plans(state: RunState, plans: list[BlockPlan], shift: float | None = None) -> list[BlockPlan]:
@@ -98,19 +135,6 @@ def split_plans(state: RunState, plans: list[BlockPlan], shift: float | None = N
     return out
 
 
-def plan(state: RunState, ratios: Sequence[float], owl_lambda: float | None = None, record: bool = True) -> list[BlockPlan]:
-    """OWL plans (or mixed N:M) from outlier ratios; a clamping warning goes to the report when `record`."""
-    cfg = state.config
-    lam = cfg.owl_lambda if owl_lambda is None else owl_lambda
-    plans, clamped = owl_plans(ratios, cfg.sparsity, lam, cfg.nm_pattern)
-    if clamped and record:
-        state.warn(
-            f"OWL allocation S={cfg.sparsity}, λ={lam} left [0, 1): block sparsities were clamped and the rest "
-            "shifted so the mean stays at the target. A smaller `owl_lambda` avoids this."
-        )
-    return split_plans(state, plans)
-
-
 def block_summary(units: Sequence[Unit], stats: BlockStats, owl_ms: Sequence[float]) -> tuple[float, list[float]]:
     """Mean Wanda score of one block and its outlier ratio for each M in `owl_ms`, one unit's scores at a time."""
     return score_summary(lambda: (wanda_scores(u.weight(), stats[u.name].norms(u.shape[1])) for u in units), owl_ms)
@@ -121,63 +145,38 @@ def block_outlier_ratios(units: Sequence[Unit], stats: BlockStats, owl_ms: Seque
     return block_summary(units, stats, owl_ms)[1]
 
 
-def family_plans(
-    state: RunState, family: str, metrics: Sequence[float] | None, knob: float, record: bool = True
-) -> list[BlockPlan]:
-    """Plans of `family` ("dlp", "alphapruning", "atp") with its knob (α, ε, β) from its block metrics; the mean is
-    weighted by the blocks' prunable parameter counts. A clamping warning goes to the report when `record`."""
-    cfg = state.config
-    weights = [sum(u.shape[0] * u.shape[1] for u in units) for units in state.units]
-    if len(set(weights)) == 1 or 0 in weights:
-        weights = None  # equal blocks: the plain mean (identical, and free of rounding in the weights)
-    if family == "dlp":
-        sparsities, clamped = dlp_allocation(metrics or [], cfg.sparsity, knob, weights)
-    elif family == "alphapruning":
-        sparsities, clamped = alphapruning_allocation(metrics or [], cfg.sparsity, knob, weights)
-    elif family == "atp":
-        sparsities, clamped = atp_allocation(len(state.units), cfg.sparsity, knob, weights)
-    else:
-        raise ValueError(f"unknown allocation family {family!r}")
-    if clamped and record:
-        state.warn(
-            f"{family} allocation S={cfg.sparsity} with knob {knob} left [0, 1): block sparsities were clamped and the "
-            "rest shifted so the mean stays at the target. A smaller knob avoids this."
-        )
-    return split_plans(state, [BlockPlan(s) for s in sparsities])
-
-
-def block_esd_alphas(state: RunState) -> list[float]:
-    """AlphaPruning's block metric: per block, the mean ESD heavy-tail exponent of its weight matrices (no data)."""
+def block_weight_metrics(state: RunState, metric: Callable[[torch.Tensor], float]) -> list[float]:
+    """Per block, the mean of `metric` over its weight matrices (AlphaPruning's ESD α; no data)."""
     t = time.perf_counter()
     out: list[float] = []
 
     def visit(i: int) -> None:
-        alphas = [esd_alpha(u.weight()) for u in state.units[i]]
-        out.append(sum(alphas) / len(alphas) if alphas else 0.0)
+        values = [metric(u.weight()) for u in state.units[i]]
+        out.append(sum(values) / len(values) if values else 0.0)
 
     each_block(state, visit)
-    state.add_time("esd", t)
+    state.add_time("block_metric", t)
     return out
 
 
-def knob_of(config: Any, family: str) -> float:
-    """The configured knob of a family: `dlp_alpha`, `alphapruning_epsilon` or `atp_beta`."""
-    return {"dlp": config.dlp_alpha, "alphapruning": config.alphapruning_epsilon, "atp": config.atp_beta}[family]
+def block_metrics(state: RunState, family: Family) -> list[float] | None:
+    """The block metric `family` allocates from with its configured knob: the outlier pass's ratios (at `owl_m`) or
+    mean scores (after `outlier_pass`), its metric of the (dense) weights, or `None`."""
+    if family.inputs == "outlier_ratios":
+        return list(state.outlier_ratios or [])
+    if family.inputs == "mean_scores":
+        return list(state.mean_scores or [])
+    if family.inputs == "weights":
+        return block_weight_metrics(state, family.weight_metric)
+    return None
 
 
-def fixed_plans(state: RunState, layerwise: str) -> list[BlockPlan]:
-    """Plans of a fixed rule with the configured knob: "owl" and "dlp" after `outlier_pass`, "alphapruning" (from
-    the weights) and "atp" at any time."""
-    if layerwise == "owl":
-        return plan(state, state.outlier_ratios or [])
-    if layerwise == "dlp":
-        metrics = list(state.mean_scores or [])
-    elif layerwise == "alphapruning":
-        metrics = block_esd_alphas(state)
-    else:
-        metrics = None
-    state.block_metrics = metrics
-    return family_plans(state, layerwise, metrics, knob_of(state.config, layerwise))
+def fixed_plans(state: RunState) -> Applied:
+    """The run's family (`state.layerwise`) with its configured knob; after `outlier_pass` when it needs data."""
+    family = get_family(state.layerwise)
+    knob = family.configured(state.config)
+    metrics = block_metrics(state, family)
+    return Applied(family.name, knob, family_plans(state, family.name, metrics, knob), metrics)
 
 
 # ------------------------------------------------------------------------------------------------ one block
@@ -224,7 +223,7 @@ def outlier_pass(state: RunState) -> list[float]:
     )
     state.outlier_ratios = ratios
     state.mean_scores = means
-    state.timings["outlier_pass"] = time.perf_counter() - t
+    state.add_time("outlier_pass", t)
     if state.resume is not None:
         state.resume.save_ratios(ratios, means)
     return ratios
@@ -280,13 +279,13 @@ def dense_prune(state: RunState, plans: list[BlockPlan], from_outlier_pass: bool
             propagate="dense",
             desc=f"{state.config.method} prune (dense)",
         )
-    state.timings["prune_pass"] = time.perf_counter() - t
+    state.add_time("prune_pass", t)
 
 
-def holdout_ratios(state: RunState, inputs: list[Batch], owl_m: float) -> list[float]:
+def holdout_ratios(state: RunState, inputs: list[Batch], owl_m: float) -> tuple[list[float], list[float]]:
     """Dense pass over extra windows: their row norms are merged into the outlier pass's statistics, then each
-    block's outlier ratio for `owl_m` (and its mean score, into `state.mean_scores`) is taken from the merged
-    statistics (the search's refit)."""
+    block's outlier ratio for `owl_m` and its mean score are taken from the merged statistics (the search's refit).
+    Returns `(ratios, mean_scores)`."""
     ratios: list[float] = []
     means: list[float] = []
 
@@ -297,8 +296,7 @@ def holdout_ratios(state: RunState, inputs: list[Batch], owl_m: float) -> list[f
         means.append(mean)
 
     state.runner.run_blocks(inputs, visit, statistics=lambda i: BlockStats(state.units[i]), propagate="dense")
-    state.mean_scores = means
-    return ratios
+    return ratios, means
 
 
 def each_block(state: RunState, visit) -> None:

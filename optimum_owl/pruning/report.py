@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils import atomic_write_text
+from .search.windows import holdout_count
 
 REPORT_NAME = "owl_report.json"
 REPORT_VERSION = 1
@@ -41,10 +42,6 @@ class BlockReport:
     metric: float | None = None  # the allocation family's block metric (`PruneReport.allocation["metric"]` names it)
     attention_sparsity: float | None = None  # with `attention_shift`: target of the attention projections
     mlp_sparsity: float | None = None  # with `attention_shift`: target of the block's other matrices
-
-
-# What each family's block metric is, for reports and tables.
-METRIC_NAMES = {"dlp": "mean Wanda score", "alphapruning": "ESD α"}
 
 
 @dataclass
@@ -87,7 +84,9 @@ class PruneReport:
         blocks: per-block outlier ratio, target and achieved sparsity.
         modules: per-matrix achieved sparsity.
         total_params / total_zeros / sparsity: totals over the prunable weights.
-        timings: seconds per phase (`calibration_data`, `capture`, `outlier_pass`, `prune_pass`, ...).
+        timings: seconds per phase (`calibration_data`, `capture`, `outlier_pass`, `prune_pass`, ..., `total`); a
+            phase run inside another is keyed "outer/inner" (`auto_exact/prune_pass`) and is part of the outer one's
+            time, so the keys without "/" add up to at most `total` (`timing_text`).
         candidates: the (M, λ) settings tried by `owl-auto`, with their held-out losses.
         allocation: the allocation actually applied: `family` ("uniform", "owl", "dlp", "alphapruning", "atp"),
             its `knob` (name -> value) and the name of its block `metric` (None when it has none).
@@ -179,6 +178,46 @@ class PruneReport:
             rows.append(row)
         return "\n".join(rows)
 
+    def timing_text(self) -> str:
+        """Seconds per phase, adding up to the total: each top-level phase once, with the phases run inside it (keys
+        "outer/inner", already part of its time) in brackets, then what no phase covers ("other")."""
+        top = {k: v for k, v in self.timings.items() if "/" not in k and k != "total"}
+        parts = []
+        for key, seconds in top.items():
+            inner = [f"{k.split('/', 1)[1]} {v:.2f}" for k, v in self.timings.items() if k.startswith(key + "/")]
+            parts.append(f"{key} {seconds:.2f}" + (f" (of which {', '.join(inner)})" if inner else ""))
+        if "total" not in self.timings:
+            return ", ".join(parts)
+        total = self.timings["total"]
+        return f"total {total:.2f} = " + " + ".join([*parts, f"other {max(total - sum(top.values()), 0.0):.2f}"])
+
+    def candidate_table(self) -> str:
+        """The search's candidates as a Markdown table, screened rows and exact rows labelled, after a note saying
+        how they differ and what "gain z" is."""
+        held = self.calibration.get("holdout_windows")
+        screened_on = held
+        if held is not None and not str(self.calibration.get("holdout", "")).startswith("held out"):
+            num, fraction = self.calibration.get("num_samples"), self.config.get("auto_holdout")
+            if num is not None and fraction is not None:  # separate windows: the screening scores on the first ones
+                screened_on = min(int(held), holdout_count(int(num), float(fraction)))
+        few = f"the first {screened_on} of the {held} held-out windows" if held is not None else "held-out windows"
+        every = f"all {held} held-out windows" if held is not None else "every held-out window"
+        note = (
+            f"Candidates, by held-out loss (nats per token, lower is better). *Screened* rows: a quick prune from the "
+            f"uniform run's input norms, scored on {few}, to rank the settings; *exact* rows: pruned for real and "
+            f"scored on {every}, so a setting's screened and exact losses differ. *gain z*: how many standard errors "
+            "(of the mean paired difference over short chunks of the held-out tokens) an exact candidate's loss is "
+            "below exact uniform's; a candidate replaces uniform only above 2."
+        )
+        stage = {True: "screened" + (f" ({screened_on} windows)" if held is not None else ""),
+                 False: "exact" + (f" ({held} windows)" if held is not None else "")}
+        rows = [note, "", "| stage | setting | held-out loss | gain z | chosen |", "|---|---|---:|---:|:---:|"]
+        for c in self.candidates:
+            z = "–" if c.gain_z is None else f"{c.gain_z:.2f}"
+            rows.append(f"| {stage[c.layerwise.endswith(', screened')]} | {c.setting} | {c.loss:.4f} | {z} | "
+                        f"{'✓' if c.chosen else ''} |")
+        return "\n".join(rows)
+
     def _target_text(self) -> str:
         """The mean target: `sparsity`, or 1 − N/M for an N:M pattern (which does not use `sparsity`)."""
         cfg = self.config
@@ -220,13 +259,10 @@ class PruneReport:
                 f"pruned {ev.get('pruned_ppl'):.3f}"
             )
         if self.timings:
-            lines.append("- time (s): " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()))
+            lines.append("- time (s): " + self.timing_text())
         lines += ["", self.block_table()]
         if self.candidates:
-            lines += ["", "| candidate | setting | held-out loss | gain z | chosen |", "|---|---|---:|---:|:---:|"]
-            for c in self.candidates:
-                z = "–" if c.gain_z is None else f"{c.gain_z:.2f}"
-                lines.append(f"| {c.layerwise} | {c.setting} | {c.loss:.4f} | {z} | {'✓' if c.chosen else ''} |")
+            lines += ["", self.candidate_table()]
         if self.warnings:
             lines += ["", "Warnings:"] + [f"- {w}" for w in self.warnings]
         return "\n".join(lines) + "\n"

@@ -41,7 +41,7 @@ import torch
 
 from ..algorithms.criteria import get_criterion
 from ..algorithms.masks import apply_keep_mask_
-from ..config import OWLPrunerConfig
+from ..config import NON_RESULT_FIELDS, OWLPrunerConfig
 from ..errors import OWLConfigError, ResumeMismatchError
 from ..formats.bitmask import pack_bits, unpack_bits
 from ..utils import atomic_write, atomic_write_text, map_tensors
@@ -51,8 +51,6 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "owl_checkpoint.json"
 FORMAT_VERSION = 3  # 3: SHA-256 of every file; 2: mask bits little-endian (THE codec); 1: big-endian. Older: refused
-# Config fields that do not change which weights are pruned on a given device.
-NON_RESULT_FIELDS = ("checkpoint_dir", "device", "offload_folder", "offload_activations", "dataset", "tokenizer")
 
 
 def _hash_tensor(h: Any, t: torch.Tensor) -> None:

@@ -92,14 +92,16 @@ class SparsityPreservingCallback(TrainerCallback):
 
 
 class SparsityLoggingCallback(TrainerCallback):
-    """Add the per-block and total sparsity of the prunable weights to every Trainer log (`sparsity/block_3`, ...).
+    """Add the total sparsity of the prunable weights, its spread over blocks (`sparsity/block_min`, `block_mean`,
+    `block_max`) and, with `per_block`, every block's (`sparsity/block_3`, ...) to every Trainer log.
 
     Loggers (TensorBoard, W&B, ...) are callbacks too and run in list order; install this one with
     `add_sparsity_logging(trainer)` so it runs before them and they receive the sparsity values.
 
     Args:
         prefix (`str`): key prefix.
-        per_block (`bool`): log every block, not only the total.
+        per_block (`bool`): log every block, not only the total and the min / mean / max over blocks (`repair()`
+            logs the summary only: one value per block in every log line is unreadable for deep models).
         block_name (`str`, *optional*): dotted path of the block list.
     """
 
@@ -111,6 +113,10 @@ class SparsityLoggingCallback(TrainerCallback):
     def values(self, model: nn.Module) -> dict[str, float]:
         blocks, total = block_sparsity(model, self.block_name)
         out = {f"{self.prefix}/total": round(total, 6)}
+        if blocks:
+            out.update({f"{self.prefix}/block_min": round(min(blocks), 6),
+                        f"{self.prefix}/block_mean": round(sum(blocks) / len(blocks), 6),
+                        f"{self.prefix}/block_max": round(max(blocks), 6)})
         if self.per_block:
             out.update({f"{self.prefix}/block_{i}": round(v, 6) for i, v in enumerate(blocks)})
         return out

@@ -43,7 +43,8 @@ class RepairConfig:
         text_column (`str`): column read from `datasets.Dataset` / `.jsonl` inputs.
         seed (`int`): seed for adapter initialisation and data order.
         bf16 / fp16 (`bool`): mixed precision for the Trainer (masks stay exact under both).
-        logging_steps (`int`): Trainer logging interval; per-block sparsity is logged with the loss.
+        logging_steps (`int`): Trainer logging interval; the sparsity (total, and min / mean / max over blocks)
+            is logged with the loss (per block: `RepairReport.block_sparsity_after`).
         report_to (`str` or `list[str]`): Trainer loggers (`"none"`, `"tensorboard"`, ...).
         merge (`bool`): merge the masked adapter into the weights at the end (`repair` then returns a plain,
             sparse model); when `False` the `PeftModel` is returned.

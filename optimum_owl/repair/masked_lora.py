@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RepairConfigError, RepairModelError, RepairWarning
-from ..utils import atomic_output_dir, is_conv1d, matches_any
+from ..utils import atomic_output_dir, input_paths, is_conv1d, matches_any
 from .config import RepairConfig
 from .sparsity import detect_nm, prunable_params, unwrap_peft, zeros_lost
 
@@ -347,7 +347,7 @@ def save_masked_adapter(peft_model: Any, save_dir: str | os.PathLike, overwrite:
 
     The write is atomic: an interrupted save leaves no folder.
     """
-    with atomic_output_dir(save_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(save_dir, overwrite=overwrite, protected=input_paths(peft_model)) as tmp:
         peft_model.save_pretrained(tmp)
         targets = sorted(n for n, m in peft_model.named_modules() if isinstance(m, MaskedLoraLinear))
         marker = {

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from ..errors import RepairConfigError, RepairDataError
-from ..utils import atomic_output_dir, atomic_write_text
+from ..utils import atomic_output_dir, atomic_write_text, input_paths
 from .callbacks import SparsityLoggingCallback, SparsityPreservingCallback, add_sparsity_logging
 from .config import RepairConfig
 from .masked_lora import attach_masked_lora, check_not_quantized, merge_masked_lora, warn_no_zeros
+from .record import carry_pruning_record, trainable_model
 from .sparsity import block_sparsity, zero_masks, zeros_lost
 
 logger = logging.getLogger(__name__)
@@ -244,6 +245,7 @@ def repair(
     if not isinstance(config, RepairConfig):
         raise RepairConfigError(f"`config` must be a RepairConfig, got {type(config).__name__}.")
     config.validate()
+    model = trainable_model(model, config.seqlen)
     windows = build_windows(train_data, tokenizer, config.seqlen, config.text_column, config.max_train_windows)
     eval_windows = (
         build_windows(eval_data, tokenizer, config.seqlen, config.text_column, field_name="eval_data")
@@ -302,7 +304,7 @@ def repair(
             args = _training_args(config, config.output_dir or scratch)
             trainer = Trainer(model=train_model, args=args, train_dataset=TokenWindows(windows),
                               callbacks=all_callbacks)
-            add_sparsity_logging(trainer, SparsityLoggingCallback())
+            add_sparsity_logging(trainer, SparsityLoggingCallback(per_block=False))  # per block: in the report
             result = trainer.train()
         except BaseException:
             logger.error("Repair interrupted; restoring the pruned model as it was.")
@@ -347,18 +349,22 @@ def save_repaired(
     tokenizer: Any = None,
     report: RepairReport | None = None,
     overwrite: bool = False,
+    source: str | os.PathLike | None = None,
 ) -> Path:
-    """Save a merged repaired model as a pruned checkpoint (+ tokenizer, `owl_report.json` when the model carries
-    one from pruning, and `repair_report.json`), atomically."""
+    """Save a merged repaired model as a pruned checkpoint, atomically: the weights, the tokenizer, the pruning
+    record (`owl_report.json`, `owl_config.json`) and the repair's own record (`repair_report.json`).
+
+    The pruning record comes from `source` (the pruned model's folder), else from the folder the model was loaded
+    from, else from the model itself (`model.owl_report`, the config of a compact pruned model); see
+    `record.carry_pruning_record`. Model cards and `optimum-owl push` read both records.
+    """
     if hasattr(model, "peft_config"):
         raise RepairConfigError("`model` is still a PeftModel: merge it (merge_masked_lora) or use save_masked_adapter.")
-    with atomic_output_dir(save_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(save_dir, overwrite=overwrite, protected=input_paths(model, tokenizer)) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
-        owl_report = getattr(model, "owl_report", None)
-        if owl_report is not None and hasattr(owl_report, "save"):
-            owl_report.save(tmp)
+        carry_pruning_record(model, Path(tmp), source)
         if report is not None:
             report.save(tmp)
     return Path(save_dir)

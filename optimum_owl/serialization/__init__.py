@@ -4,6 +4,6 @@ safetensors with the zeros in place). The compact format itself, and inspecting 
 
 from __future__ import annotations
 
-from .save import plain_model, save_dense, save_pruned
+from .save import estimate_saved_bytes, plain_model, save_dense, save_pruned
 
-__all__ = ["plain_model", "save_dense", "save_pruned"]
+__all__ = ["estimate_saved_bytes", "plain_model", "save_dense", "save_pruned"]

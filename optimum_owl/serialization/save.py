@@ -21,16 +21,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ..config import OWLPrunerConfig
+from ..formats.bitmask import compressed_nbytes
+from ..formats.compact import compressible_names
+from ..pruning.modeling import get_blocks_and_units
 from ..pruning.report import PruneReport
-from ..utils import atomic_output_dir
+from ..utils import atomic_output_dir, input_paths
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +54,12 @@ def save_pruned(
     `import optimum_owl`) unless `dense` is true: then they are plain safetensors with the zeros in place and
     `config.json` has no `quantization_config`, as written by `optimum_owl.serialization.save_dense`.
 
-    Raises `FileExistsError` if `save_dir` exists and `overwrite` is false. An interrupted save leaves nothing.
+    Raises `FileExistsError` if `save_dir` exists and `overwrite` is false, and `ValueError` if `save_dir` is or
+    contains a folder or file the run read (the model's and the tokenizer's `name_or_path`, the config's local paths:
+    `utils.input_paths`): replacing it would delete them. An interrupted save leaves nothing.
     """
-    with atomic_output_dir(save_dir, overwrite=overwrite) as tmp:
+    protected = input_paths(model, tokenizer, config)
+    with atomic_output_dir(save_dir, overwrite=overwrite, protected=protected) as tmp:
         if dense:
             with plain_model(model):
                 model.save_pretrained(tmp)
@@ -66,6 +73,45 @@ def save_pruned(
             config.save_pretrained(tmp)
     logger.info("Saved pruned model (%s format) to %s", "dense" if dense else "compact", save_dir)
     return Path(save_dir)
+
+
+# Files that hold weights (never copied by a save); every other file of the model / tokenizer folder is counted.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx", ".index.json")
+SIZE_MARGIN = 0.05  # of the estimate: the per-row floor of Wanda keeps a little more than the target share
+
+
+def estimate_saved_bytes(
+    model: nn.Module, config: OWLPrunerConfig, dense: bool = False, file_sources: Iterable[Any] = ()
+) -> int:
+    """Bytes that `save_pruned(model, ..., dense=dense)` will write once `model` is pruned with `config` (for a
+    free-space check before the run), with a margin.
+
+    Compact: every weight the run prunes and the format compresses takes its kept values (`config.target_sparsity`)
+    × its dtype's size + its bitmask (one bit per element) + its shape, or its dense size where that is smaller; every
+    other tensor (embeddings, norms, the head, fused experts) its dense size; dense: every tensor its dense size. Each
+    tensor adds a header entry and its CRC. The non-weight files of `file_sources` (local model / tokenizer folders:
+    config, tokenizer) are added as they are, plus the report and config written beside them.
+    """
+    _, _, units = get_blocks_and_units(model, config.block_name, config.ignore)
+    pruned = {f"{u.name}.{u.param_name}" for block in units for u in block if u.kind != "expert"}
+    compressed = set() if dense else pruned & set(compressible_names(model))
+    tensors: dict[str, Any] = dict(model.named_parameters())  # tied weights once, as transformers saves them
+    shared = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    tensors.update({k: v for k, v in model.state_dict(keep_vars=True).items() if k not in shared})  # buffers
+    total = 0
+    for name, tensor in tensors.items():
+        numel, itemsize = tensor.numel(), tensor.element_size()
+        size = numel * itemsize
+        if name in compressed and tensor.dim() >= 2:
+            kept = math.ceil(numel * (1.0 - config.target_sparsity))
+            size = min(size, compressed_nbytes(numel, kept, itemsize) + 8 * tensor.dim())
+        total += size + 256
+    files = 0
+    for source in {os.fspath(s) for s in file_sources if isinstance(s, (str, os.PathLike)) and os.fspath(s)}:
+        if Path(source).is_dir():
+            files += sum(f.stat().st_size for f in Path(source).iterdir() if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES))
+    report = 16_384 + 4_096 * len(units)  # owl_report.json (per-block rows), owl_config.json
+    return math.ceil(total * (1.0 + SIZE_MARGIN)) + files + report
 
 
 def _is_owl_config(config: Any) -> bool:
@@ -114,13 +160,15 @@ def save_dense(model: nn.Module, save_directory: str | os.PathLike, overwrite: b
     Args:
         model: a transformers model.
         save_directory: output folder, written atomically (temporary folder, then one rename).
-        overwrite: replace `save_directory` if it exists (otherwise `FileExistsError`).
+        overwrite: replace `save_directory` if it exists (otherwise `FileExistsError`); never allowed when it is or
+            contains the folder the model was loaded from (`ValueError`).
         **save_kwargs: passed to `model.save_pretrained` (e.g. `max_shard_size`).
 
     Returns:
         The output folder.
     """
-    with atomic_output_dir(save_directory, overwrite=overwrite) as tmp:
+    protected = input_paths(model, config=getattr(model.config, "quantization_config", None))
+    with atomic_output_dir(save_directory, overwrite=overwrite, protected=protected, flag="save_directory") as tmp:
         with plain_model(model) as owl_config:
             model.save_pretrained(tmp, **save_kwargs)
         if owl_config is not None:

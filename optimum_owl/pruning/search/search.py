@@ -60,34 +60,41 @@ most 2L−1 to prune the winner again (none with a mask-only criterion); with he
 (fraction h) (1−h)·L, K·h·L, F·(1−h)(2L−1) + F·h·L and h·L + 2L−1 for the refit.
 One exact OWL run costs 3L−1; `bench/prune_speed.py --variants owl_wanda_exact owl_wanda_auto wanda_auto` measures
 the ratios (docs/benchmarks.md). AlphaPruning's spectra (one SVD per matrix) cost no forward.
+
+The families, their knobs and grids come from the family registry (`optimum_owl.algorithms.families`: `Family.grid`,
+`Family.inputs`); the search's own state (scoring windows, candidates) is a `state.SearchState`. Report timings:
+`auto_setup` (dense copy, block metrics, plans), `auto_exact`, `auto_screen`, then `auto_keep` or `auto_refit`; the
+prune passes run inside them appear as `auto_exact/prune_pass` etc., parts of those phases (never counted twice).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import product
 
 import torch
+from tqdm.auto import tqdm
 
 from ...algorithms.allocation import BlockPlan
 from ...algorithms.criteria import keep_mask
+from ...algorithms.families import UNIFORM, Family, family_names, get_family
 from ...algorithms.masks import apply_keep_mask_
 from ..passes import (
+    Applied,
     RunState,
-    block_esd_alphas,
     block_outlier_ratios,
+    block_weight_metrics,
     each_block,
     family_plans,
-    plan,
     prune_pass,
     split_plans,
     uniform,
 )
 from ..report import Candidate
-from .holdout import holdout_count, refit
+from .holdout import refit
 from .scoring import (
     beats_uniform,
     chunk_losses,
@@ -95,17 +102,14 @@ from .scoring import (
     holdout_loss,
 )
 from .snapshots import pack_masks, restore, restore_masked, snapshot
+from .state import SearchState
+from .windows import holdout_count
 
 logger = logging.getLogger(__name__)
 
 # Along an ascending knob, stop a sequence after this many values in a row that do not improve its best screening loss.
 PATIENCE = 2
 SCREEN_SUFFIX = ", screened"
-# The families `layerwise="auto"` can search, and the knob that names each one's candidates.
-KNOBS = {"owl": ("owl_m", "owl_lambda"), "dlp": ("dlp_alpha",), "alphapruning": ("alphapruning_epsilon",),
-         "atp": ("atp_beta",)}
-# `auto_atp_betas=None`: β = spread / (L − 1) for these total spreads of the block sparsities over the depth.
-ATP_SPREADS = (0.08, 0.16, 0.24, 0.32)
 
 
 def _screen_prune(state: RunState, plans: Sequence[BlockPlan], norms: list[dict[str, torch.Tensor]]) -> None:
@@ -148,176 +152,184 @@ class _Option:
         )
 
 
-def _atp_betas(state: RunState, num_blocks: int) -> list[float]:
-    cfg = state.config
-    if cfg.auto_atp_betas is not None:
-        betas = list(cfg.auto_atp_betas)
-    else:
-        betas = [round(d / max(num_blocks - 1, 1), 6) for d in ATP_SPREADS]
-    return sorted(set(betas) | {float(cfg.atp_beta)})
+Options = Callable[[Family, dict[str, float]], _Option]
 
 
-def _sequences(state: RunState, families: Sequence[str], wide: bool) -> list:
-    """The candidates of each family, as sequences along an ascending knob (screened with early stopping). A
-    sequence may be a function of the candidates screened before it (`auto`'s second OWL stage)."""
+@dataclass
+class _Sequence:
+    """Candidates screened along one ascending knob (with early stopping); `make(screened so far)` gives them, at
+    most `size` (the progress bar's total)."""
+
+    size: int
+    make: Callable[[list[_Option]], list[_Option]]
+
+
+def _options(state: RunState, families: list[Family], grids: dict[str, dict[str, list[float]]]) -> Options:
+    """`option(family, knob)`: the candidate with its plans and block metric. Every metric is taken here, once, on
+    the dense weights and the outlier pass's statistics: outlier ratios for every M of the grids at once (no forward),
+    the weights' metrics (AlphaPruning's spectra), the outlier pass's mean scores."""
     cfg = state.config
-    n = len(state.blocks)
-    out: list = []
-    if "owl" in families:
-        ms = sorted(set(cfg.auto_owl_ms) | {float(cfg.owl_m)})
-        lambdas = sorted(set(cfg.auto_owl_lambdas) | {float(cfg.owl_lambda)})
-        per_block: list[list[float]] = []  # dense weights, cached dense statistics: no forward
+    ms = sorted({float(m) for f in families if f.inputs == "outlier_ratios"
+                 for m in grids[f.name].get("owl_m", [cfg.owl_m])})
+    per_block: list[list[float]] = []  # dense weights, cached dense statistics: no forward
+    if ms:
         each_block(state, lambda i: per_block.append(block_outlier_ratios(state.units[i], state.dense_stats[i], ms)))
+    weight_metrics = {f.name: block_weight_metrics(state, f.weight_metric) for f in families if f.inputs == "weights"}
 
-        def owl(m: float, lam: float) -> _Option:
-            ratios = [per_block[i][ms.index(m)] for i in range(n)]
-            plans = plan(state, ratios, owl_lambda=lam, record=False)
-            return _Option("owl", {"owl_m": m, "owl_lambda": lam}, plans, metrics=ratios)
+    def option(family: Family, knob: dict[str, float]) -> _Option:
+        if family.inputs == "outlier_ratios":
+            column = ms.index(float(knob.get("owl_m", cfg.owl_m)))
+            metrics = [row[column] for row in per_block]
+        else:
+            metrics = state.mean_scores if family.inputs == "mean_scores" else weight_metrics.get(family.name)
+        return _Option(family.name, knob, family_plans(state, family.name, metrics, knob, record=False), metrics=metrics)
 
-        if not wide:  # owl-auto: every M along λ
-            out += [[owl(m, lam) for lam in lambdas] for m in ms]
-        else:  # auto: λ along the configured M, then the other Ms at its best λ (a coordinate search, fewer forwards)
-            out.append([owl(float(cfg.owl_m), lam) for lam in lambdas])
+    return option
 
-            def other_ms(done: list[_Option]) -> list[_Option]:
-                best = min((o for o in done if o.family == "owl"), key=lambda o: o.sort_key).knob["owl_lambda"]
-                return [owl(m, best) for m in ms if m != float(cfg.owl_m)]
 
-            out.append(other_ms)
-    grids = {
-        "dlp": ("dlp_alpha", sorted(set(cfg.auto_dlp_alphas) | {float(cfg.dlp_alpha)})),
-        "alphapruning": (
-            "alphapruning_epsilon", sorted(set(cfg.auto_alphapruning_epsilons) | {float(cfg.alphapruning_epsilon)})
-        ),
-        "atp": ("atp_beta", _atp_betas(state, n)),
-    }
-    metrics = {"dlp": state.mean_scores, "alphapruning": None, "atp": None}
-    if "alphapruning" in families:
-        metrics["alphapruning"] = block_esd_alphas(state)
-    for family in ("dlp", "alphapruning", "atp"):
-        if family not in families:
+def _sequences(state: RunState, search: SearchState) -> tuple[list[_Sequence], Options]:
+    """The candidates of each searched family (registration order), as sequences along an ascending knob: the last
+    of its `knobs`; `owl-auto` takes every setting of the others, `auto` goes by coordinates (the last knob at the
+    configured others, then each other knob at the best setting screened so far: a function of the candidates
+    screened before it)."""
+    cfg, n = state.config, len(state.blocks)
+    families = [get_family(name) for name in family_names() if name in search.families]
+    grids = {f.name: f.grid(cfg, n) for f in families}
+    option = _options(state, families, grids)
+    out: list[_Sequence] = []
+    for family in families:
+        *outer, (last, values) = grids[family.name].items()
+        if not outer or not search.wide:
+            for combo in product(*(vs for _, vs in outer)):
+                fixed = dict(zip((k for k, _ in outer), combo))
+                options = [option(family, {**fixed, last: v}) for v in values]
+                out.append(_Sequence(len(options), lambda done, options=options: options))
             continue
-        name, values = grids[family]
-        out.append([
-            _Option(family, {name: v}, family_plans(state, family, metrics[family], v, record=False),
-                    metrics=metrics[family])
-            for v in values
-        ])
-    return out
+        configured = {k: float(getattr(cfg, k)) for k, _ in outer}
+        options = [option(family, {**configured, last: v}) for v in values]
+        out.append(_Sequence(len(options), lambda done, options=options: options))
+        for name, vs in reversed(outer):
+
+            def along(done: list[_Option], family: Family = family, name: str = name, vs: list[float] = vs) -> list[_Option]:
+                best = min((o for o in done if o.family == family.name), key=lambda o: o.sort_key).knob
+                return [option(family, {**best, name: v}) for v in vs if v != best[name]]
+
+            out.append(_Sequence(len(vs) - 1, along))
+    return out, option
 
 
-def choose_and_prune(state: RunState) -> list[BlockPlan]:
+def choose_and_prune(state: RunState, search: SearchState) -> Applied:
     """Search the allocation on the held-out windows, prune the model in place with the winner.
 
     `owl-auto`: uniform or OWL with (M, λ); `auto`: uniform or any family of `auto_families` with its knob grid.
-    Needs `split_holdout` and the outlier pass to have run (`state.holdout_ids`, `state.dense_stats`).
-    Appends every candidate tried to `state.candidates` and returns the winner's per-block plans.
+    Needs `split_holdout` and the outlier pass to have run (`search.ids`, `state.dense_stats`).
+    Appends every candidate tried to `search.candidates` and returns the winner as applied.
     """
     cfg = state.config
-    if state.holdout_ids is None or not state.dense_stats:
+    if search.ids is None or not state.dense_stats:
         raise RuntimeError("choose_and_prune needs split_holdout and the outlier pass to have run first.")
-    wide = cfg.layerwise == "auto"
-    families = list(cfg.auto_families) if wide else ["owl"]
-    model, hold, bs = state.model, state.holdout_ids, cfg.batch_size
+    model, hold, bs = state.model, search.ids, cfg.batch_size
     # the screening scores on as many windows as holding out would take (its cost does not grow with
     # `auto_holdout_tokens`); only the exact check, which decides, scores on every held-out window
     screen_ids = hold
-    if state.holdout_separate:
+    if search.separate:
         screen_ids = hold[: holdout_count(int(state.calibration_ids.shape[0]), cfg.auto_holdout)]
-    start = time.perf_counter()
-    dense = snapshot(state)
-    base = _Option("uniform", {}, uniform(state))
-    sequences = _sequences(state, families, wide)
+    with state.phase("auto_setup"):  # dense copy, every candidate's block metric and plans
+        dense = snapshot(state)
+        base = _Option(UNIFORM, {}, uniform(state))
+        sequences, option = _sequences(state, search)
 
     # ---- exact uniform first: the baseline, and the pruned-prefix input norms that the screening reuses
-    norms: list[dict[str, torch.Tensor]] = []
-    prune_pass(state, base.plans, record_norms=norms)
-    uniform_chunks = chunk_losses(model, hold, bs)
-    # a mask-only criterion's best finalist so far is kept as packed masks: the winner needs no second prune
-    masks_only = state.holdout_separate and not state.criterion.updates_weights
-    best_masks = pack_masks(state) if masks_only else None
-    state.timings["auto_exact"] = time.perf_counter() - start
+    with state.phase("auto_exact"):
+        norms: list[dict[str, torch.Tensor]] = []
+        prune_pass(state, base.plans, record_norms=norms)
+        uniform_chunks = chunk_losses(model, hold, bs)
+        # a mask-only criterion's best finalist so far is kept as packed masks: the winner needs no second prune
+        masks_only = search.separate and not state.criterion.updates_weights
+        best_masks = pack_masks(state) if masks_only else None
 
     # ---- screening: cheap prune from the uniform run's input norms, full-model loss on the held-out windows
-    t = time.perf_counter()
-    seen: dict[tuple, float] = {}
-    screened: list[_Option] = []
+    shifts = list(cfg.auto_attention_shifts or []) if search.wide else []
+    bound = 1 + sum(s.size for s in sequences) + len(shifts)  # early stopping usually ends below it
+    with state.phase("auto_screen"), tqdm(total=bound, desc=f"{search.layerwise} screening", unit="candidate",
+                                          leave=False) as bar:
+        seen: dict[tuple, float] = {}
+        screened: list[_Option] = []
 
-    def screen(option: _Option) -> float:
-        key = _plan_key(option.plans)
-        if key not in seen:
-            restore(state, dense)
-            _screen_prune(state, option.plans, norms)
-            seen[key] = holdout_loss(model, screen_ids, bs)
-        option.loss = seen[key]
-        screened.append(option)
-        return option.loss
+        def screen(option: _Option) -> float:
+            key = _plan_key(option.plans)
+            if key not in seen:
+                restore(state, dense)
+                _screen_prune(state, option.plans, norms)
+                seen[key] = holdout_loss(model, screen_ids, bs)
+            option.loss = seen[key]
+            screened.append(option)
+            bar.update()
+            return option.loss
 
-    screen(base)
-    for sequence in sequences:
-        best, stale = math.inf, 0
-        for option in sequence(screened) if callable(sequence) else sequence:
-            loss = screen(option)
-            if loss < best - 1e-12:
-                best, stale = loss, 0
-            else:
-                stale += 1
-                if stale >= PATIENCE:
-                    break
-    if wide and cfg.auto_attention_shifts:  # below the block: the best setting again with each attention shift
-        best = min(screened, key=lambda o: o.sort_key)
-        for d in cfg.auto_attention_shifts:
-            screen(_Option(best.family, {**best.knob, "attention_shift": d}, split_plans(state, best.plans, d),
-                           metrics=best.metrics))
-    state.timings["auto_screen"] = time.perf_counter() - t
+        screen(base)
+        for sequence in sequences:
+            best, stale = math.inf, 0
+            for candidate in sequence.make(screened):
+                loss = screen(candidate)
+                if loss < best - 1e-12:
+                    best, stale = loss, 0
+                else:
+                    stale += 1
+                    if stale >= PATIENCE:
+                        break
+        if shifts:  # below the block: the best setting again with each attention shift
+            best_option = min(screened, key=lambda o: o.sort_key)
+            for d in shifts:
+                screen(_Option(best_option.family, {**best_option.knob, "attention_shift": d},
+                               split_plans(state, best_option.plans, d), metrics=best_option.metrics))
 
     # ---- exact check of the best candidates of the screening
-    t = time.perf_counter()
-    finalists = [base] + _finalists(state, screened, base, wide)
-    if state.holdout_separate:  # the best screened last: when it wins, the model as it stands is the result
-        finalists[1:] = finalists[:0:-1]
-    exact_chunks = [uniform_chunks]
-    best_index = 0
-    for j in range(1, len(finalists)):
-        restore(state, dense)
-        prune_pass(state, finalists[j].plans)
-        chunks = chunk_losses(model, hold, bs)
-        exact_chunks.append(chunks)
-        if float(chunks.mean()) < float(exact_chunks[best_index].mean()) - 1e-12 and beats_uniform(chunks, uniform_chunks):
-            best_index = j
-            if masks_only and j < len(finalists) - 1:
-                best_masks = pack_masks(state)
-    state.timings["auto_exact"] += time.perf_counter() - t
+    with state.phase("auto_exact"):
+        finalists = [base] + _finalists(state, search, screened, base, option)
+        if search.separate:  # the best screened last: when it wins, the model as it stands is the result
+            finalists[1:] = finalists[:0:-1]
+        exact_chunks = [uniform_chunks]
+        best_index = 0
+        for j in range(1, len(finalists)):
+            restore(state, dense)
+            prune_pass(state, finalists[j].plans)
+            chunks = chunk_losses(model, hold, bs)
+            exact_chunks.append(chunks)
+            if float(chunks.mean()) < float(exact_chunks[best_index].mean()) - 1e-12 and beats_uniform(chunks, uniform_chunks):
+                best_index = j
+                if masks_only and j < len(finalists) - 1:
+                    best_masks = pack_masks(state)
 
     # ---- report, then the winner once more on every window
     per_window = exact_chunks[0].numel() // hold.shape[0]
-    for option in screened:
-        state.candidates.append(option.candidate(option.loss, screened=True))
-    for j, option in enumerate(finalists):
+    for screened_option in screened:
+        search.candidates.append(screened_option.candidate(screened_option.loss, screened=True))
+    for j, finalist in enumerate(finalists):
         chunks = exact_chunks[j]
         z_window = None
         if j and chunks.numel() == per_window * hold.shape[0]:
             windows = lambda c: c.reshape(hold.shape[0], per_window).mean(dim=1)  # noqa: E731
             z_window = _finite(gain_z(windows(chunks), windows(uniform_chunks)))
-        state.candidates.append(
-            option.candidate(
+        search.candidates.append(
+            finalist.candidate(
                 float(chunks.mean()), chosen=j == best_index,
                 gain_z=None if j == 0 else _finite(gain_z(chunks, uniform_chunks)), window_z=z_window,
             )
         )
     winner = finalists[best_index]
-    if state.holdout_separate:  # the model scored is the result (rebuilt when it is not the last one pruned)
+    if search.separate:  # the model scored is the result (rebuilt when it is not the last one pruned)
         last = best_index == len(finalists) - 1
-        plans_w = keep(state, winner, None if last else dense, None if last else best_masks)
+        applied = keep(state, winner, None if last else dense, None if last else best_masks)
         dense.clear()
     else:
         restore(state, dense)
         dense.clear()  # free the copy before the refit
-        plans_w = refit(state, winner.family, winner.knob)
+        applied = refit(state, search, winner.family, winner.knob)
     logger.info("%s chose %s (held-out loss %.4f; uniform %.4f) after %d screened and %d exact candidates",
-                cfg.layerwise, winner.candidate(math.nan).setting, float(exact_chunks[best_index].mean()),
+                search.layerwise, winner.candidate(math.nan).setting, float(exact_chunks[best_index].mean()),
                 float(exact_chunks[0].mean()), len(screened), len(finalists))
-    return plans_w
+    return applied
 
 
 def _finite(z: float) -> float | None:
@@ -325,72 +337,66 @@ def _finite(z: float) -> float | None:
     return round(z, 4) if math.isfinite(z) else None
 
 
-def _finalists(state: RunState, screened: list[_Option], base: _Option, wide: bool) -> list[_Option]:
+def _finalists(
+    state: RunState, search: SearchState, screened: list[_Option], base: _Option, option: Options
+) -> list[_Option]:
     """Non-uniform candidates checked exactly.
 
     `owl-auto`: the `auto_finalists` best screened OWL settings (SparseGPT: also the configured (M, λ), which the
     Wanda proxy can misjudge at high sparsity). `auto`: the best screened setting of each of the `auto_finalists`
     best families, and OWL with the configured (paper) `owl_m`, `owl_lambda` when it screened better than uniform
-    (always with SparseGPT).
+    (always with SparseGPT): the configured knob of every searched family with `check_configured`.
     """
-    cfg = state.config
+    cfg, wide = state.config, search.wide
     keys = {_plan_key(base.plans)}
     out: list[_Option] = []
     families_taken: set[str] = set()
-    for option in sorted((o for o in screened if o.family != "uniform" or o.knob), key=lambda o: o.sort_key):
+    for candidate in sorted((o for o in screened if o.family != UNIFORM or o.knob), key=lambda o: o.sort_key):
         if len(out) >= cfg.auto_finalists:
             break
-        key = _plan_key(option.plans)
-        if key in keys or (wide and option.family in families_taken):
+        key = _plan_key(candidate.plans)
+        if key in keys or (wide and candidate.family in families_taken):
             continue
         keys.add(key)
-        families_taken.add(option.family)
-        out.append(option)
-    configured = {"owl_m": float(cfg.owl_m), "owl_lambda": float(cfg.owl_lambda)}
-    prior = next((o for o in screened if o.family == "owl" and o.knob == configured), None)
-    if prior is None and state.criterion.updates_weights and (wide and "owl" in cfg.auto_families or not wide):
-        ratios = list(state.outlier_ratios or [])
-        prior = _Option("owl", configured, plan(state, ratios, record=False), metrics=ratios)  # not screened
+        families_taken.add(candidate.family)
+        out.append(candidate)
     # The screening prunes with a mask-only proxy, which can misjudge a criterion that reconstructs the kept weights
-    # (SparseGPT) at high sparsity: there the configured OWL setting is always checked exactly. `auto` also checks it
+    # (SparseGPT) at high sparsity: there the configured setting is always checked exactly. `auto` also checks it
     # exactly whenever it screened better than uniform, so that it is held to OWL's configured (paper) setting too.
-    if prior is not None and (state.criterion.updates_weights or (wide and prior.loss < base.loss)):
-        if _plan_key(prior.plans) not in keys:
-            out.append(prior)
+    for name in family_names():
+        family = get_family(name)
+        if name not in search.families or not family.check_configured:
+            continue
+        configured = {k: float(getattr(cfg, k)) for k in family.knobs}
+        prior = next((o for o in screened if o.family == name and o.knob == configured), None)
+        if prior is None and state.criterion.updates_weights:
+            prior = option(family, configured)  # not screened
+        if prior is not None and (state.criterion.updates_weights or (wide and prior.loss < base.loss)):
+            if _plan_key(prior.plans) not in keys:
+                keys.add(_plan_key(prior.plans))
+                out.append(prior)
     return out
 
 
 def keep(
     state: RunState, winner: _Option, dense: list[list[torch.Tensor]] | None, masks: list[list[torch.Tensor]] | None
-) -> list[BlockPlan]:
+) -> Applied:
     """The winner scored on windows beyond the calibration windows is the result: its plans were made from every
-    calibration window, as a direct run with the chosen setting makes them. Records what such a run records (outlier
-    ratios, block metric, a clamping warning). With `dense` (the winner was not the last candidate pruned) the
-    weights it was scored with are rebuilt: from `masks` (its packed masks, a mask-only criterion), else by pruning
-    it again from the dense weights, which gives the same weights."""
-    t = time.perf_counter()
+    calibration window, as a direct run with the chosen setting makes them. Records what such a run records (block
+    metric, a clamping warning). With `dense` (the winner was not the last candidate pruned) the weights it was scored
+    with are rebuilt: from `masks` (its packed masks, a mask-only criterion), else by pruning it again from the dense
+    weights, which gives the same weights."""
     family, knob = winner.family, winner.knob
     metrics = None if winner.metrics is None else list(winner.metrics)
-    state.block_metrics = None
-    if family == "uniform":
-        state.outlier_ratios = None
-        plans = uniform(state)
-    elif family == "owl":
-        state.outlier_ratios = metrics
-        plans = plan(state, metrics or [], owl_lambda=knob["owl_lambda"])  # records a clamping warning, if any
-    else:
-        if family != "dlp":
-            state.outlier_ratios = None  # a direct AlphaPruning or ATP run has no outlier pass
-        state.block_metrics = metrics
-        plans = family_plans(state, family, metrics, next(v for k, v in knob.items() if k != "attention_shift"))
-    if "attention_shift" in knob:
-        plans = split_plans(state, plans, knob["attention_shift"])
-    if _plan_key(plans) != _plan_key(winner.plans):
-        raise RuntimeError(f"the {family} plans made again differ from the ones scored; please report this.")
-    if dense is not None and masks is not None:
-        restore_masked(state, dense, masks)
-    elif dense is not None:
-        restore(state, dense)
-        prune_pass(state, plans)
-    state.timings["auto_keep"] = time.perf_counter() - t
-    return plans
+    with state.phase("auto_keep"):
+        plans = family_plans(state, family, metrics, knob)  # records a clamping warning, if any
+        if "attention_shift" in knob:
+            plans = split_plans(state, plans, knob["attention_shift"])
+        if _plan_key(plans) != _plan_key(winner.plans):
+            raise RuntimeError(f"the {family} plans made again differ from the ones scored; please report this.")
+        if dense is not None and masks is not None:
+            restore_masked(state, dense, masks)
+        elif dense is not None:
+            restore(state, dense)
+            prune_pass(state, plans)
+    return Applied(family, dict(knob), plans, metrics)
