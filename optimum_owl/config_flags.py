@@ -14,18 +14,22 @@ import argparse
 import dataclasses
 from typing import Any
 
+from .algorithms.families import family_names, get_family
 from .config import FIELD_CHOICES, NON_RESULT_FIELDS, OWLPrunerConfig
 
+_FIELDS = {f.name: f for f in dataclasses.fields(OWLPrunerConfig)}
+# the registered families whose knobs are flags of the "families" group (named in that group's title)
+_KNOB_FAMILIES = [n for n in family_names() if any(_FIELDS[k].metadata.get("group") == "families"
+                                                   for k in get_family(n).knobs if k in _FIELDS)]
 # The help groups of `optimum-owl prune --help`, in order: the metadata "group" of a field -> the group's title.
 GROUPS = {
     "pruning": "pruning",
     "criteria": "criteria",
     "refinement": "refinement (DSnoT)",
-    "families": "allocation families (--layerwise dlp | alphapruning | atp)",
+    "families": f"allocation families (--layerwise {' | '.join(_KNOB_FAMILIES)})",
     "search": "search (--layerwise owl-auto | auto)",
     "memory": "memory and resuming (docs/scale.md)",
 }
-_FIELDS = {f.name: f for f in dataclasses.fields(OWLPrunerConfig)}
 _unknown = {name: f.metadata["group"] for name, f in _FIELDS.items() if "group" in f.metadata
             and f.metadata["group"] not in GROUPS}
 if _unknown:

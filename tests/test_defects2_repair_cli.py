@@ -265,7 +265,7 @@ def _write_tiny_gguf(folder: Path) -> str:
     return "tiny.gguf"
 
 
-def test_21_prune_eval_and_repair_read_a_gguf_model(tmp_path, capsys):
+def test_21_prune_eval_repair_and_export_read_a_gguf_model(tmp_path, capsys):
     from optimum_owl.pruning.modeling import load_model
 
     src, text = _saved_model_and_text(tmp_path)
@@ -281,6 +281,10 @@ def test_21_prune_eval_and_repair_read_a_gguf_model(tmp_path, capsys):
                  *REPAIR_FAST]) == 0
     line = _one_line_error(capsys, ["eval", str(tmp_path / "gguf"), "--gguf-file", "missing.gguf", "--text", str(text)])
     assert "missing.gguf" in line
+    pytest.importorskip("onnxruntime")
+    assert main(["export", "onnx", str(tmp_path / "gguf"), *source, "-o", str(tmp_path / "onnx"),
+                 "--max-new-tokens", "2"]) == 0
+    assert (tmp_path / "onnx" / "owl_onnx.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------- item 22

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import add_model_source_arguments
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export a pruned model (ONNX)")
@@ -20,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     o.add_argument("model", help="model folder or Hub id")
+    add_model_source_arguments(o)
     o.add_argument("--output-dir", "-o", required=True)
     o.add_argument(
         "--storage",
@@ -40,26 +43,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_onnx(args: argparse.Namespace) -> int:
     from ..export import export_onnx, require_onnx
     from ..utils import check_output_dir
-    from . import args_input_paths, check_model_args
+    from . import args_input_paths, check_model_args, load_model_arg, load_tokenizer_arg
 
     require_onnx("onnx", "onnxruntime")
     check_model_args(args)  # a wrong name fails here, at once, before anything is loaded
     check_output_dir(args.output_dir, args.overwrite, protected={"input model": args.model},
                      inputs=args_input_paths(args, "output_dir"))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import optimum_owl  # noqa: F401  (registers the optimum-owl checkpoint format when available)
-
     from ..pruning.report import PruneReport
 
-    model = AutoModelForCausalLM.from_pretrained(args.model)
+    model = load_model_arg(args)  # a compact checkpoint loads through the registered quantizer, a GGUF file too
     report = None
     if Path(args.model, "owl_report.json").exists():
         report = PruneReport.load(Path(args.model, "owl_report.json"))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError):
-        tokenizer = None
+    tokenizer = load_tokenizer_arg(args, None)  # optional: only saved beside the export
     result = export_onnx(
         model,
         args.output_dir,
