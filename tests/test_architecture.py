@@ -138,6 +138,20 @@ def test_no_deprecated_shim_or_alias_is_left():
     assert offenders == []
 
 
+def test_no_module_re_exports_names_it_imports():
+    """A module's `__all__` lists what it defines; only a package's `__init__.py` gathers its modules' names."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        imported = {a.asname or a.name for node in tree.body if isinstance(node, ast.ImportFrom) for a in node.names}
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+                offenders += [(str(path.relative_to(PACKAGE)), e.value) for e in node.value.elts if e.value in imported]
+    assert offenders == []
+
+
 def test_no_private_names_imported_across_modules():
     bad = []
     for path in PACKAGE.rglob("*.py"):

@@ -13,14 +13,9 @@ LoRA whose delta is multiplied by the weight's keep-mask), and Trainer callbacks
 from __future__ import annotations
 
 from ..errors import RepairConfigError, RepairDataError, RepairModelError, RepairWarning
-from .callbacks import (
-    GradualPruningCallback,
-    SparsityLoggingCallback,
-    SparsityPreservingCallback,
-    add_sparsity_logging,
-    cubic_sparsity,
-)
+from .callbacks import SparsityLoggingCallback, SparsityPreservingCallback, add_sparsity_logging
 from .config import RepairConfig
+from .gradual import GradualPruningCallback, cubic_sparsity
 from .masked_lora import (
     MaskedLoraLinear,
     attach_masked_lora,

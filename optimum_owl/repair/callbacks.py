@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .gradual import GradualPruningCallback, cubic_sparsity
 from .sparsity import MaskKeeper, block_sparsity, prunable_params
 
 logger = logging.getLogger(__name__)
@@ -137,10 +136,4 @@ def add_sparsity_logging(trainer: Any, callback: SparsityLoggingCallback | None 
     return callback
 
 
-__all__ = [
-    "GradualPruningCallback",
-    "SparsityLoggingCallback",
-    "SparsityPreservingCallback",
-    "add_sparsity_logging",
-    "cubic_sparsity",
-]
+__all__ = ["SparsityLoggingCallback", "SparsityPreservingCallback", "add_sparsity_logging"]
