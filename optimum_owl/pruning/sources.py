@@ -4,6 +4,7 @@ every `optimum-owl` subcommand that reads a model or tokenizer (`commands.check_
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -51,7 +52,7 @@ def check_model_source(text: str, what: str = "Model", filename: str = "config.j
     if is_local_looking(text):
         state = "is not a folder" if path.exists() else "does not exist"
         raise FileNotFoundError(f"{what} {text} {state}: pass a local folder or a Hub id (owner/name).")
-    from huggingface_hub import constants, get_hf_file_metadata, try_to_load_from_cache
+    from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     cached = isinstance(try_to_load_from_cache(text, filename), str)
@@ -63,7 +64,7 @@ def check_model_source(text: str, what: str = "Model", filename: str = "config.j
             "Face Hub (it is not in the Hub cache): pass a local folder, or unset HF_HUB_OFFLINE to download it."
         )
     try:
-        get_hf_file_metadata(f"{constants.ENDPOINT}/{text}/resolve/main/{filename}", retry_on_errors=False)
+        _hub_file_found(f"{constants.ENDPOINT}/{text}/resolve/main/{filename}")
     except RepositoryNotFoundError as err:
         if isinstance(err, GatedRepoError):
             return False  # the loader says how to get access
@@ -81,3 +82,12 @@ def check_model_source(text: str, what: str = "Model", filename: str = "config.j
             "the Hub cache only."
         ) from None
     return False
+
+
+@functools.lru_cache(maxsize=32)
+def _hub_file_found(url: str) -> None:
+    """One request for a Hub file's metadata, without retries; a success is remembered for the process, so a command
+    that checks its model and then loads it (which checks again) asks the Hub once. Failures raise, uncached."""
+    from huggingface_hub import get_hf_file_metadata
+
+    get_hf_file_metadata(url, retry_on_errors=False)
