@@ -1,4 +1,20 @@
-"""Benchmark: sparse repair of stories260K pruned to 70% with OWL + Wanda.
+"""Benchmark: recovery after pruning. Two suites.
+
+`--suite smollm2` (default; issue 28): SmolLM2-135M (shared GGUF, de-quantised to float32) pruned with OWL + Wanda
+at 70% and 50% (calibration: 16 windows x 256 tokens from the first 500 C4 documents, seed 0), recovered on windows
+of 256 tokens from C4 documents 500-999 (never calibration) at one training-token budget (`--tokens`), each recipe
+one pass over its windows: masked LoRA + LM loss (today's default), masked LoRA + KD, masked full FT + KD, SEFT + KD,
+with and without data selection (`select="degradation"`: the budget's windows picked from twice as many
+candidates), and the dense model trained like masked LoRA + LM as the control. KD distils the dense model's top-64
+logits (T=1), cached once per window set in `--workdir` and shared by the recipes. Evaluation: WikiText-2 test,
+16 windows of 512 tokens, no BOS (bench/quality.py's protocol); `--curve K` adds K evaluations during training
+(perplexity against tokens). Each cell is written to the JSON (bench/results/repair_smollm2.json) when it finishes
+and never recomputed; pruned models and the teacher cache are kept in `--workdir` across runs.
+
+    nice -n 15 python -m bench.repair --tokens 32768 --cells 0.7:lora-lm 0.7:lora-kd 0.7:ft-kd
+    python -m bench.repair --render     # the Markdown table of the JSON
+
+`--suite stories`: sparse repair of stories260K pruned to 70% with OWL + Wanda.
 
 1. Sample token sequences from the dense model (the repair and held-out "generated text" sets, disjoint).
 2. Prune a copy to 70% with OWL + Wanda (calibration: the first C4 documents).
@@ -8,7 +24,7 @@
 
 Run from the repository root:
 
-    OMP_NUM_THREADS=1 python -m bench.repair --out bench/repair_results.json
+    OMP_NUM_THREADS=1 python -m bench.repair --suite stories --out bench/repair_results.json
 """
 
 from __future__ import annotations
@@ -26,7 +42,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bench._common import C4, STORIES, WIKI, mean_nll
+from bench._common import C4, RESULTS, STORIES, WIKI, mean_nll
+from bench.repair_suite import RECIPES
 from optimum_owl import OWLPruner, OWLPrunerConfig
 from optimum_owl.evaluation import perplexity
 from optimum_owl.repair import (
@@ -115,6 +132,18 @@ def step_time_ratio(pruned_model, cfg: RepairConfig, batch: torch.LongTensor, st
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=("smollm2", "stories"), default="smollm2")
+    p.add_argument("--tokens", type=int, default=32768, help="smollm2: training tokens per recipe")
+    p.add_argument("--cells", nargs="+", default=None, help="smollm2: SPARSITY:RECIPE cells, in order "
+                   f"(recipes: {', '.join(RECIPES)}; sparsity 0 = the dense control)")
+    p.add_argument("--curve", type=int, default=0, help="smollm2: evaluations during training (ppl vs tokens)")
+    p.add_argument("--bf16", choices=("auto", "off"), default="off", help="smollm2: bf16 autocast")
+    p.add_argument("--workdir", default="/tmp/owl-bench-repair", help="smollm2: converted model, pruned weights, cache")
+    p.add_argument("--render", action="store_true", help="smollm2: print the Markdown table of --out")
+    p.add_argument("--bf16-probe", action="store_true",
+                   help="smollm2: time fp32 vs bf16-autocast training steps (--batch x --seqlen, --timing-reps)")
+    p.add_argument("--suite-model", choices=("smollm2", "stories260K"), default="smollm2",
+                   help="the suite's model (stories260K: a quick smoke run of the same code)")
     p.add_argument("--model", default=str(STORIES))
     p.add_argument("--calibration", default=str(C4))
     p.add_argument("--wikitext", default=str(WIKI))
@@ -136,6 +165,13 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the results JSON here")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.suite == "smollm2":
+        from bench.repair_suite import bf16_probe, render, run_suite
+
+        out = Path(args.out or RESULTS / "repair_smollm2.json")
+        if args.bf16_probe:
+            return bf16_probe(args, out)
+        return print(render(out)) if args.render else run_suite(args, out)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
 

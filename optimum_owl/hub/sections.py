@@ -1,5 +1,6 @@
 """Model-card sections that depend on what the pruning run applied: the allocation family and its setting (the one a
-search chose, not the configured defaults), the command that reruns exactly that setting, and a later repair."""
+search chose, not the configured defaults), the command that reruns exactly that setting, a later repair, and the
+zero-shot accuracy recorded by `optimum-owl eval --tasks`."""
 
 from __future__ import annotations
 
@@ -111,11 +112,48 @@ def repair_section(record: dict[str, Any] | None, evaluated_before: bool) -> lis
     lines = ["## Repair", "", f"After pruning, the model was fine-tuned with `{record.get('method')}` (optimum-owl "
              f"repair): {record.get('steps')} optimizer steps over {record.get('train_windows')} training windows of "
              f"{cfg.get('seqlen')} tokens ({record.get('train_tokens', 0):,} tokens), {record.get('seconds', 0.0):.0f} s; "
-             f"every pruned weight stayed zero (zeros preserved: {record.get('zeros_preserved')}, sparsity "
+             + ("each matrix kept its sparsity (SEFT moves zeros, below; " if record.get("method") == "seft" else
+                f"every pruned weight stayed zero (zeros preserved: {record.get('zeros_preserved')}, ") + "sparsity "
              f"{record.get('sparsity_after', 0.0):.4f})."]
+    lines += _recovery_lines(record, cfg)
     if record.get("eval_ppl_after") is not None:
         lines.append(f"Perplexity on its held-out text ({record.get('eval_windows')} windows): "
                      f"{record['eval_ppl_before']:.4g} before repair, **{record['eval_ppl_after']:.4g} after**.")
     if evaluated_before:
         lines.append("The evaluation above was measured before the repair.")
     return lines + ["", "`repair_report.json` in this repo holds the full record.", ""]
+
+
+def _recovery_lines(record: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """How the repair recovered: its loss (distillation from which teacher), the tokens it trained on, the data
+    selection and SEFT's mask updates (records written before these existed say nothing more)."""
+    objective = record.get("objective", "lm")
+    loss = {"lm": "the next-token loss", "kd": "distillation from the dense model",
+            "kd+lm": "distillation from the dense model plus the next-token loss"}.get(objective, objective)
+    lines = []
+    if "tokens_seen" in record:
+        teacher = f" (teacher `{record.get('teacher')}`, temperature {cfg.get('temperature')}" + (
+            f", its top {cfg['kd_top_k']} logits" if cfg.get("kd_top_k") else "") + ")" if objective != "lm" else ""
+        hidden = " and SquareHead hidden-state matching" if cfg.get("hidden_loss") else ""
+        lines.append(f"Recovery objective: {loss}{teacher}{hidden}; {record['tokens_seen']:,} training tokens.")
+    if record.get("selected_windows") is not None:
+        lines.append(f"Training windows: the {len(record['selected_windows'])} of {record.get('candidate_windows')} "
+                     f"candidates where the pruned model lost most against the teacher ({cfg.get('select_metric')}).")
+    if record.get("method") == "seft":
+        lines.append(f"Sparse fine-tuning (SEFT) moved {record.get('seft_swaps', 0):,} weights between pruned and "
+                     f"kept over {len(record.get('seft_history') or [])} drop-and-grow updates; every matrix kept its "
+                     f"number of non-zeros (checked: {record.get('nnz_preserved')}).")
+    return lines
+
+
+def zero_shot_rows(zero_shot: dict[str, Any]) -> list[dict[str, Any]]:
+    """Evaluation rows of lm-evaluation-harness results recorded by `evaluation.record_zero_shot`: one per task and
+    accuracy metric, with the dense model's value when it was evaluated too."""
+    dense = (zero_shot.get("dense") or {}).get("tasks", {})
+    shots = zero_shot.get("num_fewshot")
+    details = (f"{shots or 0}-shot, {zero_shot.get('harness', 'lm-eval')}"
+               + (f", first {zero_shot['limit']} documents" if zero_shot.get("limit") else ""))
+    return [{"dataset": task, "metric": metric, "value": value, "dense_value": dense.get(task, {}).get(metric),
+             "details": details}
+            for task, row in zero_shot.get("tasks", {}).items()
+            for metric, value in row.items() if metric in ("acc", "acc_norm")]

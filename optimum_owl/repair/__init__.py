@@ -7,7 +7,8 @@
 
 Building blocks: `attach_masked_lora` / `merge_masked_lora` / `save_masked_adapter` / `load_masked_adapter` (PEFT
 LoRA whose delta is multiplied by the weight's keep-mask), and Trainer callbacks `SparsityPreservingCallback`,
-`SparsityLoggingCallback`, `GradualPruningCallback`.
+`SparsityLoggingCallback`, `GradualPruningCallback`, `SEFTCallback` (drop-and-grow at constant sparsity); recovery
+losses `kd_loss` / `squarehead_loss` (distillation from the dense model, `RepairConfig(objective="kd", teacher=...)`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 from ..errors import RepairConfigError, RepairDataError, RepairModelError, RepairWarning
 from .callbacks import SparsityLoggingCallback, SparsityPreservingCallback, add_sparsity_logging
 from .config import RepairConfig
+from .data import build_windows
+from .distill import TeacherCache, kd_loss, squarehead_loss
 from .gradual import GradualPruningCallback, cubic_sparsity
 from .masked_lora import (
     MaskedLoraLinear,
@@ -23,8 +26,9 @@ from .masked_lora import (
     merge_masked_lora,
     save_masked_adapter,
 )
+from .seft import SEFTCallback
 from .sparsity import block_sparsity, zero_masks, zeros_lost
-from .train import RepairReport, build_windows, repair, save_repaired
+from .train import RepairReport, repair, save_repaired
 
 __all__ = [
     "GradualPruningCallback",
@@ -35,18 +39,22 @@ __all__ = [
     "RepairModelError",
     "RepairReport",
     "RepairWarning",
+    "SEFTCallback",
     "SparsityLoggingCallback",
     "SparsityPreservingCallback",
+    "TeacherCache",
     "add_sparsity_logging",
     "attach_masked_lora",
     "block_sparsity",
     "build_windows",
     "cubic_sparsity",
+    "kd_loss",
     "load_masked_adapter",
     "merge_masked_lora",
     "repair",
     "save_masked_adapter",
     "save_repaired",
+    "squarehead_loss",
     "zero_masks",
     "zeros_lost",
 ]

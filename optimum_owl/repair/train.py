@@ -16,12 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import RepairConfigError, RepairDataError
+from ..errors import RepairConfigError
 from ..utils import atomic_output_dir, atomic_write_text, input_paths
 from .callbacks import SparsityLoggingCallback, SparsityPreservingCallback, add_sparsity_logging
 from .config import RepairConfig
+from .data import TokenWindows, build_windows
+from .distill import DistillTrainer, IndexedWindows
 from .masked_lora import attach_masked_lora, check_not_quantized, merge_masked_lora, warn_no_zeros
 from .record import carry_pruning_record, trainable_model
+from .recovery import nm_patterns, nnz_counts, prepare, sparsity_kept
+from .seft import SEFTCallback
 from .sparsity import block_sparsity, zero_masks, zeros_lost
 
 logger = logging.getLogger(__name__)
@@ -34,7 +38,8 @@ class RepairReport:
     """What a repair run did and the checks it passed.
 
     Attributes:
-        method: `"masked_lora"` or `"full_ft"`.
+        method: `"masked_lora"`, `"full_ft"` or `"seft"`.
+        objective / teacher: the loss (`"lm"`, `"kd"`, `"kd+lm"`) and the teacher's name (path or loaded name).
         num_targets: adapted (LoRA) or tracked (full FT) weight tensors.
         trainable_params: parameters the optimizer updated.
         steps / train_windows / train_tokens: training budget.
@@ -45,6 +50,13 @@ class RepairReport:
         merged_max_abs_logit_diff: max |merged − unmerged| logits on one training window (masked LoRA, merged).
         eval_ppl_before / eval_ppl_after: perplexity on `eval_data` when given.
         eval_windows / eval_windows_available: windows of `eval_data` evaluated (capped by `max_eval_windows`) / in all.
+        tokens_seen: tokens the optimizer trained on (steps × global batch × seqlen; repeats counted).
+        candidate_windows / selected_windows: windows available and, with `select`, the indices trained on.
+        select_seconds / teacher_cache_seconds: time spent scoring windows / filling the teacher cache.
+        teacher_mode: `"cache"` (top-k logits from disk), `"live"` (teacher forward each step) or `None`.
+        bf16: whether bf16 autocast was on.
+        nnz_preserved: every prunable matrix has the same non-zero count and N:M pattern as before.
+        seft_swaps: positions regrown by SEFT (as many were dropped); `seft_history` per update.
         seconds: wall time of the training call.
         config: the `RepairConfig` as a dict.
     """
@@ -66,6 +78,18 @@ class RepairReport:
     eval_ppl_after: float | None = None
     eval_windows: int = 0
     eval_windows_available: int = 0
+    objective: str = "lm"
+    teacher: str | None = None
+    tokens_seen: int = 0
+    candidate_windows: int = 0
+    selected_windows: list[int] | None = None
+    select_seconds: float = 0.0
+    teacher_cache_seconds: float = 0.0
+    teacher_mode: str | None = None
+    bf16: bool = False
+    nnz_preserved: bool | None = None
+    seft_swaps: int = 0
+    seft_history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -81,81 +105,13 @@ class RepairReport:
         return path
 
 
-# ------------------------------------------------------------------------------------------------ data
-class TokenWindows(torch.utils.data.Dataset):
-    """Fixed-length token windows served as `{"input_ids", "labels"}` for causal-LM training."""
-
-    def __init__(self, windows: torch.Tensor) -> None:
-        self.windows = windows
-
-    def __len__(self) -> int:
-        return self.windows.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        w = self.windows[i]
-        return {"input_ids": w, "labels": w.clone()}
-
-
-def build_windows(
-    data: Any,
-    tokenizer: Any,
-    seqlen: int,
-    text_column: str = "text",
-    max_windows: int | None = None,
-    field_name: str = "train_data",
-) -> torch.Tensor:
-    """Pack `data` into a `LongTensor [n, seqlen]`.
-
-    `data` may be a 2-D integer tensor of token ids (used as is, rows are windows), a string, a list of strings,
-    a `.txt` / `.jsonl` path, or a `datasets.Dataset` with a `text_column`. Texts are joined with `"\\n\\n"`,
-    tokenised once and cut into non-overlapping windows. Raises `RepairDataError` naming `field_name`.
-    """
-    from ..evaluation import encode_joined, load_texts
-
-    if data is None:
-        raise RepairDataError(f"`{field_name}` is required: pass texts, a .txt/.jsonl path, a datasets.Dataset or token ids.")
-    if isinstance(data, torch.Tensor):
-        if data.dim() != 2 or data.is_floating_point():
-            raise RepairDataError(f"`{field_name}` as a tensor must be 2-D integer token ids [n, seqlen], got {tuple(data.shape)} {data.dtype}.")
-        if data.shape[0] == 0 or data.shape[1] < 2:
-            raise RepairDataError(f"`{field_name}` is empty: got a token tensor of shape {tuple(data.shape)}.")
-        windows = data.long()
-    else:
-        if isinstance(data, (str, os.PathLike)) and str(data).endswith((".jsonl", ".txt", ".json")) and not Path(data).exists():
-            raise FileNotFoundError(f"`{field_name}`: file {str(data)!r} does not exist.")
-        if hasattr(data, "column_names") and text_column not in data.column_names:
-            raise RepairDataError(
-                f"`{field_name}` has no column {text_column!r} (columns: {data.column_names}); set `text_column`."
-            )
-        try:
-            texts = load_texts(data, text_column)
-        except KeyError as err:
-            raise RepairDataError(f"`{field_name}`: a .jsonl row has no {text_column!r} field; set `text_column`.") from err
-        texts = [t for t in texts if t and t.strip()]
-        if not texts:
-            raise RepairDataError(f"`{field_name}` is empty: it holds no non-blank text.")
-        if tokenizer is None:
-            raise RepairDataError(f"`tokenizer` is required to tokenize the text of `{field_name}`.")
-        ids = encode_joined(tokenizer, texts)
-        n = ids.numel() // seqlen
-        if n < 1:
-            raise RepairDataError(
-                f"`{field_name}` has {ids.numel()} tokens, fewer than one window of `seqlen`={seqlen}; "
-                "add text or lower `seqlen`."
-            )
-        windows = ids[: n * seqlen].view(n, seqlen)
-    if max_windows is not None:
-        windows = windows[:max_windows]
-    return windows
-
-
 # ------------------------------------------------------------------------------------------------ training
-def _training_args(config: RepairConfig, output_dir: str) -> Any:
+def _training_args(config: RepairConfig, output_dir: str, max_steps: int, bf16: bool) -> Any:
     from transformers import TrainingArguments
 
     kwargs: dict[str, Any] = dict(
         output_dir=output_dir,
-        max_steps=config.max_steps,
+        max_steps=max_steps,
         per_device_train_batch_size=config.per_device_train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate,
@@ -164,16 +120,18 @@ def _training_args(config: RepairConfig, output_dir: str) -> Any:
         lr_scheduler_type=config.lr_scheduler_type,
         logging_steps=config.logging_steps,
         report_to=config.report_to,
-        save_strategy="no",
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
         seed=config.seed,
         data_seed=config.seed,
-        bf16=config.bf16,
+        bf16=bf16,
         fp16=config.fp16,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        remove_unused_columns=False,  # DistillTrainer reads each window's index (its cached teacher logits)
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator (else a UserWarning)
     )
-    if config.bf16 and not torch.cuda.is_available():
+    if bf16 and not torch.cuda.is_available():
         kwargs["use_cpu"] = True  # transformers refuses bf16 without a GPU unless told to train on CPU
     kwargs.update(config.extra_training_args)
     try:
@@ -262,10 +220,17 @@ def repair(
     check_not_quantized(model)
 
     before = zero_masks(model)
+    nnz_before, nm_before = nnz_counts(model), nm_patterns(model)
     blocks_before, total_before = block_sparsity(model)
+    plan = prepare(model, windows, config)
+    windows = plan.windows
     report = RepairReport(method=config.method, config=config.to_dict(), sparsity_before=total_before,
                           block_sparsity_before=blocks_before, train_windows=int(windows.shape[0]),
-                          train_tokens=int(windows.numel()))
+                          train_tokens=int(windows.numel()), objective=config.objective,
+                          teacher=config.to_dict()["teacher"], candidate_windows=plan.candidate_windows,
+                          selected_windows=plan.selected, select_seconds=plan.select_seconds,
+                          teacher_cache_seconds=plan.cache_seconds, bf16=plan.bf16,
+                          teacher_mode=None if plan.teacher is None else "cache" if plan.cache else "live")
     report.eval_windows, report.eval_windows_available = (0 if eval_windows is None else int(eval_windows.shape[0])), available
     report.eval_ppl_before = _eval_ppl(model, eval_windows)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -283,9 +248,13 @@ def repair(
     report.trainable_params = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
 
     all_callbacks = list(callbacks or [])
-    if config.method == "full_ft":
-        keeper = SparsityPreservingCallback()
-        all_callbacks.insert(0, keeper)
+    if config.method != "masked_lora":
+        keeper = next((c for c in all_callbacks if isinstance(c, SparsityPreservingCallback)), None)  # the user's
+        if keeper is None:
+            keeper = (SEFTCallback(config.seft_interval, config.seft_fraction, config.seft_end, config.seft_drop)
+                      if config.method == "seft" else SparsityPreservingCallback())
+            all_callbacks.insert(0, keeper)
+    evolving = config.method != "masked_lora" and isinstance(keeper, SEFTCallback)  # zeros move, counts stay
 
     def restore() -> None:
         nonlocal model
@@ -301,20 +270,32 @@ def repair(
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="owl-repair-") as scratch:
         try:
-            args = _training_args(config, config.output_dir or scratch)
-            trainer = Trainer(model=train_model, args=args, train_dataset=TokenWindows(windows),
-                              callbacks=all_callbacks)
+            args = _training_args(config, config.output_dir or scratch, plan.max_steps, plan.bf16)
+            if plan.uses_teacher:
+                trainer = DistillTrainer(model=train_model, args=args, train_dataset=IndexedWindows(windows),
+                                         callbacks=all_callbacks, repair_config=config, teacher=plan.teacher,
+                                         cache=plan.cache)
+            else:
+                trainer = Trainer(model=train_model, args=args, train_dataset=TokenWindows(windows),
+                                  callbacks=all_callbacks)
             add_sparsity_logging(trainer, SparsityLoggingCallback(per_block=False))  # per block: in the report
-            result = trainer.train()
+            result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
         except BaseException:
             logger.error("Repair interrupted; restoring the pruned model as it was.")
             restore()
             raise
+        finally:
+            plan.close()
     report.seconds = time.perf_counter() - start
     report.steps = int(trainer.state.global_step)
+    report.tokens_seen = report.steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * \
+        args.world_size * config.seqlen
     report.train_loss = float(result.training_loss) if result.training_loss is not None else None
-    if config.method == "full_ft":
+    if config.method != "masked_lora":
         report.num_targets = len(keeper.masks)
+    if evolving:
+        report.seft_history = list(keeper.history)
+        report.seft_swaps = sum(h["swapped"] for h in keeper.history)
 
     out: nn.Module = train_model
     if config.method == "masked_lora" and config.merge:
@@ -329,10 +310,13 @@ def repair(
     out.train(was_training)
 
     check_model = out
+    changed = sparsity_kept(check_model, nnz_before, nm_before)
+    report.nnz_preserved = not changed
     lost = zeros_lost(check_model, before)
-    report.zeros_preserved = not lost
-    if lost and config.verify:
-        raise RuntimeError(f"Repair lost pruned zeros in {len(lost)} module(s): {dict(list(lost.items())[:4])}.")
+    report.zeros_preserved = None if evolving else not lost
+    if (lost and not evolving or changed) and config.verify:
+        raise RuntimeError(f"Repair lost pruned zeros in {len(lost)} module(s) / changed the non-zero count or "
+                           f"N:M groups of {changed[:4]}: {dict(list(lost.items())[:4])}.")
     blocks_after, total_after = block_sparsity(check_model)
     report.sparsity_after, report.block_sparsity_after = total_after, blocks_after
     report.eval_ppl_after = _eval_ppl(out, eval_windows)
