@@ -2,15 +2,18 @@
 
 Modes:
 
-- `speed`: one process holds dense fp32, dense bf16, sparse fp32 and sparse bf16 variants of the same model (the
-  sparse ones share embeddings, norms and head with the dense one of their dtype) and, per sparsity level, alternates
-  them: batch-1 greedy decode (random prompt of `--prompt-len` tokens, exactly `--new-tokens` new tokens; the rate
+- `speed`: one process holds dense fp32, dense bf16, dense int8, sparse fp32, sparse bf16 and sparse int8 variants of
+  the same model (`--forms` picks some; the others share embeddings, norms and head with the dense one of their dtype;
+  both int8 forms run bf16 activations with the LM head int8 too: `bench/int8_forms.py`, which also says how the
+  dense int8 weight-only baseline is chosen, torchao or `torch._weight_int8pack_mm` modules, whichever decodes
+  faster here) and, per sparsity level, alternates them: batch-1 greedy decode (random prompt of `--prompt-len` tokens, exactly `--new-tokens` new tokens; the rate
   excludes the first token) and one prefill forward of `--prefill` tokens (`logits_to_keep=1`, as generate does).
   Each decode figure is the best of `--repeats` alternated runs (prefill: `--prefill-repeats`). Weight bytes read per decoded token are computed from the
   stored tensors, so every speed-up is reported beside its memory-traffic limit (dense bytes / sparse bytes).
 - `rss`: saves the pruned model (dense checkpoint + compact checkpoint) and measures, each in a fresh subprocess, the
   peak RSS of loading it dense (`from_pretrained`) and straight into the sparse form (`load_sparse`), fp32 and bf16,
-  then of an 8-token generation.
+  then of an 8-token generation; and, in bf16, the two int8 forms: the dense checkpoint loaded and converted to int8
+  weight-only modules, and `load_sparse(values="int8")` of the compact one (quantized while loading).
 - `traffic`: the decode kernel against the memory-traffic limit. A stack of 5632 x 2048 layers (12 of them: several
   times the L3 cache, so every weight byte comes from memory, as in a real decode step) at each sparsity, fp32 and
   bf16 values, alternating dense `F.linear` (same dtype), the sparse kernel at one token, and a plain streaming read
@@ -21,7 +24,15 @@ Modes:
 - `breakdown`: where a decoded token's time goes. The same four variants as `speed`, at the first of `--sparsities`;
   forward hooks time, during the decode steps only (not the prompt's prefill), the block linears (dense or sparse)
   and the LM head; the rest of the token (attention, norms, activations, `generate`'s own work) is the token's time minus those two.
+  With `--decode lean` or `both` (the default) the same forms also run through the lean decode (static KV cache, compiled
+  step: `optimum_owl.inference.generate`), whose linears are timed outside the model (bench/lean.py); `rest_vs_eager`
+  is its rest over `model.generate`'s.
   Per variant, the split of the fastest of `--repeats` alternated decodes.
+- `peer`: llama.cpp (llama-cpp-python in the bench venv, as a subprocess: bench/peer_llamacpp.py) beside optimum-owl
+  on the same model, alternated in one run: llama.cpp's F16, Q8_0 and Q4_0 GGUF forms (SmolLM2 requantized from its
+  shipped file, the random models converted with llama.cpp's converter) and optimum-owl's forms (default dense_bf16,
+  sparse_bf16, sparse_int8, at each of `--sparsities`) through the lean decode (`optimum_owl.inference.generate`; its
+  compile is done before timing and reported); best of `--repeats`, every optimum-owl / llama.cpp ratio.
 - `crossover`: one 2048 -> 5632 and one 5632 -> 2048 layer at 70%: decode kernel, prefill kernel (tile expansion +
   GEMM) and dense `F.linear` for 1..64 tokens, values and activations in `--dtype` (float32 by default; bfloat16
   prefills with a bf16 GEMM where `native_bf16_gemm()`); `SparseLinear`'s crossovers come from this table.
@@ -49,6 +60,7 @@ import torch
 from torch import nn
 
 from bench._common import cpu_info, peak_rss_bytes, random_llama, smollm2
+from bench.int8_forms import choose_dense_int8, int8_head, int8pack_model, module_weight_bytes, sparse_int8_linear
 from optimum_owl.inference import SparseLinear, kernel_status
 from optimum_owl.inference.module import native_bf16_gemm
 from optimum_owl.utils import atomic_write_text
@@ -81,36 +93,54 @@ def pruned_weight(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     return w
 
 
-def sparse_variants(dense32: nn.Module, dense16: nn.Module, names: list[str], sparsity: float) -> tuple[nn.Module, nn.Module]:
-    """fp32 and bf16 copies of the dense models that share every tensor with them except the listed linears, which
-    become SparseLinear with the same mask (pruned one layer at a time: no dense pruned copy of the whole model)."""
-    out = []
-    for dense in (dense32, dense16):
-        memo = {id(t): t for t in list(dense.parameters()) + list(dense.buffers())}
-        out.append(copy.deepcopy(dense, memo))
+SPARSE_FORMS = ("sparse_fp32", "sparse_bf16", "sparse_int8")
+FORMS = ("dense_fp32", "dense_bf16", "dense_int8") + SPARSE_FORMS
+
+
+def sparse_variants(dense32: nn.Module, dense16: nn.Module, names: list[str], sparsity: float,
+                    forms: tuple[str, ...] = SPARSE_FORMS) -> dict[str, nn.Module]:
+    """Copies of the dense models (fp32 for sparse_fp32, bf16 for the others) that share every tensor with them except
+    the listed linears, which become SparseLinear with the same mask (pruned one layer at a time: no dense pruned copy
+    of the whole model); sparse_int8's values are quantized from the float32 pruned weights, its head is int8."""
+    out = {form: copy.deepcopy(dense32 if form == "sparse_fp32" else dense16,
+                               {id(t): t for t in list((dense32 if form == "sparse_fp32" else dense16).parameters())
+                                + list((dense32 if form == "sparse_fp32" else dense16).buffers())})
+           for form in forms}
     for name in names:
         src = dense32.get_submodule(name)
         pruned = pruned_weight(src.weight, sparsity)
-        for model, dtype in zip(out, (torch.float32, torch.bfloat16)):
+        for form, model in out.items():
+            dtype = torch.bfloat16 if form == "sparse_bf16" else torch.float32
             holder = nn.Linear(src.in_features, src.out_features, bias=src.bias is not None, device="meta")
             holder.weight = nn.Parameter(pruned.to(dtype), requires_grad=False)
             if src.bias is not None:
                 holder.bias = nn.Parameter(src.bias.detach().to(dtype), requires_grad=False)
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, SparseLinear.from_dense(holder))
+            sparse = sparse_int8_linear(holder) if form == "sparse_int8" else SparseLinear.from_dense(holder)
+            setattr(model.get_submodule(parent), child, sparse)
         del pruned
-    return out[0], out[1]
+    if "sparse_int8" in out:
+        int8_head(out["sparse_int8"])
+    return out
 
 
 def weight_bytes(model: nn.Module, names: list[str]) -> dict[str, int]:
     """Bytes of weights read per decoded token: block linears, and the rest of the matrices (LM head; the embedding
     reads one row, norms are negligible)."""
-    block = 0
-    for name in names:
-        m = model.get_submodule(name)
-        block += m.weight_nbytes() if isinstance(m, SparseLinear) else m.weight.numel() * m.weight.element_size()
-    head = model.get_output_embeddings().weight
-    return {"block": block, "head": head.numel() * head.element_size()}
+    block = sum(module_weight_bytes(model.get_submodule(name)) for name in names)
+    return {"block": block, "head": module_weight_bytes(model.get_output_embeddings())}
+
+
+def dense_variants(dense32: nn.Module, dense16: nn.Module, names: list[str], forms: tuple[str, ...], prompt: torch.Tensor,
+                   ) -> tuple[dict[str, nn.Module], dict | None]:
+    """The dense forms asked for; dense_int8 is the faster dense int8 weight-only baseline (`choose_dense_int8`)."""
+    out = {name: m for name, m in (("dense_fp32", dense32), ("dense_bf16", dense16)) if name in forms}
+    info = None
+    if "dense_int8" in forms:
+        out["dense_int8"], info = choose_dense_int8(dense16, dense32, names,
+                                                    lambda m: time_decode(m, prompt, 16)[0])
+        print(f"dense int8 weight-only baseline: {json.dumps(info)}", flush=True)
+    return out, info
 
 
 class _Clock:
@@ -165,10 +195,11 @@ def run_speed(args: argparse.Namespace) -> dict:
     result = {"machine": machine(), "args": vars(args), "levels": {}}
     dense_bytes32 = weight_bytes(dense32, names)
     print(json.dumps(result["machine"]), flush=True)
+    dense, result["dense_int8"] = dense_variants(dense32, dense16, names, args.forms, prompt)
     for sparsity in args.sparsities:
-        sparse32, sparse16 = sparse_variants(dense32, dense16, names, sparsity)
-        variants = {"dense_fp32": dense32, "dense_bf16": dense16, "sparse_fp32": sparse32, "sparse_bf16": sparse16}
-        del sparse32, sparse16
+        sparse = sparse_variants(dense32, dense16, names, sparsity, tuple(f for f in args.forms if f in SPARSE_FORMS))
+        variants = {**dense, **sparse}
+        del sparse
         level: dict[str, dict] = {k: {"decode_tok_s": [], "prefill_s": []} for k in variants}
         for name, model in variants.items():  # warm-up (kernel build, allocator, caches)
             time_decode(model, prompt, 3)
@@ -183,31 +214,42 @@ def run_speed(args: argparse.Namespace) -> dict:
                 print(f"sparsity {sparsity} rep {rep} {name}: decode {rate:.3f} tok/s"
                       + (f", prefill {level[name]['prefill_s'][-1]:.2f} s" if args.prefill and rep < args.prefill_repeats
                          else ""), flush=True)
-        summary = {}
-        base = max(level["dense_fp32"]["decode_tok_s"])
-        best_dense = max(base, max(level["dense_bf16"]["decode_tok_s"]))
-        for name, rec in level.items():
-            rate = max(rec["decode_tok_s"])
-            total = rec["bytes"]["block"] + rec["bytes"]["head"]
-            dense_total = dense_bytes32["block"] + dense_bytes32["head"]
-            summary[name] = {
-                "decode_tok_s": rate,
-                "vs_dense_fp32": rate / base,
-                "vs_faster_dense": rate / best_dense,
-                "prefill_s": min(rec["prefill_s"]) if rec["prefill_s"] else None,
-                "block_bytes_vs_dense_fp32": rec["bytes"]["block"] / dense_bytes32["block"],
-                "traffic_limit_vs_dense_fp32": dense_total / total,
-                "weight_GB_s": total * rate / 1e9,
-            }
-        for name in ("sparse_fp32", "sparse_bf16"):
-            dense_name = "dense_fp32" if name == "sparse_fp32" else "dense_bf16"
-            if summary[name]["prefill_s"]:
-                summary[name]["prefill_vs_dense_same_dtype"] = summary[name]["prefill_s"] / summary[dense_name]["prefill_s"]
-                summary[name]["prefill_vs_dense_fp32"] = summary[name]["prefill_s"] / summary["dense_fp32"]["prefill_s"]
-        result["levels"][str(sparsity)] = {"runs": level, "summary": summary}
-        print(json.dumps({str(sparsity): summary}, indent=1), flush=True)
+        result["levels"][str(sparsity)] = {"runs": level, "summary": summarize(level, dense_bytes32)}
+        print(json.dumps({str(sparsity): result["levels"][str(sparsity)]["summary"]}, indent=1), flush=True)
         del variants
     return result
+
+
+def summarize(level: dict[str, dict], dense_bytes32: dict[str, int]) -> dict[str, dict]:
+    """Per form: best decode rate, its ratio to every dense form measured, prefill, bytes against dense fp32 and the
+    memory-traffic limit (dense fp32 bytes / the form's bytes)."""
+    summary: dict[str, dict] = {}
+    rates = {name: max(rec["decode_tok_s"]) for name, rec in level.items()}
+    dense_rates = {name: rate for name, rate in rates.items() if name.startswith("dense_")}
+    dense_total = dense_bytes32["block"] + dense_bytes32["head"]
+    for name, rec in level.items():
+        rate = rates[name]
+        total = rec["bytes"]["block"] + rec["bytes"]["head"]
+        summary[name] = {
+            "decode_tok_s": rate,
+            **{f"vs_{dense}": rate / dense_rate for dense, dense_rate in dense_rates.items()},
+            "vs_faster_dense_float": rate / max(r for d, r in dense_rates.items() if d != "dense_int8")
+            if set(dense_rates) - {"dense_int8"} else None,
+            "prefill_s": min(rec["prefill_s"]) if rec["prefill_s"] else None,
+            "block_bytes": rec["bytes"]["block"],
+            "head_bytes": rec["bytes"]["head"],
+            "block_bytes_vs_dense_fp32": rec["bytes"]["block"] / dense_bytes32["block"],
+            "traffic_limit_vs_dense_fp32": dense_total / total,
+            "weight_GB_s": total * rate / 1e9,
+        }
+    for name, same in (("sparse_fp32", "dense_fp32"), ("sparse_bf16", "dense_bf16"), ("sparse_int8", "dense_bf16"),
+                       ("dense_int8", "dense_bf16")):
+        mine = summary.get(name, {}).get("prefill_s")
+        if mine and summary.get(same, {}).get("prefill_s"):
+            summary[name][f"prefill_vs_{same}"] = mine / summary[same]["prefill_s"]
+        if mine and summary.get("dense_fp32", {}).get("prefill_s"):
+            summary[name]["prefill_vs_dense_fp32"] = mine / summary["dense_fp32"]["prefill_s"]
+    return summary
 
 
 class _Timer:
@@ -247,10 +289,10 @@ def run_breakdown(args: argparse.Namespace) -> dict:
     dense16 = copy.deepcopy(dense32).to(torch.bfloat16)
     prompt = torch.randint(3, dense32.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
     sparsity = args.sparsities[0]
-    sparse32, sparse16 = sparse_variants(dense32, dense16, names, sparsity)
-    variants = {"dense_fp32": dense32, "dense_bf16": dense16, "sparse_fp32": sparse32, "sparse_bf16": sparse16}
-    del sparse32, sparse16
-    result = {"machine": machine(), "args": vars(args), "sparsity": sparsity, "variants": {}}
+    dense, int8_info = dense_variants(dense32, dense16, names, args.forms, prompt)
+    variants = {**dense, **sparse_variants(dense32, dense16, names, sparsity,
+                                           tuple(f for f in args.forms if f in SPARSE_FORMS))}
+    result = {"machine": machine(), "args": vars(args), "sparsity": sparsity, "variants": {}, "dense_int8": int8_info}
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     for model in variants.values():
         time_decode(model, prompt, 3)  # warm-up
@@ -272,6 +314,15 @@ def run_breakdown(args: argparse.Namespace) -> dict:
     for name, rec in runs.items():
         result["variants"][name] = {"best": min(rec, key=lambda r: r["token"]), "runs": rec}
     print(json.dumps({k: v["best"] for k, v in result["variants"].items()}, indent=1), flush=True)
+    if args.decode != "eager":  # the same forms through the lean decode (static cache, compiled step): bench/lean.py
+        from bench.lean import lean_breakdown
+
+        for name, model in variants.items():
+            lean = lean_breakdown(model, names, prompt, args.new_tokens, args.repeats)
+            eager_rest = result["variants"][name]["best"]["rest"]
+            result["variants"][name]["lean"] = {**lean, "rest_vs_eager": lean["rest"] / eager_rest}
+            print(f"lean {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in result["variants"][name]["lean"].items()),
+                  flush=True)
     return result
 
 
@@ -398,14 +449,16 @@ def rss_child(args: argparse.Namespace) -> None:
 
     base = peak_rss_bytes()
     dtype = getattr(torch, args.dtype)
-    if args.kind == "sparse":
+    if args.kind in ("sparse", "sparse-int8"):
         from optimum_owl.inference.loading import load_sparse
 
-        model = load_sparse(args.path, dtype=dtype)
+        model = load_sparse(args.path, dtype=dtype, values="int8" if args.kind == "sparse-int8" else None)
     else:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(args.path, dtype=dtype).eval()
+        if args.kind == "dense-int8":  # what a user does today: load dense, then swap the linears for int8 ones
+            model = int8pack_model(model, model, block_linears(model), in_place=True)
     loaded = peak_rss_bytes()
     with torch.inference_mode():
         model.generate(torch.tensor([[1, 5, 9, 13]]), max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -430,8 +483,10 @@ def run_rss(args: argparse.Namespace) -> dict:
     result = {"machine": machine(), "sparsity": args.rss_sparsity, "runs": {}}
     runs = [("dense_ckpt_from_pretrained", "dense", dense_dir), ("compact_ckpt_from_pretrained", "dense", compact_dir),
             ("compact_ckpt_load_sparse", "sparse", compact_dir)]
+    runs_int8 = [("dense_ckpt_dense_int8", "dense-int8", dense_dir), ("compact_ckpt_load_sparse_int8", "sparse-int8",
+                                                                         compact_dir)]
     for dtype in ("float32", "bfloat16"):
-        for label, kind, path in runs:
+        for label, kind, path in runs + (runs_int8 if dtype == "bfloat16" else []):
             cmd = [sys.executable, "-m", "bench.inference", "_rss_child", "--kind", kind, "--path", str(path),
                    "--dtype", dtype]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ)).stdout
@@ -445,6 +500,9 @@ def run_rss(args: argparse.Namespace) -> dict:
         sparse = r[f"compact_ckpt_load_sparse_{dtype}"]["after_generate"]
         result[f"peak_ratio_sparse_vs_dense_ckpt_{dtype}"] = sparse / r[f"dense_ckpt_from_pretrained_{dtype}"]["after_generate"]
         result[f"peak_ratio_sparse_vs_compact_dense_{dtype}"] = sparse / r[f"compact_ckpt_from_pretrained_{dtype}"]["after_generate"]
+    r = result["runs"]
+    result["peak_ratio_sparse_int8_vs_dense_int8"] = (r["compact_ckpt_load_sparse_int8_bfloat16"]["after_generate"]
+                                                       / r["dense_ckpt_dense_int8_bfloat16"]["after_generate"])
     files = {d.name: sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in (dense_dir, compact_dir)}
     result["checkpoint_bytes"] = files
     return result
@@ -452,7 +510,7 @@ def run_rss(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["speed", "rss", "crossover", "traffic", "breakdown", "_rss_child"])
+    parser.add_argument("mode", choices=["speed", "rss", "crossover", "traffic", "breakdown", "peer", "_rss_child"])
     parser.add_argument("--model", choices=["llama09b", "smollm2", "tiny"], default="tiny")
     parser.add_argument("--sparsities", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 0.7, 0.8])
     parser.add_argument("--threads", type=int, default=2)
@@ -463,17 +521,34 @@ def main() -> None:
     parser.add_argument("--prefill-repeats", type=int, default=1, help="alternated prefill runs per variant")
     parser.add_argument("--work-dir", default="/tmp/owl-inference-bench")
     parser.add_argument("--rss-sparsity", type=float, default=0.7)
+    parser.add_argument("--forms", type=lambda s: tuple(f.strip().replace("-", "_") for f in s.split(",")),
+                        default=FORMS, help=f"speed / breakdown: the forms to alternate, of {','.join(FORMS)}")
     parser.add_argument("--json", default=None, help="write the result here")
+    parser.add_argument("--decode", choices=["eager", "lean", "both"], default="both",
+                        help="breakdown: model.generate's token (forward hooks), the lean decode's (bench/lean.py), or both")
+    parser.add_argument("--peer-python", default=None,
+                        help="peer: the bench venv's Python with llama-cpp-python (default: .bench-venv/bin/python)")
+    parser.add_argument("--llama-cpp-src", default=None,
+                        help="peer: a folder with llama.cpp's convert_hf_to_gguf.py (default: from the sdist, via pip)")
     # _rss_child
-    parser.add_argument("--kind", choices=["dense", "sparse"])
+    parser.add_argument("--kind", choices=["dense", "sparse", "dense-int8", "sparse-int8"])
     parser.add_argument("--path")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
+    unknown = sorted(set(args.forms) - set(FORMS))
+    if unknown:
+        parser.error(f"--forms: unknown {unknown}; choose from {','.join(FORMS)}")
     if args.mode == "_rss_child":
         rss_child(args)
         return
-    result = {"speed": run_speed, "rss": run_rss, "crossover": run_crossover, "traffic": run_traffic,
-              "breakdown": run_breakdown}[args.mode](args)
+    if args.mode == "peer":
+        from bench.peer_llamacpp import BENCH_PYTHON, run_peer
+
+        args.peer_python = args.peer_python or str(BENCH_PYTHON)
+        result = run_peer(args)
+    else:
+        result = {"speed": run_speed, "rss": run_rss, "crossover": run_crossover, "traffic": run_traffic,
+                  "breakdown": run_breakdown}[args.mode](args)
     result["command"] = " ".join(sys.argv)
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(result, indent=1))

@@ -15,6 +15,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .algorithms.criteria import criterion_names, get_criterion
 from .algorithms.families import SEARCHES, UNIFORM, family_names, get_family, layerwise_names, searchable_names
+from .algorithms.quantize import VALUES
 from .errors import OWLConfigError
 from .utils import atomic_write_text, public_config
 from .validation import (
@@ -22,15 +23,14 @@ from .validation import (
     check_choice,
     check_counts,
     check_dense_propagation,
-    check_holdout_fields,
     check_known_keys,
     check_module_fields,
     check_number,
     check_range,
     check_refine,
     check_scale_fields,
-    choice_list,
-    number_list,
+    check_search_fields,
+    check_values_fields,
     parse_pattern,
 )
 
@@ -53,7 +53,10 @@ FIELD_CHOICES = {
     "propagation": lambda: PROPAGATION,
     "wanda_group": lambda: WANDA_GROUPS,
     "refine": lambda: REFINE,
+    "values": lambda: VALUES,
 }
+# Fields added after format 1, written to JSON only when set (a float config's JSON stays as it was): field -> default
+WRITTEN_WHEN_SET = {"values": "float", "group_size": None}
 
 
 def _flag(default: Any, group: str, help: str, **kwargs: Any) -> Any:
@@ -201,6 +204,11 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         dsnot_threshold (`float`, *optional*, defaults to 0.001):
             `refine="dsnot"` keeps swapping in a row only while one swap lowers the row's expected squared output
             error by more than this fraction of it. In [0, 1).
+        values (`str`, *optional*, defaults to `"float"`):
+            `"int8"`: kept weights rounded to an int8 grid (SparseGPT: inside its sweep, error compensated), saved as
+            int8 codes + float32 scales (`owl-bitmask-v2`); the model holds `code * scale`, the int8 model's values.
+        group_size (`int`, *optional*):
+            `values="int8"`: one scale per output row (`None`) or per row and group of this many inputs (× 64: 128).
         dataset (*optional*):
             Calibration data for prune-on-load (`from_pretrained(..., quantization_config=...)`); any source
             accepted by `OWLPruner.prune`. Only a string source is written to JSON.
@@ -277,6 +285,10 @@ class OWLPrunerConfig(QuantizationConfigMixin):
     dsnot_cycles: int = _flag(50, "refinement", "--refine dsnot: most swaps per row")
     dsnot_threshold: float = _flag(1e-3, "refinement", "--refine dsnot: stop a row when a swap gains less than this "
                                    "fraction")
+    values: str = _flag("float", "values", "int8: kept weights on an int8 grid (SparseGPT: quantized in its sweep), "
+                        "saved as int8 codes + scales")
+    group_size: int | None = _flag(None, "values", "int8 values: one scale per row and group of this many inputs "
+                                   "(a multiple of 64, e.g. 128); unset: one per row")
     # Not flags ("flag": False): `optimum-owl prune` hands `--calibration` and `--tokenizer` to `OWLPruner.prune`.
     dataset: Any = field(default=None, compare=False, repr=False,
                          metadata={"flag": False, "help": "calibration data of prune-on-load (any OWLPruner source)"})
@@ -310,6 +322,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
         check_dense_propagation(self, {n: get_criterion(n) for n in criterion_names()})
         check_module_fields(self)
         check_scale_fields(self)
+        self.values = check_values_fields(self, VALUES)
         if self.nm_pattern is not None and self.nm_mixed and (self.layerwise in SEARCHES or not get_family(self.layerwise).nm):
             able = " or ".join(repr(n) for n in family_names() if get_family(n).nm and n != UNIFORM)
             raise OWLConfigError(f"`nm_mixed=True` needs layerwise={able}, got {self.layerwise!r}; or set nm_mixed=False.")
@@ -317,13 +330,7 @@ class OWLPrunerConfig(QuantizationConfigMixin):
 
     def _validate_auto_and_refine(self) -> None:
         """Fields of `layerwise="owl-auto"` / `"auto"` and of the `refine` step."""
-        check_holdout_fields(self)
-        self.auto_owl_ms = number_list("auto_owl_ms", self.auto_owl_ms, positive=True)
-        self.auto_owl_lambdas = number_list("auto_owl_lambdas", self.auto_owl_lambdas)
-        self.auto_dlp_alphas = number_list("auto_dlp_alphas", self.auto_dlp_alphas)
-        self.auto_alphapruning_epsilons = number_list("auto_alphapruning_epsilons", self.auto_alphapruning_epsilons, high=1.0)
-        self.auto_atp_betas = number_list("auto_atp_betas", self.auto_atp_betas, optional=True)
-        self.auto_families = choice_list("auto_families", self.auto_families, searchable_names())
+        check_search_fields(self, searchable_names())
         check_refine(self, {n: get_criterion(n) for n in criterion_names()}, REFINE)
         check_range("dsnot_threshold", self.dsnot_threshold, 0.0, 1.0, hint="e.g. 0.001")
 
@@ -341,11 +348,11 @@ class OWLPrunerConfig(QuantizationConfigMixin):
 
     # ----------------------------------------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of the config. Runtime objects (`tokenizer`, non-string `dataset`) are left out."""
+        """JSON-ready dict: no runtime objects (tokenizer, non-string dataset), no `WRITTEN_WHEN_SET` field at default."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "tokenizer":
+            if f.name == "tokenizer" or (f.name in WRITTEN_WHEN_SET and value == WRITTEN_WHEN_SET[f.name]):
                 continue
             if f.name in DATA_FIELDS:
                 if isinstance(value, (str, os.PathLike)):

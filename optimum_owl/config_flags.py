@@ -29,6 +29,7 @@ GROUPS = {
     "families": f"allocation families (--layerwise {' | '.join(_KNOB_FAMILIES)})",
     "search": "search (--layerwise owl-auto | auto)",
     "memory": "memory and resuming (docs/scale.md)",
+    "values": "int8 values (docs/checkpoints.md)",
 }
 _unknown = {name: f.metadata["group"] for name, f in _FIELDS.items() if "group" in f.metadata
             and f.metadata["group"] not in GROUPS}
@@ -56,6 +57,8 @@ def _flag_kwargs(name: str) -> dict[str, Any]:
         return {"action": "store_true"}
     if default is None and "list[float]" in str(_FIELDS[name].type):  # an optional list of numbers
         return {"type": float, "nargs": "+", "metavar": name.rsplit("_", 1)[-1].upper().removesuffix("S")}
+    if default is None and str(_FIELDS[name].type).startswith("int"):  # an optional integer
+        return {"type": int, "metavar": "N"}
     if isinstance(default, list):
         if not default:  # a list of strings given one per flag (`--ignore a --ignore b`)
             return {"action": "append", "metavar": name.upper().removesuffix("S")}

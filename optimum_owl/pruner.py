@@ -22,7 +22,7 @@ from .pruning.modeling import load_model
 from .pruning.report import PruneReport
 from .serialization import estimate_saved_bytes, save_pruned
 from .utils import check_free_space, check_output_dir, input_paths
-from .validation import check_target_sparsity
+from .validation import check_save_format, check_target_sparsity
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +99,12 @@ class OWLPruner:
         tokenizer: Any = None,
         overwrite: bool = False,
         dense: bool = False,
+        save_format: str | None = None,
     ) -> PruneReport:
         """Prune the model given to `from_pretrained` and save it (+ tokenizer, report, config) to `save_dir`.
 
-        The checkpoint is compact (bitmask + values) unless `dense=True`: plain safetensors with zeros in place.
+        `save_format`: `"compact"` (default, bitmask + values), `"compressed-tensors"` (its sparse-bitmask layout) or
+        `"dense"` (plain safetensors with zeros in place; `dense=True` is the older spelling); docs/checkpoints.md.
         Before pruning, refuses (`ValueError`) a `save_dir` that is or contains an input (the model's or tokenizer's
         folder, a local `dataset`: even with `overwrite`, replacing it would delete them) and a sparsity of 0, and
         (`OSError`) a file system without room for the estimated output (`estimate_saved_bytes`)."""
@@ -110,13 +112,16 @@ class OWLPruner:
             raise ValueError("No model: build the pruner with `OWLPruner.from_pretrained(model_or_path, config)`.")
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         check_target_sparsity(self.config)
+        save_format = check_save_format(save_format, dense)
         inputs = {**input_paths(self.model, tokenizer, self.config), "`dataset`": dataset}
         check_output_dir(save_dir, overwrite, flag="save_dir", inputs=inputs)
         sources = (getattr(self.model, "name_or_path", None), getattr(tokenizer, "name_or_path", None))
-        check_free_space(save_dir, estimate_saved_bytes(self.model, self.config, dense, sources), flag="save_dir",
+        check_free_space(save_dir, estimate_saved_bytes(self.model, self.config, file_sources=sources,
+                                                           save_format=save_format), flag="save_dir",
                          what="estimated from the model, the sparsity and the format, with a margin")
         report = self.prune(self.model, dataset=dataset, tokenizer=tokenizer)
-        save_pruned(self.model, save_dir, report=report, config=self.config, tokenizer=tokenizer, overwrite=overwrite, dense=dense)
+        save_pruned(self.model, save_dir, report=report, config=self.config, tokenizer=tokenizer, overwrite=overwrite,
+                    save_format=save_format)
         return report
 
     def quantize(self, save_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> PruneReport:

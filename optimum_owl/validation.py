@@ -216,6 +216,35 @@ def check_refine(config: Any, criteria: Mapping[str, Any], choices: tuple[str, .
         )
 
 
+def check_values_fields(config: Any, values: tuple[str, ...]) -> str:
+    """`values` (one of `values`, returned lower-cased) and `group_size` (None, or a positive multiple of 64, and only
+    with int8 values) of an `OWLPrunerConfig`."""
+    form = check_choice("values", config.values, values)
+    size = config.group_size
+    if size is None:
+        return form
+    if isinstance(size, bool) or not isinstance(size, int) or size < 64 or size % 64:
+        raise OWLConfigError(f"`group_size` must be None (one scale per output row) or a positive multiple of 64 "
+                             f"(one scale per row and group of that many inputs), got {size!r}; e.g. 128.")
+    if form != "int8":
+        raise OWLConfigError(f"`group_size`={size} sets the int8 scales' groups but `values`={form!r}; set "
+                             "values='int8' or unset group_size.")
+    return form
+
+
+def check_search_fields(config: Any, searchable: tuple[str, ...]) -> None:
+    """The searched values of `layerwise="owl-auto"` / `"auto"` (`searchable`: the families `auto` may search),
+    normalised in place."""
+    check_holdout_fields(config)
+    config.auto_owl_ms = number_list("auto_owl_ms", config.auto_owl_ms, positive=True)
+    config.auto_owl_lambdas = number_list("auto_owl_lambdas", config.auto_owl_lambdas)
+    config.auto_dlp_alphas = number_list("auto_dlp_alphas", config.auto_dlp_alphas)
+    config.auto_alphapruning_epsilons = number_list("auto_alphapruning_epsilons", config.auto_alphapruning_epsilons,
+                                                    high=1.0)
+    config.auto_atp_betas = number_list("auto_atp_betas", config.auto_atp_betas, optional=True)
+    config.auto_families = choice_list("auto_families", config.auto_families, searchable)
+
+
 def check_target_sparsity(config: Any, name: str = "sparsity") -> None:
     """A pruning run needs something to prune: refuse a target sparsity of 0 (`OWLConfigError` naming `name`).
 
@@ -240,3 +269,20 @@ def check_known_keys(data: Mapping[str, Any], names: Iterable[str], owner: str) 
                  for key in unknown]
         raise OWLConfigError(f"Unknown {owner} key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; fix or remove "
                              f"it (the fields are documented in `help({owner})`).")
+
+
+# How a pruned model's weights are saved (`save_pruned(save_format=...)`, `prune --format`; docs/checkpoints.md):
+# optimum-owl's compact bitmask format (the default), compressed-tensors' sparse-bitmask layout, plain dense tensors.
+SAVE_FORMATS = ("compact", "compressed-tensors", "dense")
+
+
+def check_save_format(save_format: str | None, dense: bool = False, field: str = "save_format") -> str:
+    """The save format to use: `save_format` (one of `SAVE_FORMATS`), or `"dense"` / `"compact"` from the older
+    `dense` flag when it is None. Raises `ValueError` naming `field` for an unknown or contradicting value."""
+    if save_format is None:
+        return "dense" if dense else "compact"
+    if save_format not in SAVE_FORMATS:
+        raise ValueError(f"{field} must be one of {SAVE_FORMATS}, got {save_format!r}.")
+    if dense and save_format != "dense":
+        raise ValueError(f"dense=True (--dense-checkpoint) contradicts {field}={save_format!r}; pass only {field}.")
+    return save_format

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 torch.set_num_threads(int(os.environ.get("OWL_TEST_THREADS", "1")))
+# `optimum-owl generate` decodes with model.generate in tests (compiling takes seconds per model);
+# tests/test_lean_decode.py compiles, the CLI's default included
+os.environ.setdefault("OPTIMUM_OWL_COMPILE", "0")
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 needs_assets = pytest.mark.skipif(not ASSETS.is_dir(), reason=f"shared assets not found at {ASSETS}")

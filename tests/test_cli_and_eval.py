@@ -124,7 +124,7 @@ _ROUND_TRIP_CONFIGS = [
          wanda_group="layer", text_column="body", ignore=["*q_proj", "re:.*k_proj"], block_name="model.layers",
          num_samples=16, seqlen=256, batch_size=4, seed=3),
     dict(method="sparsegpt", layerwise="uniform", pattern="2:4", nm_mixed=True, sparsegpt_blocksize=64,
-         sparsegpt_damp=0.05, checkpoint_dir="ckpt", offload_folder="off"),
+         sparsegpt_damp=0.05, checkpoint_dir="ckpt", offload_folder="off", values="int8", group_size=128),
     dict(method="magnitude", propagation="dense", layerwise="dlp", auto_holdout_tokens=0, offload_activations=True,
          device="cpu"),
 ]

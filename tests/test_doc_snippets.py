@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -42,9 +44,19 @@ RUN: dict[tuple[str, str], list[tuple[str, str]]] = {
     ("checkpoints.md", "quantization_config=config"): [],
     ("checkpoints.md", 'verify_checkpoint("pruned")'): [],
     ("checkpoints.md", "save_dense(model"): [],
+    ("checkpoints.md", 'save_compressed_tensors(model, "pruned-ct")'): [],
+    ("checkpoints.md", 'values="int8"'): [],
     ("hub.md", "write_card("): [],
+    ("after-pruning.md", "record_zero_shot("): [],  # skipped without lm-eval (NEEDS)
+    ("after-pruning.md", "save_compressed_tensors(pruned"): [],
+    ("after-pruning.md", 'load_sparse("pruned-ct")'): [],
+    ("after-pruning.md", 'write_card("pruned-model"'): [],
     ("inference.md", "optimum_owl.sparsify(model)"): [],
     ("inference.md", 'load_sparse("pruned-model")'): [],
+    ("inference.md", 'values="int8", group_size=128'): [],
+    ("inference.md", "from optimum_owl.inference import generate"): [  # compiling: tests/test_lean_decode.py
+        ("max_new_tokens=64)", "max_new_tokens=4, compile=False)"),
+        ("max_new_tokens=64, return_dict=True)", "max_new_tokens=4, return_dict=True, compile=False)")],
     ("optimum.md", "pruner.quantize"): [('layerwise="owl", dataset=texts)',
                                          'layerwise="owl", dataset=texts, num_samples=4, seqlen=16)'),
                                         ("OWLPrunerConfig(sparsity=0.7))",
@@ -56,7 +68,11 @@ RUN: dict[tuple[str, str], list[tuple[str, str]]] = {
         ("config = ", 'model = AutoModelForCausalLM.from_pretrained("path/to/model")  # dense again\nconfig = ')],
 }
 # Folders made for the files that read them (others write them: optimum.md's `quantize("pruned-model")`).
-PRUNED_FOLDERS = {"inference.md": "pruned-model", "hub.md": "out"}
+PRUNED_FOLDERS = {"inference.md": "pruned-model", "hub.md": "out", "after-pruning.md": "pruned-model"}
+# Blocks that need an optional package: run only where it is installed (its own tests skip the same way).
+NEEDS = {("after-pruning.md", "record_zero_shot("): "lm_eval"}
+# Repository folders a doc names by their relative path, copied into the scratch folder.
+COPIED = {"after-pruning.md": ["tests/data/owl_mc"]}
 
 
 def python_blocks(text: str) -> list[str]:
@@ -90,6 +106,8 @@ def _workspace(folder: Path, doc: str) -> None:
         _save_model(folder / name)
     if doc in PRUNED_FOLDERS:
         _save_model(folder / PRUNED_FOLDERS[doc], pruned=True)
+    for name in COPIED.get(doc, []):
+        shutil.copytree(ROOT / name, folder / name)
     rows = "".join(json.dumps({"text": t}) + "\n" for t in _texts())
     for name in ("calibration.jsonl", "c4_sample.jsonl", "wikitext2_validation.jsonl"):
         (folder / name).write_text(rows)
@@ -153,6 +171,9 @@ def test_doc_python_blocks_compile_import_and_run(doc, tmp_path, monkeypatch, of
         where = f"{doc.name} block {i + 1}"
         _run_imports(code, namespace, where)  # (b)
         marker = next((m for m in runs if m in code), None)
+        needed = NEEDS.get((doc.name, marker))
+        if needed is not None and importlib.util.find_spec(needed) is None:
+            continue
         if marker is not None:  # (c)
             exec(compile(_prepare(code, doc.name, runs[marker]), where, "exec"), namespace)
 

@@ -228,7 +228,7 @@ def emulated_ops(tmp_path_factory):
     folder = tmp_path_factory.mktemp("owl_avx512_emulated")
     ops = kernel_mod.load_ops(kernel_mod.SOURCE, folder, "owl_avx512_emulated", ["-include", str(EMULATION)])
     yield ops
-    for dtype in DTYPES:
+    for dtype in DTYPES + [torch.int8]:
         ops.set_isa(dtype, "avx2")
 
 
@@ -282,24 +282,25 @@ def test_choose_isa_checks_times_and_honours_the_environment(emulated_ops, monke
     monkeypatch.setattr(isa_mod, "best_time", fake_time)
     with caplog.at_level(logging.INFO, logger="optimum_owl.inference.isa"):
         monkeypatch.setenv("OPTIMUM_OWL_KERNEL_ISA", "auto")
-        assert isa_mod.choose_isa(ops) == {"float32": "avx512", "bfloat16": "avx2", "float16": "avx2"}
+        assert isa_mod.choose_isa(ops) == {"float32": "avx512", "bfloat16": "avx2", "float16": "avx2", "int8": "avx2"}
         assert [ops.isa(d) for d in DTYPES] == ["avx512", "avx2", "avx2"] and "avx512" in timed
         assert "AVX-512 decode (checked against AVX2) for float32 (AVX-512 speed vs AVX2: float32 2.00x" in caplog.text
 
         timed.clear()
         monkeypatch.setenv("OPTIMUM_OWL_KERNEL_ISA", "avx512")  # forced: no timing, still checked
         monkeypatch.setattr(isa_mod, "paths_agree", lambda ops_, dtype: dtype != torch.bfloat16)
-        assert isa_mod.choose_isa(ops) == {"float32": "avx512", "bfloat16": "avx2", "float16": "avx512"}
+        assert isa_mod.choose_isa(ops) == {"float32": "avx512", "bfloat16": "avx2", "float16": "avx512",
+                                           "int8": "avx512"}
         assert not timed and "different bfloat16 results from the AVX2 path" in caplog.text
 
         monkeypatch.setenv("OPTIMUM_OWL_KERNEL_ISA", "avx2")  # also undoes the previous choice
         assert set(isa_mod.choose_isa(ops).values()) == {"avx2"} and not timed
-        assert [ops.isa(d) for d in DTYPES] == ["avx2"] * 3
+        assert [ops.isa(d) for d in DTYPES + [torch.int8]] == ["avx2"] * 4
 
         monkeypatch.setenv("OPTIMUM_OWL_KERNEL_ISA", "fastest")
         isa_mod.choose_isa(ops)
         assert "OPTIMUM_OWL_KERNEL_ISA='fastest' is not one of auto, avx2, avx512; using auto" in caplog.text
-    for dtype in DTYPES:
+    for dtype in DTYPES + [torch.int8]:
         ops.set_isa(dtype, "avx2")
     with pytest.raises(ValueError, match="isa must be one of"):
         ops.set_isa(torch.float32, "neon")
@@ -309,8 +310,8 @@ def test_choose_isa_checks_times_and_honours_the_environment(emulated_ops, monke
 def test_kernel_status_names_the_decode_path_and_avx512_needs_the_cpu(monkeypatch, caplog):
     ops = kernel_mod.kernel()
     status = kernel_mod.kernel_status()
-    assert status["kernel"] and set(status["isa"]) == {"float32", "bfloat16", "float16"}
-    assert status["isa"] == {str(d).removeprefix("torch."): ops.isa(d) for d in DTYPES}
+    assert status["kernel"] and set(status["isa"]) == {"float32", "bfloat16", "float16", "int8"}
+    assert status["isa"] == {str(d).removeprefix("torch."): ops.isa(d) for d in DTYPES + [torch.int8]}
     flags = kernel_mod._cpu_flags()
     if flags is not None:  # the kernel's own detection (CPUID + OS support) agrees with what Linux reports
         assert ops.avx512_supported == ("avx512f" in flags)

@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from ..config_flags import add_config_arguments, config_from_args
+from ..validation import SAVE_FORMATS, check_save_format
 from . import (
     add_model_source_arguments,
     args_input_paths,
@@ -44,10 +45,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="dtype to load and prune in: auto (the checkpoint's own, default) | float32 | bfloat16 | float16")
     p.add_argument("--allow-pruned", action="store_true",
                    help="prune MODEL even if its block weights are already sparse (the sparsities compound)")
+    p.add_argument("--format", choices=SAVE_FORMATS, default=None,
+                   help="checkpoint format: compact (default: optimum-owl's bitmask format, loading needs `import "
+                   "optimum_owl`), compressed-tensors (its sparse-bitmask layout, read by compressed-tensors <= 0.14 "
+                   "and by optimum-owl's load_sparse) or dense (plain safetensors, zeros in place); "
+                   "docs/checkpoints.md compares them")
     p.add_argument("--dense-checkpoint", action="store_true",
-                   help="save plain dense safetensors (zeros in place, no quantization_config) for engines that do "
-                   "not read optimum-owl's compact bitmask format; loading the default compact format needs "
-                   "`import optimum_owl`")
+                   help="the same as --format dense: plain dense safetensors (zeros in place, no quantization_config) "
+                   "for engines that read none of the sparse formats")
     add_config_arguments(p)
     p.set_defaults(func=run)
 
@@ -79,14 +84,15 @@ def run(args: argparse.Namespace) -> int:
     from ..validation import check_target_sparsity
 
     config = config_from_args(args)  # validate before loading anything
+    fmt = check_save_format(args.format, args.dense_checkpoint, field="--format")
     check_target_sparsity(config, "--sparsity")
     check_output_dir(args.output_dir, args.overwrite, protected={"input model": args.model},
                      inputs=args_input_paths(args, "output_dir"),
                      disjoint={"--checkpoint-dir": config.checkpoint_dir, "--offload-folder": config.offload_folder})
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = load_model_arg(args, dtype=dtype)
-    fmt = "dense" if args.dense_checkpoint else "compact"
-    check_free_space(args.output_dir, estimate_saved_bytes(model, config, args.dense_checkpoint, (args.model, args.tokenizer)),
+    check_free_space(args.output_dir, estimate_saved_bytes(model, config, file_sources=(args.model, args.tokenizer),
+                                                           save_format=fmt),
                      what=f"estimated for the {fmt} format at sparsity {config.target_sparsity:g}, with a margin")
     share = zero_share(get_blocks_and_units(model, config.block_name, config.ignore)[2])
     if share is not None and share > PRUNED_ZERO_SHARE and not args.allow_pruned:
@@ -105,9 +111,11 @@ def run(args: argparse.Namespace) -> int:
         report.evaluation = {"text": public_path(args.eval_text), "seqlen": eval_seqlen,
                              "max_windows": args.eval_max_windows, "dense_ppl": before, "pruned_ppl": after}
     save_pruned(model, args.output_dir, report=report, config=config, tokenizer=tokenizer, overwrite=args.overwrite,
-                dense=args.dense_checkpoint)
+                save_format=fmt)
     print(report.to_markdown())
     if args.eval_text:
         print(f"perplexity on {args.eval_text}: dense {before:.3f} -> pruned {after:.3f}")
-    print(f"saved to {args.output_dir} ({'dense, zeros in place' if args.dense_checkpoint else 'compact bitmask'} format)")
+    described = {"dense": "dense, zeros in place", "compact": "compact bitmask",
+                 "compressed-tensors": "compressed-tensors sparse-bitmask"}
+    print(f"saved to {args.output_dir} ({described[fmt]} format)")
     return 0

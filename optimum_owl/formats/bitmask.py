@@ -41,8 +41,12 @@ from ..errors import OWLCheckpointError
 __all__ = [
     "BITMASK_SUFFIX",
     "FORMAT_NAME",
+    "FORMAT_NAMES",
+    "FORMAT_NAME_INT8",
+    "SCALE_SUFFIX",
     "SHAPE_SUFFIX",
     "check_parts",
+    "check_scale",
     "compress",
     "compressed_nbytes",
     "crc32",
@@ -55,9 +59,13 @@ __all__ = [
 ]
 
 FORMAT_NAME = "owl-bitmask-v1"
+# A file holding int8 values (int8 codes under the mask + float32 scales, `<name>_scale`): docs/checkpoints.md
+FORMAT_NAME_INT8 = "owl-bitmask-v2"
+FORMAT_NAMES = (FORMAT_NAME, FORMAT_NAME_INT8)  # the versions this optimum-owl reads
 # Suffixes appended to a parameter name (`q_proj.weight` -> `q_proj.weight_bitmask`); the values keep the name.
 BITMASK_SUFFIX = "_bitmask"
 SHAPE_SUFFIX = "_shape"
+SCALE_SUFFIX = "_scale"  # int8 values only: float32 scales, `[out]` or `[out, groups]`
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # set bits per byte value (popcount lookup)
@@ -133,21 +141,30 @@ def check_parts(
     name: str,
     expected_shape: tuple[int, ...] | None = None,
     nonzeros: int | None = None,
+    int8: bool = False,
 ) -> None:
     """Validate the metadata of one compressed tensor; raise `OWLCheckpointError` naming `name`.
 
     Args:
-        values_numel, values_dtype: size and dtype of the stored values.
+        values_numel, values_dtype: size and dtype of the stored values (a float dtype, or int8 codes with `int8`).
         bitmask_numel, bitmask_dtype: size and dtype of the packed mask.
         shape: the dense shape recorded in the checkpoint.
         name: parameter name used in error messages.
         expected_shape: the model's shape for this parameter, if known.
         nonzeros: popcount of the mask, if already computed.
+        int8: the weight has a `_scale` entry (`owl-bitmask-v2`): its values must be int8 codes (`check_scale`
+            checks the scales).
     """
     fix = "the checkpoint is corrupt or was edited; re-save it from the pruned model (or re-download it)"
     if bitmask_dtype != torch.uint8:
         raise OWLCheckpointError(f"`{name}{BITMASK_SUFFIX}` must be uint8, got {bitmask_dtype}: {fix}.")
-    if not values_dtype.is_floating_point:
+    if int8 and values_dtype != torch.int8:
+        raise OWLCheckpointError(f"`{name}` has a `{name}{SCALE_SUFFIX}` entry, so its values must be int8 codes, "
+                                 f"got {values_dtype}: {fix}.")
+    if not int8 and values_dtype == torch.int8:
+        raise OWLCheckpointError(f"`{name}` stores int8 codes but `{name}{SCALE_SUFFIX}` (their scales) is missing "
+                                 f"(truncated or partially copied shards?): {fix}.")
+    if not int8 and not values_dtype.is_floating_point:
         raise OWLCheckpointError(f"`{name}` (bitmask values) must be a float tensor, got {values_dtype}: {fix}.")
     if any(int(d) < 0 for d in shape):
         raise OWLCheckpointError(f"`{name}{SHAPE_SUFFIX}` holds a negative dimension {list(shape)}: {fix}.")
@@ -171,26 +188,61 @@ def check_parts(
         )
 
 
+def check_scale(
+    scale_shape: tuple[int, ...] | list[int],
+    scale_dtype: torch.dtype,
+    shape: tuple[int, ...] | list[int],
+    group_size: int | None,
+    name: str,
+    transposed: bool | None = None,
+) -> None:
+    """Validate the `_scale` entry of an int8 weight of dense stored `shape`; raise `OWLCheckpointError` naming it.
+
+    The scales are float32, `[out]` (`group_size` None) or `[out, ceil(in / group_size)]`, `out` being the output
+    features: the stored rows, or the stored columns of a `transposed` (GPT-2 `Conv1D`, `[in, out]`) weight; with
+    `transposed=None` (no model to ask) either orientation is accepted."""
+    fix = "the checkpoint is corrupt or was edited; re-save it from the pruned model (or re-download it)"
+    if scale_dtype != torch.float32:
+        raise OWLCheckpointError(f"`{name}{SCALE_SUFFIX}` must be float32, got {scale_dtype}: {fix}.")
+    dims = [int(d) for d in shape]
+    if len(dims) != 2:
+        raise OWLCheckpointError(f"`{name}` has int8 values but a {len(dims)}-D shape {dims}; only 2-D weights "
+                                 f"are stored as int8: {fix}.")
+    orientations = [False, True] if transposed is None else [transposed]
+    wanted = []
+    for t in orientations:
+        out, inp = (dims[1], dims[0]) if t else (dims[0], dims[1])
+        wanted.append([out] if group_size is None else [out, max(1, math.ceil(inp / group_size))])
+    if [int(d) for d in scale_shape] not in wanted:
+        per = "per output row" if group_size is None else f"per output row and group of {group_size} inputs"
+        raise OWLCheckpointError(
+            f"`{name}{SCALE_SUFFIX}` has shape {list(scale_shape)} but a weight of stored shape {dims} with one scale "
+            f"{per} needs {' or '.join(str(w) for w in wanted)}: {fix}."
+        )
+
+
 def decompress(
     values: torch.Tensor,
     bitmask: torch.Tensor,
     shape: torch.Tensor | tuple[int, ...] | list[int],
     name: str = "tensor",
     expected_shape: tuple[int, ...] | None = None,
+    int8: bool = False,
 ) -> torch.Tensor:
     """Rebuild the dense tensor from `(values, bitmask, shape)` after checking every length; raises
-    `OWLCheckpointError` naming `name` on any inconsistency (never returns a wrong tensor silently)."""
+    `OWLCheckpointError` naming `name` on any inconsistency (never returns a wrong tensor silently). With `int8`
+    (the weight has scales) the values are int8 codes and so is the result (`formats.int8.decode_int8` scales it)."""
     dims = [int(d) for d in (shape.reshape(-1).tolist() if isinstance(shape, torch.Tensor) else shape)]
     if isinstance(shape, torch.Tensor) and shape.dtype != torch.int64:
         raise OWLCheckpointError(f"`{name}{SHAPE_SUFFIX}` must be int64, got {shape.dtype}; re-save the checkpoint.")
-    check_parts(values.numel(), values.dtype, bitmask.numel(), bitmask.dtype, dims, name, expected_shape)
+    check_parts(values.numel(), values.dtype, bitmask.numel(), bitmask.dtype, dims, name, expected_shape, int8=int8)
     numel = math.prod(dims)
     packed = bitmask.detach().reshape(-1).cpu().numpy()
     if numel % 8 and int(packed[-1]) >> (numel % 8):
         raise OWLCheckpointError(f"`{name}{BITMASK_SUFFIX}` has padding bits set after element {numel}: corrupt file.")
     count = int(_POPCOUNT[packed].sum(dtype=np.int64))
     if count != values.numel():
-        check_parts(values.numel(), values.dtype, bitmask.numel(), bitmask.dtype, dims, name, nonzeros=count)
+        check_parts(values.numel(), values.dtype, bitmask.numel(), bitmask.dtype, dims, name, nonzeros=count, int8=int8)
     keep = np.unpackbits(packed, count=numel, bitorder="little").view(bool)
     if values.device.type != "cpu":
         dense = torch.zeros(numel, dtype=values.dtype, device=values.device)

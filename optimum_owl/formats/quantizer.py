@@ -3,7 +3,8 @@ checkpoints under `quant_method="owl"`) and `mark_pruned` (hooks an in-memory pr
 `model.save_pretrained(dir)` writes the compact format).
 
 - `from_pretrained(dir)` of a compact checkpoint checks every compressed tensor before loading (header shapes, mask
-  length, mask popcount against the number of values) and after (CRC-32), and rebuilds bit-identical dense weights.
+  length, mask popcount against the number of values, int8 scales) and after (CRC-32), and rebuilds bit-identical
+  dense weights (int8 values: code * scale in float32, cast to the model's dtype, the grid recorded on the module).
 - `save_pretrained` writes `quantization_config` (without calibration data) into `config.json` and stores each pruned
   linear weight as values + packed bitmask + shape (`formats.compact.compact_state_dict`).
 
@@ -17,17 +18,29 @@ import functools
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
 from ..config import OWLPrunerConfig
 from ..errors import OWLCheckpointError
-from ..utils import public_config, sort_safetensors_metadata
-from .bitmask import BITMASK_SUFFIX, FORMAT_NAME, SHAPE_SUFFIX, compress, crc32, decompress, worth_compressing
-from .compact import compact_state_dict, compressible_names, is_own_converter
+from ..utils import is_conv1d, public_config, sort_safetensors_metadata
+from .bitmask import (
+    BITMASK_SUFFIX,
+    FORMAT_NAME,
+    FORMAT_NAMES,
+    SCALE_SUFFIX,
+    SHAPE_SUFFIX,
+    compress,
+    crc32,
+    decompress,
+    worth_compressing,
+)
+from .compact import compact_state_dict, compressible_names, is_own_converter, shard_metadata
 from .files import METADATA_FORMAT_KEY
-from .preflight import check_dense_crc, dense_checksums, preflight_check
+from .int8 import decode_int8, encode_int8, int8_grid, set_int8_grid
+from .preflight import check_dense_crc, dense_checksums, int8_layout, preflight_check
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +52,17 @@ class BitmaskDeserialize(ConversionOps):
     """Load op: `{weight, weight_bitmask, weight_shape}` -> the dense `weight`; other weights pass through.
 
     The quantizer is kept as `_quantizer` (not `hf_quantizer`) on purpose: transformers then casts the float
-    values to the model's dtype before this op, exactly as it would cast a dense weight.
+    values to the model's dtype before this op, exactly as it would cast a dense weight. A checkpoint with int8 values
+    (`owl-bitmask-v2`) is the exception: there nothing is cast before this op (the float32 scales must stay float32,
+    `OWLHfQuantizer.get_new_dtype`), and the op casts what it returns to `target_dtype`, the dtype transformers chose.
+    `{weight, weight_bitmask, weight_shape, weight_scale}` -> `code * scale` computed in float32, cast to that dtype.
     """
 
     owl_format = FORMAT_NAME  # how `formats.compact.is_own_converter` recognises our ops
 
     def __init__(self, hf_quantizer: OWLHfQuantizer) -> None:
         self._quantizer = hf_quantizer
+        self.target_dtype: Any = None  # int8 checkpoints: the dtype to return float tensors in (None: as stored)
 
     def __deepcopy__(self, memo: dict) -> BitmaskDeserialize:
         # transformers deep-copies the converter once per weight; share the quantizer instead of copying it
@@ -56,10 +73,11 @@ class BitmaskDeserialize(ConversionOps):
         values = parts.get("weight")
         bitmask = parts.get("weight" + BITMASK_SUFFIX)
         shape = parts.get("weight" + SHAPE_SUFFIX)
+        scale = parts.get("weight" + SCALE_SUFFIX)
         name = full_layer_name or "weight"
         if bitmask is None and shape is None:
             check_dense_crc(self._quantizer._dense_checksums, name, values)
-            return {name: values}
+            return {name: self._cast(values)}
         missing = [n for n, t in (("", values), (BITMASK_SUFFIX, bitmask), (SHAPE_SUFFIX, shape)) if t is None]
         if missing:
             raise OWLCheckpointError(
@@ -72,13 +90,39 @@ class BitmaskDeserialize(ConversionOps):
                 expected = tuple(model.get_parameter(name).shape)
             except AttributeError:
                 expected = None
-        self._quantizer._verify_checksums(name, values, bitmask, shape)
-        dense = decompress(values, bitmask, shape, name=name, expected_shape=expected)
-        return {name: dense}
+        self._quantizer._verify_checksums(name, values, bitmask, shape, scale)
+        key = _checkpoint_key(name, model, self._quantizer._int8_layout)
+        int8 = key is not None
+        if int8 and scale is None:
+            raise OWLCheckpointError(f"`{name}` stores int8 codes but `{name}{SCALE_SUFFIX}` is missing from the "
+                                     "checkpoint (truncated or partially copied shards?); re-save or re-download it.")
+        dense = decompress(values, bitmask, shape, name=name, expected_shape=expected, int8=int8)
+        if not int8:
+            return {name: self._cast(dense)}
+        module = model.get_submodule(name.rpartition(".")[0]) if model is not None else None
+        group_size = self._quantizer._int8_layout[key]
+        dtype = self.target_dtype or torch.float32
+        weight = decode_int8(dense, scale, group_size, is_conv1d(module), dtype)
+        if module is not None:
+            set_int8_grid(module, scale, group_size)  # so that the loaded model saves int8 values again
+        return {name: weight}
+
+    def _cast(self, tensor: Any) -> Any:
+        if self.target_dtype is None or not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            return tensor
+        return tensor.to(self.target_dtype)
 
     @property
     def reverse_op(self) -> ConversionOps:
         return BitmaskSerialize(self._quantizer)
+
+
+def _checkpoint_key(name: str, model: Any, table: dict[str, Any]) -> str | None:
+    """The key of `table` (checkpoint names) for the model's parameter `name`: as is, or with the model's
+    `base_model_prefix` added or removed (a base model loaded from a checkpoint of its task model, or the reverse)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [name] + ([f"{prefix}.{name}", name.removeprefix(prefix + ".")] if prefix else [])
+    return next((c for c in candidates if c in table), None)
 
 
 class BitmaskSerialize(ConversionOps):
@@ -97,6 +141,11 @@ class BitmaskSerialize(ConversionOps):
         tensor = value[0] if isinstance(value, list) else value
         name = full_layer_name or key
         eligible = model is not None and name in set(compressible_names(model))
+        module = model.get_submodule(name.rpartition(".")[0]) if eligible else None
+        grid = int8_grid(module)
+        if eligible and grid is not None and tensor.is_floating_point() and tensor.dim() == 2:
+            codes, bitmask, shape, scales = encode_int8(tensor.detach().cpu(), grid, is_conv1d(module), name)
+            return {name: codes, name + BITMASK_SUFFIX: bitmask, name + SHAPE_SUFFIX: shape, name + SCALE_SUFFIX: scales}
         if not eligible or not worth_compressing(tensor):
             return {name: tensor}
         values, bitmask, shape = compress(tensor.cpu())
@@ -113,12 +162,13 @@ class OWLHfQuantizer(HfQuantizer):
     """
 
     requires_calibration = False
-    serialized_names = {"weight": ["weight", "weight" + BITMASK_SUFFIX, "weight" + SHAPE_SUFFIX]}
+    serialized_names = {"weight": ["weight", "weight" + BITMASK_SUFFIX, "weight" + SHAPE_SUFFIX, "weight" + SCALE_SUFFIX]}
 
     def __init__(self, quantization_config: OWLPrunerConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self._checksums: dict[str, list[Any]] = {}
         self._dense_checksums: dict[str, list[Any]] = {}
+        self._int8_layout: dict[str, int | None] = {}  # int8 weights of the checkpoint loaded -> group size
 
     # --- environment
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -130,17 +180,30 @@ class OWLHfQuantizer(HfQuantizer):
         if self.pre_quantized and checkpoint_files:
             self._checksums = preflight_check(checkpoint_files, model)
             self._dense_checksums = dense_checksums(checkpoint_files)
+            self._int8_layout = int8_layout(checkpoint_files)
         return model
+
+    def get_new_dtype(self, converter: Any, param: Any, dtype: Any) -> Any:
+        """transformers' cast of a checkpoint tensor before the load ops. With int8 values in the checkpoint, nothing
+        our op receives is cast (the scales stay float32); the op is told the dtype instead (`target_dtype`)."""
+        ours = [op for op in getattr(converter, "operations", ()) if isinstance(op, BitmaskDeserialize)]
+        if not self._int8_layout or not ours:
+            return super().get_new_dtype(converter, param, dtype)
+        for op in ours:
+            op.target_dtype = dtype
+        return None
 
     def get_load_operations(self) -> dict:
         return {"deserialize": BitmaskDeserialize}
 
-    def _verify_checksums(self, name: str, values, bitmask, shape) -> None:
+    def _verify_checksums(self, name: str, values, bitmask, shape, scale=None) -> None:
         expected = self._checksums.get(name)
         if not expected:
             return
-        crc_values, crc_mask, crc_shape, dtype = expected
+        crc_values, crc_mask, crc_shape, dtype = expected[:4]
         checks = [("bitmask", bitmask, crc_mask), ("shape", shape, crc_shape)]
+        if len(expected) > 4:  # int8 values: the scales' CRC-32 too (a missing scale is reported by the caller)
+            checks += [("scales", scale, expected[4])] if scale is not None else []
         if str(values.dtype).removeprefix("torch.") == dtype:
             checks.insert(0, ("values", values, crc_values))  # values cast to another dtype cannot be checked
         for label, tensor, crc in checks:
@@ -211,8 +274,11 @@ def sort_saved_metadata() -> None:
 
     @functools.wraps(save)
     def save_sorted(tensors: Any, filename: Any, metadata: Any = None, *args: Any, **kwargs: Any) -> Any:
+        ours = isinstance(metadata, dict) and metadata.get(METADATA_FORMAT_KEY) in FORMAT_NAMES
+        if ours and isinstance(tensors, dict):
+            metadata = shard_metadata(tensors, metadata)  # v2 only in the files that hold int8 values
         result = save(tensors, filename, metadata, *args, **kwargs)
-        if isinstance(metadata, dict) and metadata.get(METADATA_FORMAT_KEY) == FORMAT_NAME:
+        if ours:
             sort_safetensors_metadata(filename)
         return result
 

@@ -21,6 +21,7 @@ from .sections import (
     method_section,
     repair_section,
     with_knob_flags,
+    zero_shot_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def _eval_rows(report: Any, eval_results: Any) -> list[dict[str, Any]]:
                 + (f", first {ev['max_windows']} windows" if ev.get("max_windows") else "") or None,
             }
         )
+    rows += zero_shot_rows(ev.get("zero_shot") or {})
     if isinstance(eval_results, dict):
         eval_results = [{"dataset": "evaluation", "metric": k, "value": v} for k, v in eval_results.items()]
     for row in eval_results or []:
@@ -333,8 +335,9 @@ def render_model_card(
 
 def sparse_inference_card_section() -> list[str]:
     """Model-card lines on sparse CPU inference: how to use it and what optimum-owl measured, on which CPU."""
-    from ..inference import MEASURED
+    from ..inference import MEASURED, MEASURED_INT8
 
+    int8 = MEASURED_INT8 or "not benchmarked by optimum-owl yet"
     return [
         "## Sparse inference on CPU",
         "",
@@ -342,8 +345,9 @@ def sparse_inference_card_section() -> list[str]:
         "only the compact form of the pruned weights in memory and decodes with optimum-owl's AVX2 / AVX-512 kernel; "
         "`optimum-owl generate <folder> --prompt ... --compare-dense` measures it on your CPU.",
         "",
-        f"Measured by optimum-owl ({MEASURED}). This model itself was not measured: speed depends on the CPU, "
-        "the thread count and the sparsity. Details: optimum-owl's docs/inference.md.",
+        f"Measured by optimum-owl, with float values ({MEASURED}); with int8 values (`values=\"int8\"`, the LM head "
+        f"int8 too; `generate --values int8` measures it): {int8}. This model itself was not measured: speed depends "
+        "on the CPU, the thread count and the sparsity. Details: optimum-owl's docs/inference.md.",
         "",
     ]
 

@@ -32,8 +32,8 @@ def prunable_parameter_names(folder: str | os.PathLike) -> list[str]:
 
 
 def folder_zero_share(folder: str | os.PathLike) -> float | None:
-    """Share of exact zeros among the prunable weights of a saved model folder (plain safetensors or optimum-owl's
-    compact format), read tensor by tensor; `None` when the folder has no safetensors checkpoint or no prunable
+    """Share of exact zeros among the prunable weights of a saved model folder (plain safetensors, optimum-owl's
+    compact format, or compressed-tensors' sparse-bitmask layout), read tensor by tensor; `None` when the folder has no safetensors checkpoint or no prunable
     weight is found in it (e.g. an ONNX export)."""
     from safetensors import safe_open
 
@@ -53,13 +53,18 @@ def folder_zero_share(folder: str | os.PathLike) -> float | None:
             keys = set(handle.keys())
             for name in names:
                 key = name if name in keys else name.split(".", 1)[-1]  # checkpoints saved without the base prefix
+                module = name.removesuffix(".weight")
+                if module + ".compressed" in keys and module + ".shape" in keys:  # compressed-tensors sparse-bitmask
+                    key, shape_key = module + ".compressed", module + ".shape"
+                else:
+                    shape_key = key + SHAPE_SUFFIX if key + BITMASK_SUFFIX in keys else None  # compact
                 if key not in keys or name not in wanted:
                     continue
                 wanted.discard(name)
                 values = handle.get_tensor(key)
                 numel = values.numel()
-                if key + BITMASK_SUFFIX in keys and key + SHAPE_SUFFIX in keys:  # compact: values at the kept positions
-                    numel = int(torch.prod(handle.get_tensor(key + SHAPE_SUFFIX).long()))
+                if shape_key is not None and shape_key in keys:  # values at the kept positions only
+                    numel = int(torch.prod(handle.get_tensor(shape_key).long()))
                 zeros += numel - int(torch.count_nonzero(values))
                 total += numel
     return zeros / total if total else None

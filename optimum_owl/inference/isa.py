@@ -1,7 +1,8 @@
 """Which decode path of the kernel to use per values dtype: AVX2, or AVX-512 where this CPU has it, where it gives
 the AVX2 path's bits on test layers, and (by default) where it is faster. Run once, after the kernel is loaded
 (`kernel._build`); `OPTIMUM_OWL_KERNEL_ISA` (`auto`, `avx2`, `avx512`) overrides it. docs/inference.md.
-`ops` is a loaded `kernel.KernelOps` (not imported here: the kernel module calls this one)."""
+`ops` is a loaded `kernel.KernelOps` (not imported here: the kernel module calls this one). int8 values (codes with
+float32 scales) have their own pair of paths (`torch.int8` here; AVX-512 there also needs BW, VBMI and VBMI2)."""
 
 from __future__ import annotations
 
@@ -13,24 +14,40 @@ from typing import Any
 
 import torch
 
-from .format import DTYPE_CODES, pack_dense
+from .format import pack_dense, quantize_packed
+from .kernel_int8 import ISA_CODES
 
 logger = logging.getLogger(__name__)
 
 ISAS = ("avx2", "avx512")  # the decode paths, by their code in the kernel's `owl_set_isa`
 
 
+def _pack(w: torch.Tensor, dtype: torch.dtype, group_size: int | None = None) -> Any:
+    """`w` in the sparse form with values of `dtype` (torch.int8: int8 codes and scales, per row or `group_size`)."""
+    if dtype == torch.int8:
+        return quantize_packed(pack_dense(w), group_size)
+    return pack_dense(w.to(dtype))
+
+
+def decode(ops: Any, x: torch.Tensor, packed: Any, bias: torch.Tensor | None) -> torch.Tensor:
+    """`ops.decode` of a float `Packed`, `ops.decode_q8` of an int8 one."""
+    if packed.scales is not None:
+        return ops.decode_q8(x, packed.mask, packed.values, packed.offsets, packed.scales, packed.group_size, bias)
+    return ops.decode(x, packed.mask, packed.values, packed.offsets, bias)
+
+
 def _check_layers(dtype: torch.dtype) -> list[tuple[torch.Tensor, Any, torch.Tensor | None]]:
     """Small pruned layers for the AVX-512 check: widths that are not multiples of 16 or 64, several mask words,
-    empty and fully dense rows, zero 64-bit words, bias or not; with activations of 1-7 and 13 tokens."""
+    empty and fully dense rows, zero 64-bit words, bias or not (int8: scales per row, per 64 and per 128 inputs);
+    with activations of 1-7 and 13 tokens."""
     gen = torch.Generator().manual_seed(1234)
     layers = []
-    for out, inp, sparsity in ((37, 100, 0.5), (70, 300, 0.8), (16, 64, 0.0), (9, 200, 0.97)):
+    for i, (out, inp, sparsity) in enumerate(((37, 100, 0.5), (70, 300, 0.8), (16, 64, 0.0), (9, 200, 0.97))):
         w = torch.randn(out, inp, generator=gen)
         w[torch.rand(out, inp, generator=gen) < sparsity] = 0
         w[0] = 0
         w[1, :64] = 0  # a zero mask word
-        packed = pack_dense(w.to(dtype))
+        packed = _pack(w, dtype, (None, 128, 64, None)[i])
         bias = torch.randn(out, generator=gen) if out % 2 else None
         x = torch.randn(13, packed.mask.shape[1] * 8, generator=gen)
         x[:, inp:] = 0
@@ -47,7 +64,7 @@ def paths_agree(ops: Any, dtype: torch.dtype) -> bool:
         for isa in ISAS:
             ops.set_isa(dtype, isa)
             results[isa] = [
-                ops.decode(x[:n].contiguous(), p.mask, p.values, p.offsets, bias)
+                decode(ops, x[:n].contiguous(), p, bias)
                 for x, p, bias in layers
                 for n in (1, 2, 3, 4, 5, 6, 7, 13)
             ]
@@ -62,7 +79,7 @@ def timing_layer(dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(1024, 2048, generator=gen)
     w[torch.rand(1024, 2048, generator=gen) < 0.7] = 0
-    return torch.randn(1, 2048, generator=gen), pack_dense(w.to(dtype))
+    return torch.randn(1, 2048, generator=gen), _pack(w, dtype)
 
 
 def best_time(ops: Any, dtype: torch.dtype, isa: str, layer: tuple[torch.Tensor, Any], rounds: int = 7) -> float:
@@ -71,11 +88,11 @@ def best_time(ops: Any, dtype: torch.dtype, isa: str, layer: tuple[torch.Tensor,
     previous = ops.isa(dtype)
     ops.set_isa(dtype, isa)
     try:
-        ops.decode(x, packed.mask, packed.values, packed.offsets, None)  # warm-up
+        decode(ops, x, packed, None)  # warm-up
         times = []
         for _ in range(rounds):
             start = time.perf_counter()
-            ops.decode(x, packed.mask, packed.values, packed.offsets, None)
+            decode(ops, x, packed, None)
             times.append(time.perf_counter() - start)
     finally:
         ops.set_isa(dtype, previous)
@@ -93,16 +110,18 @@ def choose_isa(ops: Any) -> dict[str, str]:
         logger.warning("optimum-owl sparse inference: OPTIMUM_OWL_KERNEL_ISA=%r is not one of auto, avx2, avx512; "
                        "using auto.", setting)
         setting = "auto"
-    chosen = {dtype: "avx2" for dtype in DTYPE_CODES}
-    for dtype in DTYPE_CODES:  # from the default, so that the library's state is what this returns
+    chosen = {dtype: "avx2" for dtype in ISA_CODES}
+    for dtype in ISA_CODES:  # from the default, so that the library's state is what this returns
         ops.set_isa(dtype, "avx2")
     if setting == "avx512" and not ops.avx512_supported:
         logger.warning("optimum-owl sparse inference: OPTIMUM_OWL_KERNEL_ISA=avx512, but this CPU has no AVX-512F; "
                        "using AVX2.")
     if setting != "avx2" and ops.avx512_supported:
         notes = []
-        for dtype in DTYPE_CODES:
+        for dtype in ISA_CODES:
             name = str(dtype).removeprefix("torch.")
+            if not ops.avx512_available(dtype):
+                continue
             if not paths_agree(ops, dtype):
                 logger.warning("optimum-owl sparse inference: the AVX-512 path gave different %s results from the "
                                "AVX2 path on this CPU; using AVX2 (please report this).", name)

@@ -42,10 +42,13 @@ import torch
 
 from .format import DTYPE_CODES
 from .isa import ISAS, choose_isa
+from .kernel_int8 import ISA_CODES, check_activations, check_bias, check_int8_weight, check_tile
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "sparse_linear.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "sparse_linear.cpp"  # includes the other csrc files (int8 values)
+# the kernel's entry points as torch operators (owl::sparse_decode, ...: inference/ops.py), built into the main library only
+OPS_SOURCE = SOURCE.with_name("ops.cpp")
 EXTENSION_NAME = "owl_sparse"
 # -fopenmp is required: torch's at::parallel_for is a header template that runs serially unless the including
 # translation unit is compiled with OpenMP (the extension then shares torch's bundled libgomp and thread count).
@@ -65,9 +68,10 @@ def cache_root() -> Path:
 
 
 def build_tag() -> str:
-    """Cache key: source, flags, torch and Python versions."""
+    """Cache key: sources (every file in csrc/), flags, torch and Python versions."""
     digest = hashlib.sha256()
-    digest.update(SOURCE.read_bytes())
+    for path in sorted(p for p in SOURCE.parent.iterdir() if p.is_file()):
+        digest.update(path.read_bytes())
     digest.update(" ".join(CFLAGS + LDFLAGS).encode())
     digest.update(torch.__version__.encode())
     digest.update(sys.version.encode())
@@ -138,28 +142,30 @@ def _build() -> Any:
         fresh = not any(build_dir.glob("*.so"))
         if fresh:
             logger.info("optimum-owl: compiling the sparse CPU kernel (once, cached in %s) ...", build_dir)
-        ops = load_ops(SOURCE, build_dir, tag)
+        ops = load_ops(SOURCE, build_dir, tag, extra_sources=[OPS_SOURCE])
     if not ops.lib.owl_cpu_supported():
         raise RuntimeError("the kernel reports that this CPU lacks AVX2/FMA/F16C/POPCNT")
     try:
         choose_isa(ops)
     except Exception as err:  # noqa: BLE001 - the AVX2 path stays usable whatever went wrong in the check
-        for dtype in DTYPE_CODES:
+        for dtype in ISA_CODES:
             ops.set_isa(dtype, "avx2")
         logger.warning("optimum-owl sparse inference: checking the AVX-512 path failed (%s: %s); using AVX2.",
                        type(err).__name__, err)
     return ops
 
 
-def load_ops(source: Path, build_dir: Path, name: str, extra_cflags: list[str] | tuple[str, ...] = ()) -> KernelOps:
-    """Compile `source` with the library's flags (plus `extra_cflags`) into `build_dir` and load it (no checks)."""
+def load_ops(source: Path, build_dir: Path, name: str, extra_cflags: list[str] | tuple[str, ...] = (),
+             extra_sources: list[Path] | tuple[Path, ...] = ()) -> KernelOps:
+    """Compile `source` (and `extra_sources`) with the library's flags (plus `extra_cflags`) into `build_dir` and load
+    it (no checks). Only the main build adds `OPS_SOURCE`: a process can register the `owl` operators only once."""
     from torch.utils import cpp_extension
 
     library = cpp_extension.load(
         name=name,
-        sources=[str(source)],
-        extra_cflags=CFLAGS + list(extra_cflags),
-        extra_ldflags=LDFLAGS,
+        sources=[str(source), *map(str, extra_sources)],
+        extra_cflags=CFLAGS + [f"-I{SOURCE.parent}"] + list(extra_cflags),  # csrc/ headers, for a copied source too
+        extra_ldflags=list(LDFLAGS),  # a copy: cpp_extension appends to it (and LDFLAGS is in build_tag)
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=False,
@@ -170,7 +176,8 @@ def load_ops(source: Path, build_dir: Path, name: str, extra_cflags: list[str] |
 # What the C entry points' return codes mean (csrc/sparse_linear.cpp).
 _ERRORS = {1: "unsupported value dtype", 2: "this CPU lacks AVX2/FMA/F16C/POPCNT",
            3: "activations of an unsupported dtype or width", 4: "out of memory or a thread-pool failure",
-           5: "AVX-512 asked for on a CPU without AVX-512F (or an unknown instruction set)"}
+           5: "AVX-512 asked for on a CPU without AVX-512F (int8 values: F, BW, VBMI, VBMI2) or an unknown instruction "
+              "set"}
 
 
 def check_rc(entry: str, rc: int) -> None:
@@ -201,28 +208,33 @@ class KernelOps:
         lib.owl_set_isa.restype = ctypes.c_int
         lib.owl_get_isa.argtypes = [ctypes.c_int]
         lib.owl_get_isa.restype = ctypes.c_int
+        if hasattr(lib, "owl_decode_q8"):  # int8 values (csrc/sparse_linear_q8.h); absent in builds of older sources
+            lib.owl_q8_avx512_supported.restype = ctypes.c_int
+            lib.owl_decode_q8.argtypes = [_p, ctypes.c_int, _i64, _i64, _p, _i64, _i64, _p, _p, _p, _i64, _p, _p]
+            lib.owl_decode_q8.restype = ctypes.c_int
+            lib.owl_expand_q8.argtypes = [_p, _i64, _i64, _i64, _p, _p, _p, _i64, _p, ctypes.c_int]
+            lib.owl_expand_q8.restype = ctypes.c_int
 
     @property
     def avx512_supported(self) -> bool:
         """Whether this CPU (and OS) can run the AVX-512 decode path."""
         return bool(self.lib.owl_avx512_supported())
 
+    def avx512_available(self, dtype: torch.dtype) -> bool:
+        """Whether this CPU can run the AVX-512 decode path for values of `dtype` (int8 codes: AVX-512 F, BW, VBMI and
+        VBMI2; the float dtypes: AVX-512F)."""
+        return bool(self.lib.owl_q8_avx512_supported()) if dtype == torch.int8 else self.avx512_supported
+
     def set_isa(self, dtype: torch.dtype, isa: str) -> None:
-        """Decode values of `dtype` with the `"avx2"` or `"avx512"` path (both give the same bits)."""
+        """Decode values of `dtype` (a float dtype, or torch.int8 for int8 codes) with the `"avx2"` or `"avx512"` path
+        (both give the same bits)."""
         if isa not in ISAS:
             raise ValueError(f"owl kernel: isa must be one of {ISAS}, got {isa!r}")
-        check_rc("owl_set_isa", self.lib.owl_set_isa(DTYPE_CODES[dtype], ISAS.index(isa)))
+        check_rc("owl_set_isa", self.lib.owl_set_isa(ISA_CODES[dtype], ISAS.index(isa)))
 
     def isa(self, dtype: torch.dtype) -> str:
         """The decode path used for values of `dtype`."""
-        return ISAS[self.lib.owl_get_isa(DTYPE_CODES[dtype])]
-
-    @staticmethod
-    def _check(x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor) -> int:
-        """Check a padded float32 `x` (`[n, 64 * words per row]`) and the weight buffers; return the values' dtype code."""
-        if not (x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous() and x.shape[1] == mask.shape[1] * 8):
-            raise ValueError("owl kernel: x must be contiguous float32 [n, 64 * words per row]")
-        return KernelOps.check_weight(mask, values, offsets)
+        return ISAS[self.lib.owl_get_isa(ISA_CODES[dtype])]
 
     @staticmethod
     def check_weight(mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor) -> int:
@@ -266,20 +278,64 @@ class KernelOps:
                                  offsets.data_ptr(), tile.data_ptr(), DTYPE_CODES[tile.dtype])
         check_rc("owl_expand", rc)
 
+    # ------------------------------------------------------------------------------------ int8 values (codes + scales)
+    def q8_args(self, mask: torch.Tensor, codes: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor,
+                group_size: int | None, bias: torch.Tensor | None) -> tuple:
+        """`owl_decode_q8`'s arguments after `x, xdtype, n, in` and before `y`, checked (`kernel_int8`): the hot path
+        caches them while the buffers stay put (the tensors must outlive the tuple) and calls
+        `lib.owl_decode_q8(x.data_ptr(), DTYPE_CODES[x.dtype], n, in, *args, y.data_ptr())`, then `check_rc`."""
+        words = check_int8_weight(mask, codes, offsets, scales, group_size)
+        check_bias(bias, mask.shape[0])
+        return (mask.data_ptr(), mask.shape[0], mask.shape[1] // 8, codes.data_ptr(), offsets.data_ptr(),
+                scales.data_ptr(), words, None if bias is None else bias.data_ptr())
+
+    def decode_q8(self, x: torch.Tensor, mask: torch.Tensor, codes: torch.Tensor, offsets: torch.Tensor,
+                  scales: torch.Tensor, group_size: int | None, bias: torch.Tensor | None) -> torch.Tensor:
+        """`x @ W^T + bias` for int8 codes with float32 scales (one per row, or per row and `group_size` inputs): `x`
+        contiguous `[n, in]` float32/bfloat16/float16 (`in`: in_features or the padded width), `bias` float32 or
+        None; summed in float32, each row's (group's) scale applied once; the result in `x`'s dtype."""
+        args = self.q8_args(mask, codes, offsets, scales, group_size, bias)
+        code = check_activations(x, mask.shape[1] * 8)
+        y = torch.empty(x.shape[0], mask.shape[0], dtype=x.dtype)
+        check_rc("owl_decode_q8", self.lib.owl_decode_q8(x.data_ptr(), code, x.shape[0], x.shape[1], *args,
+                                                         y.data_ptr()))
+        return y
+
+    def expand_q8(self, mask: torch.Tensor, codes: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor,
+                  group_size: int | None, r0: int, r1: int, tile: torch.Tensor) -> None:
+        """Rows `[r0, r1)` of an int8 weight, dequantized, into `tile[: r1 - r0]` (`[rows, 64 * wpr]`): float32
+        `code * scale` (as `algorithms.quantize.dequantize_int8` computes it, bit for bit), or that value rounded to
+        bfloat16 (nearest even) for a bfloat16 tile."""
+        words = check_int8_weight(mask, codes, offsets, scales, group_size)
+        tile_code = check_tile(tile, mask, r0, r1)
+        check_rc("owl_expand_q8", self.lib.owl_expand_q8(mask.data_ptr(), r0, r1, mask.shape[1] // 8, codes.data_ptr(),
+                                                         offsets.data_ptr(), scales.data_ptr(), words,
+                                                         tile.data_ptr(), tile_code))
+
     def prefill(self, x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-                bias: torch.Tensor | None, in_features: int, tile_rows: int) -> torch.Tensor:
+                bias: torch.Tensor | None, in_features: int, tile_rows: int, scales: torch.Tensor | None = None,
+                group_size: int | None = None) -> torch.Tensor:
         """`x @ W^T + bias` by tiles: expand `tile_rows` rows to a dense buffer, then one GEMM each (torch.mm).
 
         float32 `x` (padded, `[n, 64 * words per row]`; `bias` float32): float32 tiles and GEMM, float32 result.
         bfloat16 `x` (`[n, in_features]`) with bfloat16 values (`bias` bfloat16): bfloat16 tiles and torch's bf16 GEMM
         (float32 accumulation, the result rounded to bfloat16 once, as a dense bf16 `nn.Linear` computes it) -- worth
-        it only where that GEMM has native bf16 dot products (`SparseLinear` decides)."""
-        if x.dtype == torch.bfloat16:
-            if not (values.dtype == torch.bfloat16 and x.dim() == 2 and x.is_contiguous() and x.shape[1] == in_features):
-                raise ValueError("owl kernel: a bfloat16 prefill needs bfloat16 values and contiguous x [n, in_features]")
-            self.check_weight(mask, values, offsets)
+        it only where that GEMM has native bf16 dot products (`SparseLinear` decides). int8 `values` (codes, with
+        `scales` and `group_size`): the same, on tiles of `code * scale` (`expand_q8`)."""
+        int8 = values.dtype == torch.int8
+        if int8:
+            if scales is None:
+                raise ValueError("owl kernel: int8 values need their float32 scales (scales=...)")
+            check_int8_weight(mask, values, offsets, scales, group_size)
         else:
-            self._check(x, mask, values, offsets)
+            self.check_weight(mask, values, offsets)
+        if x.dtype == torch.bfloat16:
+            if not ((int8 or values.dtype == torch.bfloat16) and x.dim() == 2 and x.is_contiguous()
+                    and x.shape[1] == in_features):
+                raise ValueError("owl kernel: a bfloat16 prefill needs bfloat16 values (or int8 codes) and contiguous x "
+                                 "[n, in_features]")
+        elif not (x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous() and x.shape[1] == mask.shape[1] * 8):
+            raise ValueError("owl kernel: x must be contiguous float32 [n, 64 * words per row]")
         if bias is not None and bias.dtype != x.dtype:
             raise ValueError(f"owl kernel: the prefill bias must be {x.dtype}, like x")
         out = mask.shape[0]
@@ -290,7 +346,10 @@ class KernelOps:
         xs_t = x[:, :in_features].t()
         for r0 in range(0, out, rows):
             r1 = min(out, r0 + rows)
-            self.expand(mask, values, offsets, r0, r1, tile)
+            if int8:
+                self.expand_q8(mask, values, offsets, scales, group_size, r0, r1, tile)
+            else:
+                self.expand(mask, values, offsets, r0, r1, tile)
             if bias is not None and x.dtype == torch.bfloat16:  # bias added by the GEMM, as bf16 F.linear adds it
                 torch.addmm(bias[r0:r1, None], tile[: r1 - r0, :in_features], xs_t, out=y_t[r0:r1])
             else:
@@ -325,9 +384,9 @@ def kernel() -> Any | None:
 
 def kernel_status() -> dict[str, Any]:
     """Whether the C++ kernel is in use (building it if needed) and, if not, why; `isa`: the decode path per values
-    dtype (`{"float32": "avx2", "bfloat16": "avx512", ...}`), None without the kernel."""
+    dtype (`{"float32": "avx2", "bfloat16": "avx512", ..., "int8": "avx2"}`), None without the kernel."""
     ops = kernel()
-    isa = None if ops is None else {str(d).removeprefix("torch."): ops.isa(d) for d in DTYPE_CODES}
+    isa = None if ops is None else {str(d).removeprefix("torch."): ops.isa(d) for d in ISA_CODES}
     return {"kernel": ops is not None, "reason": _state["reason"], "isa": isa}
 
 

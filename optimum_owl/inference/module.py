@@ -1,5 +1,5 @@
-"""`SparseLinear`: an inference-only linear layer that holds only the compact form of a pruned weight, and
-`sparsify` / `densify`, which swap it in and out of a model in place.
+"""`SparseLinear`: an inference-only linear layer that holds only the compact form of a pruned weight (float values,
+or int8 codes with float32 scales); `optimum_owl.inference.convert` swaps it in and out of a model.
 
 Forward: on x86-64 CPUs with AVX2 the C++ kernel (`optimum_owl.inference.kernel`; AVX-512 where checked faster)
 runs a mask-expanding matrix-vector product (decode) when the call has fewer than `crossover` tokens
@@ -8,24 +8,38 @@ Everywhere else (CUDA tensors, no compiler, other CPUs, inputs that need gradien
 the dense weight for the call and uses `F.linear`. Both compute in float32 and return the input's dtype, except the
 prefill of a bf16 model on CPUs with native bf16 dot products, which runs torch's bf16 GEMM on bf16 tiles (float32
 accumulation, as the dense bf16 model's own GEMM does; `native_bf16_gemm`).
+
+int8 values (weight-only): the activations stay in the model's dtype, the sum is float32, each stored value is
+`code * scale` (float32); the pure-PyTorch path dequantizes the weight in float32 and runs `F.linear` in float32, so it
+gives exactly what the dequantized dense weight gives (`to_dense`).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats.bitmask import BITMASK_SUFFIX, SHAPE_SUFFIX
-from ..formats.compact import compressible_names
-from ..formats.quantizer import mark_pruned
+from ..algorithms.quantize import check_values, expand_scales
+from ..formats.bitmask import BITMASK_SUFFIX, SCALE_SUFFIX, SHAPE_SUFFIX
+from ..formats.int8 import set_int8_grid
 from ..utils import is_conv1d
-from .format import Packed, from_checkpoint_parts, pack_dense, to_checkpoint_parts, unpack_dense, unpack_dense_torch
-from .kernel import DTYPE_CODES, check_rc, kernel
+from .format import (
+    Packed,
+    from_checkpoint_parts,
+    pack_dense,
+    quantize_packed,
+    to_checkpoint_parts,
+    unpack_dense,
+    unpack_dense_torch,
+)
+from .kernel import DTYPE_CODES, kernel
+from .ops import traced_forward
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +65,12 @@ def _log_once(key: str, message: str) -> None:
 class SparseLinear(nn.Module):
     """Linear layer `y = x W^T + b` whose weight is held only as a per-row bitmask plus packed non-zeros.
 
-    Build one with `SparseLinear.from_dense(linear)` (an `nn.Linear` or a GPT-2 `Conv1D`) or let `sparsify` do it.
-    Inference only: the stored values are buffers, not parameters. `to_dense()` returns the original module type
-    with a bit-identical weight. Its state dict is the compact checkpoint layout (`weight` = packed values,
-    `weight_bitmask`, `weight_shape`), so `save_pretrained` writes the compact format without a dense copy.
+    Build one with `SparseLinear.from_dense(linear)` (an `nn.Linear` or a GPT-2 `Conv1D`; `values="int8"` for int8
+    codes with float32 scales) or let `sparsify` do it. Inference only: the stored values are buffers, not parameters.
+    `to_dense()` returns the original module type with a bit-identical weight (int8 values: the dequantized weight, in
+    `weight_dtype`). Its state dict is the compact checkpoint layout (`weight` = packed values, `weight_bitmask`,
+    `weight_shape`, and `weight_scale` for int8 values), so `save_pretrained` writes the compact format without a
+    dense copy.
     """
 
     crossover: int = DEFAULT_CROSSOVER
@@ -63,7 +79,8 @@ class SparseLinear(nn.Module):
     # this CPU has native bf16 dot products (`native_bf16_gemm`). Set on the class or on one module.
     bf16_gemm: bool | None = None
 
-    def __init__(self, packed: Packed, bias: torch.Tensor | None, transposed: bool = False) -> None:
+    def __init__(self, packed: Packed, bias: torch.Tensor | None, transposed: bool = False,
+                 weight_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.in_features = packed.in_features
         self.out_features = packed.out_features
@@ -71,35 +88,57 @@ class SparseLinear(nn.Module):
         self.register_buffer("mask", packed.mask, persistent=False)
         self.register_buffer("values", packed.values, persistent=False)
         self.register_buffer("offsets", packed.offsets, persistent=False)
+        # int8 values: float32 scales (kept float32 by `.to(dtype)`, see `_apply`); None for float values
+        self.register_buffer("scales", packed.scales, persistent=False)
+        self.group_size = packed.group_size
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        # the dtype of the dense weight `to_dense` gives: the values' own for float values, the model's for int8
+        default = packed.values.dtype if not packed.int8 else (bias.dtype if bias is not None else torch.float32)
+        self.weight_dtype = weight_dtype or default
         self._nnz = packed.nnz
         self._tile_rows = max(64, TILE_BYTES // (4 * self.mask.shape[1] * 8))
 
     # ----------------------------------------------------------------------------------------- construction
     @classmethod
-    def from_dense(cls, module: nn.Module) -> SparseLinear:
+    def from_dense(cls, module: nn.Module, values: str = "float", group_size: int | None = None,
+                   scales: torch.Tensor | None = None) -> SparseLinear:
+        """The sparse form of `module` (its zeros are the elements left out). `values="int8"`: round-to-nearest int8
+        codes of the stored values, one float32 scale per output row (or per row and group of `group_size` inputs),
+        or on the given `scales` (a grid recorded when the model was quantized)."""
+        check_values(values)
         transposed = is_conv1d(module)
         if not (isinstance(module, nn.Linear) or transposed):
             raise TypeError(f"SparseLinear.from_dense expects nn.Linear or GPT-2 Conv1D, got {type(module).__name__}.")
         packed = pack_dense(module.weight, transposed=transposed)
+        if values == "int8":
+            packed = quantize_packed(packed, group_size, scales)
         bias = module.bias.detach().cpu() if module.bias is not None else None
-        sparse = cls(packed, bias, transposed)
+        sparse = cls(packed, bias, transposed, weight_dtype=module.weight.dtype)
         return sparse.to(module.weight.device)
 
     @classmethod
     def from_checkpoint_parts(
         cls, values: torch.Tensor, bitmask: torch.Tensor, shape: Any, bias: torch.Tensor | None,
-        transposed: bool = False, name: str = "weight",
+        transposed: bool = False, name: str = "weight", scales: torch.Tensor | None = None,
+        group_size: int | None = None, weight_dtype: torch.dtype | None = None,
     ) -> SparseLinear:
+        """From a compact checkpoint's parts (with `scales` for int8 codes); see `format.from_checkpoint_parts`."""
         dims = shape.reshape(-1).tolist() if isinstance(shape, torch.Tensor) else list(shape)
-        return cls(from_checkpoint_parts(values, bitmask, dims, transposed, name), bias, transposed)
+        packed = from_checkpoint_parts(values, bitmask, dims, transposed, name, scales, group_size)
+        return cls(packed, bias, transposed, weight_dtype)
 
     def packed(self) -> Packed:
-        return Packed(self.mask, self.values, self.offsets, self.out_features, self.in_features)
+        return Packed(self.mask, self.values, self.offsets, self.out_features, self.in_features, self.scales,
+                      self.group_size)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The stored values' dtype (`torch.int8` for int8 codes; `weight_dtype` is the dense weight's)."""
         return self.values.dtype
+
+    @property
+    def int8(self) -> bool:
+        return self._buffers.get("scales") is not None
 
     @property
     def nnz(self) -> int:
@@ -111,15 +150,18 @@ class SparseLinear(nn.Module):
         return 1.0 - self._nnz / total if total else 0.0
 
     def weight_nbytes(self) -> int:
-        """Bytes of the stored form (mask + values + offsets, padding included)."""
-        return sum(t.numel() * t.element_size() for t in (self.mask, self.values, self.offsets))
+        """Bytes of the stored form (mask + values + offsets + int8 scales, padding included)."""
+        tensors = (self.mask, self.values, self.offsets) + ((self.scales,) if self.int8 else ())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def dense_weight(self) -> torch.Tensor:
-        """The dense weight in its original layout (`[out, in]`, or `[in, out]` for Conv1D), bit-identical."""
-        return unpack_dense(self.packed(), self.transposed).to(self.values.device)
+        """The dense weight in its original layout (`[out, in]`, or `[in, out]` for Conv1D): bit-identical for float
+        values; for int8 values `code * scale` computed in float32, in `weight_dtype`."""
+        return unpack_dense(self.packed(), self.transposed, self.weight_dtype).to(self.values.device)
 
     def to_dense(self) -> nn.Module:
-        """The equivalent `nn.Linear` (or GPT-2 `Conv1D`) with the bit-identical dense weight."""
+        """The equivalent `nn.Linear` (or GPT-2 `Conv1D`) with the bit-identical dense weight (int8 values: the
+        dequantized weight, its grid recorded on the module so that `save_pretrained` stores the codes again)."""
         weight = self.dense_weight()
         if self.transposed:
             from transformers.pytorch_utils import Conv1D
@@ -132,11 +174,28 @@ class SparseLinear(nn.Module):
             module.bias = nn.Parameter(self.bias.detach().clone())
         elif self.transposed:
             module.bias = None
+        if self.int8:
+            set_int8_grid(module, self.scales, self.group_size)
         return module
 
     def extra_repr(self) -> str:
+        values = f"values=int8, group_size={self.group_size}" if self.int8 else f"dtype={self.dtype}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"dtype={self.dtype}, sparsity={self.sparsity:.3f}" + (", conv1d" if self.transposed else ""))
+                f"{values}, sparsity={self.sparsity:.3f}" + (", conv1d" if self.transposed else ""))
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> SparseLinear:
+        """`.to()`, `.cuda()`, `.half()`...: int8 scales keep float32 (only move), and `weight_dtype` follows a cast."""
+        self.weight_dtype = fn(torch.zeros(0, dtype=self.weight_dtype)).dtype
+        scales = self._buffers.get("scales")
+        if scales is None:
+            return super()._apply(fn, recurse)
+        self._buffers["scales"] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            device = self._buffers["values"].device
+            self._buffers["scales"] = scales.to(device)
+        return self
 
     # ----------------------------------------------------------------------------------------- state dict
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -144,6 +203,8 @@ class SparseLinear(nn.Module):
         destination[prefix + "weight"] = values
         destination[prefix + "weight" + BITMASK_SUFFIX] = bitmask
         destination[prefix + "weight" + SHAPE_SUFFIX] = shape
+        if self.int8:
+            destination[prefix + "weight" + SCALE_SUFFIX] = self.scales
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
@@ -152,12 +213,17 @@ class SparseLinear(nn.Module):
         keys = [prefix + "weight", prefix + "weight" + BITMASK_SUFFIX, prefix + "weight" + SHAPE_SUFFIX]
         if all(k in state_dict for k in keys):
             values, bitmask, shape = (state_dict[k] for k in keys)
-            packed = from_checkpoint_parts(values, bitmask, shape.reshape(-1).tolist(), self.transposed, keys[0])
+            scales = state_dict.get(keys[0] + SCALE_SUFFIX)
+            group_size = self.group_size if scales is not None and scales.dim() == 2 else None
+            packed = from_checkpoint_parts(values, bitmask, shape.reshape(-1).tolist(), self.transposed, keys[0],
+                                           scales, group_size)
             if (packed.out_features, packed.in_features) != (self.out_features, self.in_features):
                 error_msgs.append(f"{keys[0]}: shape mismatch for SparseLinear")
             else:
                 device = self.values.device
                 self.mask, self.values, self.offsets = (t.to(device) for t in (packed.mask, packed.values, packed.offsets))
+                self._buffers["scales"] = None if scales is None else packed.scales.to(device)
+                self.group_size = packed.group_size
                 self._nnz = packed.nnz
         elif strict:
             missing_keys.extend(k for k in keys if k not in state_dict)
@@ -173,6 +239,10 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects inputs with {self.in_features} features, got {x.shape[-1]}.")
+        if torch.compiler.is_compiling():  # torch.compile: the kernel as torch operators, same results (ops.py)
+            y = traced_forward(self, x, native_bf16_gemm.__wrapped__)  # unwrapped: dynamo warns of the cache
+            if y is not None:
+                return y
         ops = None
         if x.device.type != "cpu":
             _log_once("device", f"optimum-owl sparse inference: using the pure-PyTorch path because the tensors are on "
@@ -183,6 +253,8 @@ class SparseLinear(nn.Module):
         else:
             ops = kernel()
         n = x.numel() // self.in_features
+        if self._buffers["values"].dtype == torch.int8:
+            return self._forward_int8(ops, x, n)
         bf16_gemm = x.dtype == torch.bfloat16 and self._buffers["values"].dtype == torch.bfloat16 and (
             native_bf16_gemm() if self.bf16_gemm is None else bool(self.bf16_gemm))
         if ops is not None and n < (self.bf16_crossover if bf16_gemm else self.crossover):
@@ -192,9 +264,54 @@ class SparseLinear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _forward_pure(self, x2: torch.Tensor) -> torch.Tensor:
-        weight = unpack_dense_torch(self.mask, self.values, self.out_features, self.in_features, self._nnz)
+        weight = unpack_dense_torch(self.mask, self.values, self.out_features, self.in_features, self._nnz).float()
+        if self.int8:  # code * scale in float32: the dequantized dense weight, exactly
+            weight = weight * expand_scales(self.scales, self.in_features, self.group_size)
         bias = None if self.bias is None else self.bias.float()
-        return F.linear(x2.float(), weight.float(), bias)
+        return F.linear(x2.float(), weight, bias)
+
+    def _forward_int8(self, ops: Any, x: torch.Tensor, n: int) -> torch.Tensor:
+        """int8 values: the kernel's int8 decode below the crossover, else its prefill (tiles of `code * scale`, bf16
+        tiles and GEMM for bf16 activations where `native_bf16_gemm`), or the pure path without the kernel."""
+        bf16_gemm = x.dtype == torch.bfloat16 and (native_bf16_gemm() if self.bf16_gemm is None else bool(self.bf16_gemm))
+        if ops is not None and n < (self.bf16_crossover if bf16_gemm else self.crossover):
+            return self._decode_q8(ops, x, n)
+        x2 = x.reshape(-1, self.in_features)
+        if ops is None:
+            y = self._forward_pure(x2)
+        elif bf16_gemm:
+            bias = None if self.bias is None else self.bias.to(torch.bfloat16).contiguous()
+            y = ops.prefill(x2.contiguous(), self.mask, self.values, self.offsets, bias, self.in_features,
+                            self._tile_rows, self.scales, self.group_size)
+        else:
+            bias = None if self.bias is None else self.bias.float().contiguous()
+            y = ops.prefill(self._padded_float(x2), self.mask, self.values, self.offsets, bias, self.in_features,
+                            self._tile_rows, self.scales, self.group_size)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _decode_q8(self, ops: Any, x: torch.Tensor, n: int) -> torch.Tensor:
+        code = DTYPE_CODES.get(x.dtype)
+        if code is None:  # e.g. float64: computed in float32, returned in x's dtype as on the other paths
+            return self._decode_q8(ops, x.float(), n).to(x.dtype)
+        self._q8_args(ops)  # checks the buffers once, keeps `_bias32` current
+        buffers = self._buffers  # the kernel's torch operator, as `_decode`
+        return torch.ops.owl.sparse_decode_q8(x if x.is_contiguous() else x.contiguous(), buffers["mask"],
+                                              buffers["values"], buffers["offsets"], buffers["scales"],
+                                              0 if self.group_size is None else self.group_size // 64, self._bias32)
+
+    def _q8_args(self, ops: Any) -> tuple:
+        """owl_decode_q8's cached arguments (`KernelOps.q8_args`), rebuilt only when a buffer moved or the bias
+        changed, as `_kernel_args` does for float values."""
+        buffers = self._buffers
+        mask, codes, offsets, scales = buffers["mask"], buffers["values"], buffers["offsets"], buffers["scales"]
+        bias = self._parameters.get("bias")
+        key = (mask.data_ptr(), codes.data_ptr(), offsets.data_ptr(), scales.data_ptr(), self.group_size,
+               None if bias is None else (bias.data_ptr(), bias.dtype, bias._version))
+        if self.__dict__.get("_q8_key") != key:
+            self._bias32 = None if bias is None else bias.detach().float().contiguous()
+            self._q8 = ops.q8_args(mask, codes, offsets, scales, self.group_size, self._bias32)
+            self._q8_key = key
+        return self._q8
 
     def _padded_float(self, x2: torch.Tensor) -> torch.Tensor:
         """`x2` as contiguous float32 `[n, 64 * words per row]` (zero columns past `in_features`), as the kernel reads it."""
@@ -216,18 +333,17 @@ class SparseLinear(nn.Module):
     def _decode(self, ops: Any, x: torch.Tensor, n: int) -> torch.Tensor:
         # float32 / bfloat16 / float16 activations go to the kernel as they are: it widens (and pads) them itself and
         # writes the output in their dtype, so a bf16 model's call runs no torch conversion ops
-        code = DTYPE_CODES.get(x.dtype)
-        if code is None:  # e.g. float64: computed in float32, returned in x's dtype as on the other paths
+        if x.dtype not in DTYPE_CODES:  # e.g. float64: computed in float32, returned in x's dtype as on the other paths
             return self._decode(ops, x.float(), n).to(x.dtype)
-        xc = x if x.is_contiguous() else x.contiguous()
-        y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)
-        rc = ops.lib.owl_decode(xc.data_ptr(), code, n, self.in_features, *self._kernel_args(ops), y.data_ptr())
-        check_rc("owl_decode", rc)
-        return y
+        self._kernel_args(ops)  # checks the buffers once, keeps `_bias32` current
+        buffers = self._buffers  # the kernel's torch operator: cheaper per call than ctypes (docs/inference.md)
+        return torch.ops.owl.sparse_decode(x if x.is_contiguous() else x.contiguous(), buffers["mask"],
+                                           buffers["values"], buffers["offsets"], self._bias32)
 
     def _kernel_args(self, ops: Any) -> tuple:
         """owl_decode's arguments after `x, xdtype, n, in` and before `y`: checked once, rebuilt only when a buffer
-        moved (the dicts are read directly: this runs on every decoded token of every layer)."""
+        moved (the dicts are read directly: this runs on every decoded token of every layer). The forward uses the
+        check and the float32 bias `_bias32` it keeps; bench/probes/decode_conversion_ab.py calls owl_decode with them."""
         buffers = self._buffers
         mask, values, offsets = buffers["mask"], buffers["values"], buffers["offsets"]
         bias = self._parameters.get("bias")
@@ -244,6 +360,7 @@ class SparseLinear(nn.Module):
 
 
 @functools.cache
+@torch.compiler.assume_constant_result  # a constant of compiled graphs (`ops.traced_forward`)
 def native_bf16_gemm() -> bool:
     """Whether torch's bf16 GEMM runs on native bf16 dot products on this CPU (AVX512-BF16 or AMX). There a bf16
     prefill GEMM is about twice as fast as a float32 one (the dense bf16 model's prefill is too: docs/inference.md);
@@ -254,81 +371,3 @@ def native_bf16_gemm() -> bool:
         return any(check() for check in checks if check is not None)
     except Exception:  # noqa: BLE001 - private torch helpers: when they fail, float32 is always correct
         return False
-
-
-# --------------------------------------------------------------------------------------------------- model level
-def _weight_sparsity(weight: torch.Tensor) -> float:
-    if weight.numel() == 0:
-        return 0.0
-    ints = weight.detach().contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[
-        weight.element_size()])
-    return 1.0 - int(torch.count_nonzero(ints)) / weight.numel()
-
-
-def sparsify(model: nn.Module, min_sparsity: float = 0.3, *, modules: list[str] | None = None) -> nn.Module:
-    """Replace, in place, every pruned linear of `model` (inside the transformer blocks: `nn.Linear` and GPT-2
-    `Conv1D`, never embeddings or the output head) whose sparsity is at least `min_sparsity` by a `SparseLinear`
-    holding only the compact form, and return the model.
-
-    `model.generate`, `model(...)` and `save_pretrained` (which then writes the compact checkpoint format) keep
-    working; `densify(model)` turns the model back, bit for bit.
-
-    Args:
-        model: a transformers model (or any `nn.Module`) on CPU, weights in float32, bfloat16 or float16.
-        min_sparsity: weights with fewer zeros than this fraction stay dense. The default 0.3 is where the compact
-            form stops saving memory traffic in a useful way (0.7 + 1/32 of the fp32 bytes); speed was measured at
-            50, 70 and 80% only (docs/inference.md).
-        modules: optional explicit list of module names to convert (the sparsity threshold still applies).
-
-    Example:
-
-    ```python
-    >>> import optimum_owl
-    >>> model = optimum_owl.sparsify(pruned_model)            # doctest: +SKIP
-    >>> model.generate(**inputs, max_new_tokens=32)           # doctest: +SKIP
-    ```
-    """
-    if not 0.0 <= min_sparsity <= 1.0:
-        raise ValueError(f"`min_sparsity` must be in [0, 1], got {min_sparsity}.")
-    names = [n.removesuffix(".weight") for n in compressible_names(model)]
-    if modules is not None:
-        unknown = sorted(set(modules) - set(names))
-        if unknown:
-            raise ValueError(f"`modules` names {unknown} that are not eligible linears of this model (eligible: "
-                             f"{names[:5]}...).")
-        names = [n for n in names if n in set(modules)]
-    converted = 0
-    for name in names:
-        module = model.get_submodule(name)
-        if isinstance(module, SparseLinear):
-            continue
-        weight = module.weight
-        if weight.device.type == "meta":
-            raise ValueError(f"`{name}` has its weight on the meta device (offloaded); load the model fully into CPU "
-                             "memory before `sparsify`.")
-        if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"`{name}` has dtype {weight.dtype}; sparsify supports float32, bfloat16 and float16.")
-        if _weight_sparsity(weight) < min_sparsity:
-            continue
-        set_submodule(model, name, SparseLinear.from_dense(module))
-        converted += 1
-    logger.info("sparsify: %d of %d eligible linears now sparse (min_sparsity=%.2f)", converted, len(names), min_sparsity)
-    if converted and hasattr(model, "save_pretrained") and getattr(model, "hf_quantizer", None) is None:
-        mark_pruned(model)  # so that save_pretrained writes the compact format with quant_method "owl"
-    return model
-
-
-def densify(model: nn.Module) -> nn.Module:
-    """Turn every `SparseLinear` of `model` back into its dense `nn.Linear` / `Conv1D` (bit-identical weights), in
-    place, and return the model."""
-    names = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
-    for name in names:
-        set_submodule(model, name, model.get_submodule(name).to_dense())
-    return model
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule called `name` (dotted path) by `module`."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)

@@ -35,7 +35,7 @@ from ..algorithms.families import SEARCHES, UNIFORM, get_family
 from ..config import OWLPrunerConfig
 from ..errors import CalibrationDataError, OWLConfigError
 from ..utils import public_config, public_path
-from . import passes
+from . import int8, passes
 from .data import describe_source, draw_windows
 from .modeling import PRUNED_ZERO_SHARE, context_length, get_blocks_and_units, zero_share
 from .offload import make_block_offloader
@@ -257,4 +257,7 @@ def build_report(
         )
         report.total_params += block_params
         report.total_zeros += block_zeros
+    if state.config.values == "int8":
+        report.quantization = int8.summary(state.int8, state.units, state.config.values, state.config.group_size)
+        int8.log_summary(report.quantization)
     return report

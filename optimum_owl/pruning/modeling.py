@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import OWLCheckpointError, OWLModelError
+from ..formats.compressed_tensors import is_sparse_bitmask_checkpoint
+from ..formats.compressed_tensors_load import load_dense
 from ..utils import is_conv1d, matches_any
 
 logger = logging.getLogger(__name__)
@@ -195,7 +197,8 @@ def get_blocks_and_units(
 
 
 def load_model(name_or_path: str, gguf_file: str | None = None, **kwargs: Any) -> nn.Module:
-    """Load a causal LM (falling back to a bare `AutoModel`, e.g. BERT) from a local path or Hub id.
+    """Load a causal LM (falling back to a bare `AutoModel`, e.g. BERT) from a local path or Hub id; a local
+    compressed-tensors `sparse-bitmask` checkpoint is read by `formats.compressed_tensors_load.load_dense`.
 
     `gguf_file` names a GGUF file inside the folder: transformers de-quantizes it to float, and the model is then an
     ordinary float model (the GGUF quantizer is dropped, so it can be pruned and saved like any other). A corrupt or
@@ -215,6 +218,13 @@ def load_model(name_or_path: str, gguf_file: str | None = None, **kwargs: Any) -
         kwargs["gguf_file"] = gguf_file
     elif local:
         check_safetensors_headers(Path(text).expanduser())
+        if is_sparse_bitmask_checkpoint(Path(text).expanduser()):
+            # transformers 5.x would load its weights as missing (random): read it here (docs/checkpoints.md)
+            other = sorted(set(kwargs) - {"dtype"})
+            if other:
+                raise ValueError(f"{text} is a compressed-tensors sparse-bitmask checkpoint, loaded by optimum-owl on "
+                                 f"CPU with `dtype` only; {other} are not supported for it.")
+            return load_dense(Path(text).expanduser(), dtype=kwargs.get("dtype"))
     try:
         config = AutoConfig.from_pretrained(name_or_path, **({"gguf_file": gguf_file} if gguf_file else {}))
     except OSError as err:  # offline, unknown repo, no config.json: transformers' message does not name the model

@@ -29,6 +29,7 @@ from torch import nn
 from ..algorithms.allocation import BlockPlan, projection_split, score_summary
 from ..algorithms.criteria import Criterion, PruneTask, get_criterion, wanda_scores
 from ..algorithms.families import UNIFORM, Budget, Family, get_family
+from .int8 import Record, finish_unit
 from .modeling import Unit
 from .runner import Batch, BlockRunner
 from .stats import BlockStats, merge_stats
@@ -56,6 +57,7 @@ class RunState:
     warnings: list[str] = field(default_factory=list)
     calibration_ids: torch.Tensor | None = None  # [num_samples, seqlen] token ids behind `inputs0`
     resume: Any = None  # optimum_owl.pruning.resume.ResumeState when `checkpoint_dir` is set
+    int8: dict[str, Record] = field(default_factory=dict)  # values="int8": unit name -> (scales, errors), last pruned
     open_phases: list[str] = field(default_factory=list, init=False, repr=False)  # `phase`s running, outermost first
 
     @property
@@ -186,7 +188,10 @@ def prune_block(state: RunState, index: int, stats: BlockStats | None, plan: Blo
     for unit in state.units[index]:
         acc = stats[unit.name] if stats is not None else None
         sparsity = plan.sparsity_for(unit.group)
-        criterion.prune(PruneTask(unit.weight(), acc, unit.shape[1], sparsity, plan.nm, cfg, unit.name))
+        task = PruneTask(unit.weight(), acc, unit.shape[1], sparsity, plan.nm, cfg, unit.name)
+        criterion.prune(task)
+        if cfg.values == "int8":  # kept weights onto the int8 grid (unless the criterion quantized them itself)
+            state.int8[unit.name] = finish_unit(unit, task, cfg.group_size)
 
 
 def _fresh_stats(state: RunState, index: int) -> BlockStats | None:
@@ -237,6 +242,7 @@ def prune_pass(state: RunState, plans: list[BlockPlan], record_norms: list | Non
     start, inputs = 0, state.inputs0
     if state.resume is not None:
         start, resumed = state.resume.resume(state.units, plans, state.runner.block_scope)
+        state.int8.update(state.resume.int8)  # the finished blocks' int8 scales and errors
         if start:
             state.warnings.append(f"Resumed from checkpoint_dir after {start} finished blocks.")
         inputs = resumed if resumed is not None else inputs
@@ -250,7 +256,8 @@ def prune_pass(state: RunState, plans: list[BlockPlan], record_norms: list | Non
     done = None
     if state.resume is not None:
         def done(i: int, next_inputs: list[Batch] | None) -> None:
-            state.resume.block_done(i, state.units[i], next_inputs)
+            int8 = {"int8": state.int8, "group_size": state.config.group_size} if state.config.values == "int8" else {}
+            state.resume.block_done(i, state.units[i], next_inputs, **int8)
 
     needs_inputs = state.criterion.needs_data or state.inputs0 is not None
     state.runner.run_blocks(

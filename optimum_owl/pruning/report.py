@@ -91,6 +91,13 @@ class PruneReport:
         allocation: the allocation actually applied: `family` ("uniform", "owl", "dlp", "alphapruning", "atp"),
             its `knob` (name -> value) and the name of its block `metric` (None when it has none).
         warnings: warnings raised during the run (also logged).
+        evaluation: perplexity before and after (`text`, `seqlen`, `max_windows`, `dense_ppl`, `pruned_ppl`), and
+            under `zero_shot` the lm-evaluation-harness results added by `optimum_owl.evaluation.record_zero_shot`.
+        quantization: with `values="int8"` (empty otherwise, and then not written): `values`, `group_size`, how the
+            values were quantized (`quantized`: "rtn" round to nearest, or "joint" inside SparseGPT's sweep), what
+            the relative errors measure (`error`: "weights" ‖W−Q‖_F/‖W‖_F, or "outputs" ‖(W_f−Q)X‖_F/‖W_f X‖_F on
+            the calibration inputs, W_f the float-valued SparseGPT result), their `mean` over the matrices and, per
+            matrix, `layers` `{name: {"rtn": ..., "joint": ...}}`.
     """
 
     config: dict[str, Any]
@@ -106,6 +113,7 @@ class PruneReport:
     evaluation: dict[str, Any] = field(default_factory=dict)
     allocation: dict[str, Any] = field(default_factory=dict)
     version: int = REPORT_VERSION
+    quantization: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:
@@ -119,6 +127,8 @@ class PruneReport:
     # --------------------------------------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        if not self.quantization:
+            del out["quantization"]  # float values: the report is written as before int8 values existed
         out["sparsity"] = self.sparsity
         return out
 
@@ -251,13 +261,22 @@ class PruneReport:
                 + (f"; candidates scored on {self.calibration['holdout_windows']} windows {self.calibration['holdout']}"
                    if "holdout_windows" in self.calibration else "")
             )
-        if self.evaluation:
-            ev = self.evaluation
+        ev = self.evaluation
+        if ev.get("pruned_ppl") is not None:
             first = f", first {ev['max_windows']} windows" if ev.get("max_windows") else ""
+            dense = "–" if ev.get("dense_ppl") is None else f"{ev['dense_ppl']:.3f}"
             lines.append(
-                f"- perplexity on {ev.get('text')} (seqlen {ev.get('seqlen')}{first}): dense {ev.get('dense_ppl'):.3f}, "
+                f"- perplexity on {ev.get('text')} (seqlen {ev.get('seqlen')}{first}): dense {dense}, "
                 f"pruned {ev.get('pruned_ppl'):.3f}"
             )
+        for task, row in (ev.get("zero_shot") or {}).get("tasks", {}).items():  # `evaluation.record_zero_shot`
+            lines.append(f"- {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if not k.endswith("_stderr")))
+        if self.quantization:
+            q = self.quantization
+            means = ", ".join(f"{k} {v:.4g}" for k, v in q.get("mean", {}).items())
+            scales = f"group size {q['group_size']}" if q.get("group_size") else "one scale per row"
+            lines.append(f"- values: int8 ({q.get('quantized')}, {scales}); mean relative quantization error of the "
+                         f"{q.get('error')}: {means}")
         if self.timings:
             lines.append("- time (s): " + self.timing_text())
         lines += ["", self.block_table()]

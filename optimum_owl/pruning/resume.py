@@ -5,7 +5,7 @@ With `OWLPrunerConfig(checkpoint_dir=...)` the pruner keeps, in that folder:
 | file | written | holds |
 |---|---|---|
 | `owl_checkpoint.json` | after every step (last, atomically) | format version, run fingerprint, OWL outlier ratios and DLP mean scores, per-block plans, number of finished blocks, name of the inputs file, the SHA-256 of every `.pt` file it names and of itself |
-| `block_NNNNN.pt` | when block N is finished | per unit: the keep mask packed to bits by THE codec (`optimum_owl.formats.bitmask`, little-endian bits) for criteria that only choose a mask, or the pruned weight for criteria that update weights (SparseGPT) |
+| `block_NNNNN.pt` | when block N is finished | per unit: the keep mask packed to bits by THE codec (`optimum_owl.formats.bitmask`, little-endian bits) for criteria that only choose a mask, or the pruned weight for criteria that update weights (SparseGPT); with int8 values also its scales and quantization errors |
 | `inputs_NNNNN.pt` | when block N-1 is finished | block N's calibration inputs (hidden states and the block's other arguments) |
 
 Every file is written to a temporary name and renamed, and `owl_checkpoint.json` is replaced only after the files
@@ -45,6 +45,7 @@ from ..config import NON_RESULT_FIELDS, OWLPrunerConfig
 from ..errors import OWLConfigError, ResumeMismatchError
 from ..formats.bitmask import pack_bits, unpack_bits
 from ..utils import atomic_write, atomic_write_text, map_tensors
+from .int8 import quantize_to, record_grid
 from .runner import Batch
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class ResumeState:
         self.fingerprint = fingerprint
         self.num_blocks = num_blocks
         self.method = method
+        self.int8: dict[str, Any] = {}  # values="int8": unit name -> (scales, errors) of the blocks restored
         self.state: dict[str, Any] = {
             "version": FORMAT_VERSION,
             "fingerprint": fingerprint,
@@ -272,9 +274,19 @@ class ResumeState:
                     weight.copy_(entry["weight"].to(weight.device, weight.dtype))
                 else:
                     apply_keep_mask_(weight, _unpack(entry, weight.device))
+                if "int8" in entry:  # the same grid again: dense kept weights rounded as before (or already on it)
+                    scales, group_size = entry["int8"]["scales"], entry["int8"]["group_size"] or None
+                    quantize_to(unit, scales, group_size)
+                    record_grid(unit, scales, group_size)
+                    self.int8[unit.name] = (scales, dict(entry["int8"]["errors"]))
 
-    def block_done(self, index: int, units: Sequence[Any], next_inputs: Sequence[Batch] | None) -> None:
-        """Record block `index` as finished. Call it while the block's weights are real (inside its context)."""
+    def block_done(
+        self, index: int, units: Sequence[Any], next_inputs: Sequence[Batch] | None, int8: dict[str, Any] | None = None,
+        group_size: int | None = None,
+    ) -> None:
+        """Record block `index` as finished. Call it while the block's weights are real (inside its context).
+        `int8` (values="int8"): unit name -> its `(scales, errors)` on grids of `group_size`, saved beside its mask or
+        weight."""
         content: dict[str, Any] = {}
         for unit in units:
             w = unit.weight()
@@ -282,6 +294,9 @@ class ResumeState:
                 content[unit.name] = _pack(w != 0)
             else:
                 content[unit.name] = {"weight": w.detach().to("cpu").contiguous().clone()}
+            if int8 and unit.name in int8:
+                scales, errors = int8[unit.name]
+                content[unit.name]["int8"] = {"scales": scales.cpu(), "errors": dict(errors), "group_size": group_size or 0}
         self._save_file(content, f"block_{index:05d}.pt")
         old_inputs = self.state.get("inputs_file")
         new_inputs = None

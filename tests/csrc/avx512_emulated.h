@@ -95,6 +95,45 @@ inline __m256d extractf64x4_pd(__m512d a, int imm) {
   return r;
 }
 
+// int8 values (csrc/sparse_linear_q8.h): VBMI2 byte expand, VBMI byte permute, int32 -> float32, set1, add
+inline __m512i load_si512(const void* p) {
+  __m512i r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+inline __m512i maskz_expandloadu_epi8(__mmask64 k, const void* p) {
+  const int8_t* src = static_cast<const int8_t*>(p);
+  int8_t out[64];
+  for (int i = 0, j = 0; i < 64; ++i) out[i] = (k >> i) & 1 ? src[j++] : 0;
+  return bits<__m512i>(out);
+}
+// lane i = a[idx[i] & 63] where bit i of k is set, else 0
+inline __m512i maskz_permutexvar_epi8(__mmask64 k, __m512i idx, __m512i a) {
+  uint8_t in[64], ix[64], out[64];
+  std::memcpy(in, &a, 64);
+  std::memcpy(ix, &idx, 64);
+  for (int i = 0; i < 64; ++i) out[i] = (k >> i) & 1 ? in[ix[i] & 63] : 0;
+  return bits<__m512i>(out);
+}
+// 16 int32 -> float32, rounded to nearest even (the default rounding mode, as vcvtdq2ps)
+inline __m512 cvtepi32_ps(__m512i a) {
+  int32_t in[16];
+  std::memcpy(in, &a, sizeof(in));
+  __m512 r;
+  for (int i = 0; i < 16; ++i) r[i] = static_cast<float>(in[i]);
+  return r;
+}
+inline __m512 set1_ps(float v) {
+  __m512 r;
+  for (int i = 0; i < 16; ++i) r[i] = v;
+  return r;
+}
+inline __m512 add_ps(__m512 a, __m512 b) {
+  __m512 r;
+  for (int i = 0; i < 16; ++i) r[i] = a[i] + b[i];
+  return r;
+}
+
 }  // namespace owl_emu
 
 #pragma GCC pop_options
@@ -111,3 +150,9 @@ inline __m256d extractf64x4_pd(__m512d a, int imm) {
 #define _mm512_cvtph_ps owl_emu::cvtph_ps
 #define _mm512_castps512_ps256 owl_emu::castps512_ps256
 #define _mm512_extractf64x4_pd owl_emu::extractf64x4_pd
+#define _mm512_load_si512 owl_emu::load_si512
+#define _mm512_maskz_expandloadu_epi8 owl_emu::maskz_expandloadu_epi8
+#define _mm512_maskz_permutexvar_epi8 owl_emu::maskz_permutexvar_epi8
+#define _mm512_cvtepi32_ps owl_emu::cvtepi32_ps
+#define _mm512_set1_ps owl_emu::set1_ps
+#define _mm512_add_ps owl_emu::add_ps

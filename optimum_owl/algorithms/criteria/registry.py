@@ -18,7 +18,7 @@ A criterion prunes one matrix in place from the statistics of its inputs:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +32,11 @@ class PruneTask:
 
     `stats` is the unit's `RowNorms` / `Hessian` accumulator, or `None` (criteria with `statistics="none"`);
     `settings` is the run's `OWLPrunerConfig` (each criterion reads its own fields).
+
+    With `settings.values == "int8"` a criterion may quantize the kept weights itself (SparseGPT does, in its sweep):
+    it then leaves the weight on the grid and sets `scales` (float32, `[out]` or `[out, groups]`) and `errors` (the
+    relative quantization errors it measured, e.g. `{"rtn": ..., "joint": ...}`). A criterion that leaves `scales`
+    None gets its kept weights rounded to nearest afterwards (`pruning.passes.prune_block`).
     """
 
     weight: torch.Tensor
@@ -41,6 +46,8 @@ class PruneTask:
     nm: tuple[int, int] | None
     settings: Any
     name: str = "weight"
+    scales: torch.Tensor | None = None
+    errors: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@
 // that emulates its intrinsics in plain C++ (tests/csrc/avx512_emulated.h), hence the check on first use.
 // The functions carry target attributes, the Python loader calls them only after checking the CPU flags, and each
 // entry point checks again. Plain C entry points (ctypes) keep the first build short: only ATen/Parallel.h.
+// int8 values (codes + float32 scales) have their own decode / expand loops in sparse_linear_q8.h, included below.
 
 #include <ATen/Parallel.h>  // at::parallel_for: torch's intra-op pool (only light headers: fast first build)
 
@@ -101,8 +102,9 @@ bool avx512_ok() {
 #endif
 }
 
-// Decode path per values dtype (0 float32, 1 bfloat16, 2 float16): 0 AVX2, 1 AVX-512. Set by `owl_set_isa`.
-std::atomic<int> g_isa[3] = {0, 0, 0};
+// Decode path per values dtype (0 float32, 1 bfloat16, 2 float16, 3 int8 codes): 0 AVX2, 1 AVX-512. Set by
+// `owl_set_isa`.
+std::atomic<int> g_isa[4] = {0, 0, 0, 0};
 
 struct bf16 { uint16_t bits; };
 struct fp16 { uint16_t bits; };
@@ -366,6 +368,9 @@ int by_dtype(int code, F&& f) {
 
 }  // namespace
 
+// int8 values (codes + float32 scales): owl_decode_q8, owl_expand_q8 and their AVX2 / AVX-512 loops.
+#include "sparse_linear_q8.h"
+
 // C entry points, called through ctypes (optimum_owl/inference/kernel.py). The caller guarantees the layout above
 // (SparseLinear builds and owns these buffers). dtype: 0 float32, 1 bfloat16, 2 float16. Return 0 on success, else
 // 1 unknown dtype, 2 CPU without AVX2/FMA/F16C/POPCNT, 3 activations of the wrong dtype or width, 4 allocation or
@@ -376,16 +381,16 @@ int owl_cpu_supported() { return cpu_ok() ? 1 : 0; }
 
 int owl_avx512_supported() { return avx512_ok() ? 1 : 0; }
 
-// Decode path for values of `dtype`: isa 0 AVX2 (the default), 1 AVX-512. Returns 0, 1 for an unknown dtype, or 5 for
-// an unknown isa or AVX-512 on a CPU without it.
+// Decode path for values of `dtype` (3: int8 codes, whose AVX-512 path also needs BW, VBMI and VBMI2): isa 0 AVX2 (the
+// default), 1 AVX-512. Returns 0, 1 for an unknown dtype, or 5 for an unknown isa or AVX-512 on a CPU without it.
 int owl_set_isa(int dtype, int isa) {
-  if (dtype < 0 || dtype > 2) return 1;
-  if (isa < 0 || isa > 1 || (isa == 1 && !avx512_ok())) return 5;
+  if (dtype < 0 || dtype > 3) return 1;
+  if (isa < 0 || isa > 1 || (isa == 1 && !(dtype == 3 ? q8_avx512_ok() : avx512_ok()))) return 5;
   g_isa[dtype].store(isa);
   return 0;
 }
 
-int owl_get_isa(int dtype) { return dtype >= 0 && dtype <= 2 ? g_isa[dtype].load() : -1; }
+int owl_get_isa(int dtype) { return dtype >= 0 && dtype <= 3 ? g_isa[dtype].load() : -1; }
 
 // y[n, out] = x[n, in] @ W^T (+ bias[out]); x and y contiguous, of dtype xdtype (0 float32, 1 bfloat16, 2 float16).
 // float32 x with in == 64 * wpr is read in place; anything else is widened and padded into a float32 buffer first.

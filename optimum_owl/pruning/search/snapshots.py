@@ -5,7 +5,9 @@
 - `pack_masks` / `restore_masked`: a pruned candidate kept as 1 bit per weight (1/32 of float32), set where the
   weight's bit pattern is not all zeros. A mask-only criterion (Wanda, magnitude, DSnoT: kept weights unchanged,
   pruned ones set to +0.0) is rebuilt from them and the dense copy bit for bit, without pruning it again: a kept
-  weight reads back its dense value, and a dense +0.0 that was kept reads back +0.0 either way.
+  weight reads back its dense value, and a dense +0.0 that was kept reads back +0.0 either way. With int8 values the
+  rebuilt weights are rounded to nearest again, which gives the grid the candidate had (a kept weight that rounded to
+  zero is missing from the mask, and rounds to zero again either way).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ...formats.bitmask import pack_bits, stored_mask, unpack_bits
+from ..int8 import round_unit
 from ..passes import RunState, each_block
 
 
@@ -49,5 +52,7 @@ def restore_masked(state: RunState, dense: list[list[torch.Tensor]], masks: list
             target = u.weight()
             keep = unpack_bits(packed, w.numel()).view(w.shape)
             target.copy_(w.masked_fill(~keep, 0).to(target.device, target.dtype))
+            if state.config.values == "int8":  # rounded to nearest again, exactly as when the candidate was pruned
+                state.int8[u.name] = round_unit(u, state.config.group_size)
 
     each_block(state, visit)
