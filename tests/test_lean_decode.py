@@ -156,8 +156,10 @@ def test_no_compiler_decodes_eagerly_with_the_reason(monkeypatch, caplog):
     model = tiny_model("llama", layers=2, vocab=128)
     ids = _prompt(model)
     monkeypatch.setattr(decode_mod, "compile_unavailable", lambda: "no C++ compiler for inductor (test)")
-    out = generate(model, ids, 6, eos_token_id=[], return_dict=True)
+    with caplog.at_level(logging.WARNING, logger="optimum_owl.inference.decode"):
+        out = generate(model, ids, 6, eos_token_id=[], return_dict=True)
     assert not out.compiled and out.fallback_reason == "no C++ compiler for inductor (test)"
+    assert "no C++ compiler for inductor (test); decoding eagerly" in caplog.text
     assert torch.equal(out.sequences, generate(model, ids, 6, compile=False, eos_token_id=[]))
 
 

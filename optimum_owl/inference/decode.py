@@ -131,6 +131,8 @@ class _Decoder:
             step = torch.compile(_own_step(), fullgraph=True, dynamic=False, options=dict(options))
             entry = _Entry(cache, step, compiled=True, fresh=True)
         else:
+            if reason is not None:
+                logger.warning("optimum-owl lean decode: %s; decoding eagerly with a static cache.", reason)
             entry = _Entry(cache, _step, compiled=False, fresh=False, reason=reason)
         self.entries[key] = entry
         return entry
