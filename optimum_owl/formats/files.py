@@ -73,8 +73,8 @@ def group_size_of(metadata: dict[str, str] | None, file: str | os.PathLike = "")
     return int(raw) or None
 
 
-def read_metadata(file: str | os.PathLike) -> dict[str, str]:
-    """The safetensors `__metadata__` of one file (header only; `{}` when it has none)."""
+def _read_header(file: str | os.PathLike) -> dict:
+    """The JSON header of one safetensors file (the data is not read)."""
     with open(file, "rb") as fh:
         raw = fh.read(8)
         if len(raw) < 8:
@@ -83,9 +83,14 @@ def read_metadata(file: str | os.PathLike) -> dict[str, str]:
         if size > os.path.getsize(file) - 8:
             raise OWLCheckpointError(f"{file} is truncated or corrupt (header size {size} beyond the file).")
         try:
-            header = json.loads(fh.read(size))
+            return json.loads(fh.read(size))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise OWLCheckpointError(f"{file} has a corrupt safetensors header ({err}).") from None
+
+
+def read_metadata(file: str | os.PathLike) -> dict[str, str]:
+    """The safetensors `__metadata__` of one file (header only; `{}` when it has none)."""
+    header = _read_header(file)
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     return dict(meta) if isinstance(meta, dict) else {}
 
@@ -94,14 +99,7 @@ def read_headers(files: list[Path]) -> dict[str, tuple[str, list[int], int]]:
     """`{tensor: (dtype, shape, nbytes)}` from the safetensors headers (data is not read)."""
     out: dict[str, tuple[str, list[int], int]] = {}
     for file in files:
-        with open(file, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) < 8:
-                raise OWLCheckpointError(f"{file} is truncated (no safetensors header).")
-            size = int.from_bytes(raw, "little")
-            if size > os.path.getsize(file) - 8:
-                raise OWLCheckpointError(f"{file} is truncated or corrupt (header size {size} beyond the file).")
-            header = json.loads(fh.read(size))
+        header = _read_header(file)
         for name, info in header.items():
             if name == "__metadata__":
                 continue

@@ -24,6 +24,7 @@ from transformers import Trainer
 
 from ..utils import atomic_write, atomic_write_text
 from .config import RepairConfig
+from .data import TokenWindows
 
 logger = logging.getLogger(__name__)
 
@@ -223,15 +224,8 @@ class DistillTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-class IndexedWindows(torch.utils.data.Dataset):
+class IndexedWindows(TokenWindows):
     """Token windows served as `{"input_ids", "labels", "window_index"}` (the index finds the cached teacher)."""
 
-    def __init__(self, windows: torch.Tensor) -> None:
-        self.windows = windows
-
-    def __len__(self) -> int:
-        return self.windows.shape[0]
-
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        w = self.windows[i]
-        return {"input_ids": w, "labels": w.clone(), "window_index": torch.tensor(i)}
+        return {**super().__getitem__(i), "window_index": torch.tensor(i)}
